@@ -1,1 +1,421 @@
-fn main(){}
+//! The `sentinel` command: argument structs and dispatch. The work happens in `sentinel-core`.
+
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
+use sentinel_core::guard::{INTERVENTIONS_FILE, LEDGER_FILE, default_home};
+use sentinel_core::ledger;
+use sentinel_core::{ActionRequest, Engine, PolicyDoc, PolicyError, PolicySet, load, report};
+use serde_json::Value;
+
+#[derive(Parser)]
+#[command(name = "sentinel", version, about = "Agent Sentinel: decide whether an AI agent may act, before it acts")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate, explain and simulate policy files
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// Verify and inspect a hash-chained ledger
+    #[command(subcommand)]
+    Ledger(LedgerCmd),
+    /// Print shell completions
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Clone, Copy, Default, ValueEnum, PartialEq, Eq)]
+enum Format {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Args)]
+struct FormatArg {
+    /// Output format
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Validate policy files and list every error (exit 1 if any file is invalid)
+    Check {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        fmt: FormatArg,
+    },
+    /// Decide one call against the policies and explain why
+    Explain {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// The action name
+        #[arg(long)]
+        action: String,
+        /// Estimated cost in USD
+        #[arg(long, default_value_t = 0.0)]
+        cost: f64,
+        /// The call's arguments as a JSON object
+        #[arg(long)]
+        args: Option<String>,
+        #[arg(long, default_value = "default")]
+        agent: String,
+        #[arg(long, default_value = "default")]
+        run: String,
+        #[arg(long, default_value = "default")]
+        session: String,
+        #[command(flatten)]
+        fmt: FormatArg,
+    },
+    /// Replay a ledger's recorded calls against candidate policies and show what would change
+    Simulate {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// The ledger file or its directory
+        #[arg(long)]
+        ledger: PathBuf,
+        /// Exit with code 2 when any verdict would change (for CI)
+        #[arg(long)]
+        fail_on_change: bool,
+        /// Show at most this many changed calls
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[command(flatten)]
+        fmt: FormatArg,
+    },
+    /// Print the JSON Schema of the policy file format
+    Schema,
+}
+
+#[derive(Subcommand)]
+enum LedgerCmd {
+    /// Check the hash chain; names the first bad line (exit 1 if the ledger does not verify)
+    Verify {
+        /// Ledger file or directory [default: $AGENT_SENTINEL_HOME or .agent-sentinel]
+        path: Option<PathBuf>,
+        #[command(flatten)]
+        fmt: FormatArg,
+    },
+    /// Calls, cost by action, and interventions by type
+    Stats {
+        path: Option<PathBuf>,
+        #[command(flatten)]
+        fmt: FormatArg,
+    },
+    /// Show the newest entries, and follow new ones with --follow
+    Tail {
+        path: Option<PathBuf>,
+        /// How many entries to show
+        #[arg(short = 'n', long, default_value_t = 10)]
+        lines: usize,
+        /// Keep printing entries as they are appended
+        #[arg(short, long)]
+        follow: bool,
+        #[command(flatten)]
+        fmt: FormatArg,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Policy(p) => policy(p),
+        Command::Ledger(l) => ledger_cmd(l),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "sentinel", &mut io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Loads every file; returns the documents or every error found.
+fn load_all(files: &[PathBuf]) -> (Vec<PolicyDoc>, Vec<PolicyError>) {
+    let mut docs = Vec::new();
+    let mut errors = Vec::new();
+    for f in files {
+        match load::load_file(f) {
+            Ok(d) => docs.extend(d),
+            Err(e) => errors.extend(e),
+        }
+    }
+    (docs, errors)
+}
+
+fn compile(files: &[PathBuf]) -> Result<PolicySet> {
+    let (docs, errors) = load_all(files);
+    let errors = if errors.is_empty() {
+        match PolicySet::compile(docs) {
+            Ok(set) => return Ok(set),
+            Err(e) => e,
+        }
+    } else {
+        errors
+    };
+    for e in &errors {
+        eprintln!("error: {e}");
+    }
+    bail!("{} error(s) in the policy files", errors.len())
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    let mut out = io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, v)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn policy(cmd: PolicyCmd) -> Result<ExitCode> {
+    match cmd {
+        PolicyCmd::Check { files, fmt } => {
+            let (docs, mut errors) = load_all(&files);
+            let mut names = Vec::new();
+            if errors.is_empty() {
+                names = docs.iter().map(|d| d.name.clone().unwrap_or_default()).collect();
+                if let Err(e) = PolicySet::compile(docs) {
+                    errors.extend(e);
+                }
+            }
+            if fmt.format == Format::Json {
+                let errs: Vec<Value> = errors
+                    .iter()
+                    .map(|e| {
+                        serde_json::json!({"file": e.file, "line": e.line, "column": e.column, "message": e.message})
+                    })
+                    .collect();
+                print_json(&serde_json::json!({"valid": errors.is_empty(), "policies": names, "errors": errs}))?;
+            } else if errors.is_empty() {
+                println!("ok: {} file(s), {} policies: {}", files.len(), names.len(), names.join(", "));
+            } else {
+                for e in &errors {
+                    println!("error: {e}\n");
+                }
+                println!("{} error(s)", errors.len());
+            }
+            Ok(if errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        PolicyCmd::Explain { files, action, cost, args, agent, run, session, fmt } => {
+            let set = compile(&files)?;
+            let args: Value = match args {
+                Some(a) => serde_json::from_str(&a).with_context(|| format!("`--args` is not valid JSON: `{a}`"))?,
+                None => Value::Null,
+            };
+            if !matches!(args, Value::Object(_) | Value::Null) {
+                bail!("`--args` must be a JSON object, like '{{\"amount\": 500}}'");
+            }
+            let req = ActionRequest::new(&action).agent(&agent).run(&run).session(&session).cost(cost).args(&args);
+            let engine = Engine::new(set);
+            let d = engine.evaluate(&req);
+            if fmt.format == Format::Json {
+                print_json(&d)?;
+            } else {
+                let set = engine.policies();
+                print!("{}", report::explain(&d, &set, &req));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        PolicyCmd::Simulate { files, ledger: path, fail_on_change, limit, fmt } => {
+            let set = compile(&files)?;
+            let path = ledger_path(Some(path));
+            if !path.exists() {
+                bail!("no ledger at `{}`", path.display());
+            }
+            let sim = report::simulate(set, &path)?;
+            if fmt.format == Format::Json {
+                print_json(&sim)?;
+            } else {
+                println!(
+                    "replayed {} calls: {} unchanged, {} changed, {} entries skipped",
+                    sim.replayed,
+                    sim.unchanged,
+                    sim.changes.len(),
+                    sim.skipped
+                );
+                for (t, n) in &sim.transitions {
+                    println!("  {t}: {n}");
+                }
+                if !sim.changes.is_empty() {
+                    let mut table = Table::new();
+                    table.load_preset(UTF8_BORDERS_ONLY);
+                    table.set_header(["line", "time", "action", "agent", "run", "was", "would be", "reason"]);
+                    for c in sim.changes.iter().take(limit) {
+                        table.add_row([
+                            c.line.to_string(),
+                            c.timestamp.clone(),
+                            c.action.clone(),
+                            c.agent_id.clone(),
+                            c.run_id.clone(),
+                            c.recorded.as_str().to_string(),
+                            c.simulated.as_str().to_string(),
+                            c.reason.clone(),
+                        ]);
+                    }
+                    println!("{table}");
+                    if sim.changes.len() > limit {
+                        println!("... and {} more (use --limit)", sim.changes.len() - limit);
+                    }
+                }
+            }
+            Ok(if fail_on_change && !sim.changes.is_empty() { ExitCode::from(2) } else { ExitCode::SUCCESS })
+        }
+        PolicyCmd::Schema => {
+            print_json(&schemars::schema_for!(PolicyDoc))?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// A file path as given, a directory's `ledger.jsonl`, or the default home's.
+fn ledger_path(p: Option<PathBuf>) -> PathBuf {
+    let p = p.unwrap_or_else(default_home);
+    if p.is_dir() { p.join(LEDGER_FILE) } else { p }
+}
+
+fn interventions_beside(ledger: &Path) -> PathBuf {
+    ledger.with_file_name(INTERVENTIONS_FILE)
+}
+
+fn ledger_cmd(cmd: LedgerCmd) -> Result<ExitCode> {
+    match cmd {
+        LedgerCmd::Verify { path, fmt } => {
+            let path = ledger_path(path);
+            if !path.exists() {
+                bail!("no ledger at `{}`", path.display());
+            }
+            let report = ledger::verify(&path)?;
+            if fmt.format == Format::Json {
+                print_json(&report)?;
+            } else if let Some(f) = &report.failure {
+                let loc = if f.line > 0 { format!("{}:{}", f.file.display(), f.line) } else { f.file.display().to_string() };
+                println!("FAILED: {loc}: {}", f.problem);
+                println!("{} entries verified before the failure", report.entries);
+            } else {
+                println!(
+                    "ok: {} entries in {} file(s), chain intact{}; last hash {}",
+                    report.entries,
+                    report.files.len(),
+                    if report.anchored { ", end anchored" } else { "" },
+                    report.last_hash
+                );
+            }
+            Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        LedgerCmd::Stats { path, fmt } => {
+            let path = ledger_path(path);
+            if !path.exists() {
+                bail!("no ledger at `{}`", path.display());
+            }
+            let st = report::ledger_stats(&path, Some(&interventions_beside(&path)))?;
+            if fmt.format == Format::Json {
+                print_json(&st)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!("entries: {}  calls: {}  total cost: ${:.6}", st.entries, st.calls, st.total_cost_usd);
+            let outcomes: Vec<String> = st.by_outcome.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            println!("outcomes: {}", outcomes.join(" "));
+            let mut t = Table::new();
+            t.load_preset(UTF8_BORDERS_ONLY);
+            t.set_header(["action", "calls", "cost (USD)", "blocked"]);
+            for (a, s) in &st.by_action {
+                t.add_row([a.clone(), s.calls.to_string(), format!("{:.6}", s.cost_usd), s.blocked.to_string()]);
+            }
+            println!("{t}");
+            println!("interventions: {}  cost prevented: ${:.6}", st.interventions, st.cost_prevented_usd);
+            let mut t = Table::new();
+            t.load_preset(UTF8_BORDERS_ONLY);
+            t.set_header(["type", "count"]);
+            for (k, v) in &st.interventions_by_type {
+                t.add_row([k.clone(), v.to_string()]);
+            }
+            println!("{t}");
+            Ok(ExitCode::SUCCESS)
+        }
+        LedgerCmd::Tail { path, lines, follow, fmt } => {
+            let path = ledger_path(path);
+            if !path.exists() {
+                bail!("no ledger at `{}`", path.display());
+            }
+            let all = ledger::read_all(&path)?;
+            for v in all.iter().skip(all.len().saturating_sub(lines)) {
+                print_entry(v, fmt.format)?;
+            }
+            if follow {
+                follow_file(&path, fmt.format)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn print_entry(v: &Value, format: Format) -> Result<()> {
+    let mut out = io::stdout().lock();
+    if format == Format::Json {
+        serde_json::to_writer(&mut out, v)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
+    let reason = v.pointer("/decision/reason").and_then(Value::as_str).unwrap_or("-");
+    writeln!(
+        out,
+        "{:>6}  {}  {:<9} {:<28} ${:<10.6} {}/{}  {}",
+        v.get("seq").and_then(Value::as_u64).unwrap_or(0),
+        s("timestamp"),
+        s("outcome"),
+        s("action"),
+        v.get("cost_usd").and_then(Value::as_f64).unwrap_or(0.0),
+        s("agent_id"),
+        s("run_id"),
+        reason
+    )?;
+    Ok(())
+}
+
+/// Prints lines appended after the current end, following rotation, until interrupted.
+fn follow_file(path: &Path, format: Format) -> Result<()> {
+    let mut file = std::fs::File::open(path)?;
+    let mut pos = file.seek(SeekFrom::End(0))?;
+    let mut partial = Vec::new();
+    loop {
+        std::thread::sleep(Duration::from_millis(250));
+        let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        if len < pos {
+            // Rotated: the active file is new.
+            file = std::fs::File::open(path)?;
+            pos = 0;
+        }
+        file.seek(SeekFrom::Start(pos))?;
+        let mut buf = Vec::new();
+        let n = file.read_to_end(&mut buf)?;
+        pos += n as u64;
+        partial.extend_from_slice(&buf);
+        while let Some(i) = partial.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = partial.drain(..=i).collect();
+            if let Ok(v) = serde_json::from_slice::<Value>(&line) {
+                print_entry(&v, format)?;
+            }
+        }
+    }
+}

@@ -1,7 +1,7 @@
 //! Validated policy documents turned into an indexed form that decisions run against:
 //! hash sets for names, one precompiled glob set per policy, regexes compiled once.
 
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
@@ -174,9 +174,7 @@ impl PolicySet {
     }
 
     pub(crate) fn hash_str(&self, s: &str) -> u64 {
-        let mut h = self.hasher.build_hasher();
-        s.hash(&mut h);
-        h.finish()
+        self.hasher.hash_one(s)
     }
 }
 

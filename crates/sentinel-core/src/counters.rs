@@ -5,7 +5,7 @@
 //! by configuration (window capacity), never by traffic.
 
 use std::collections::VecDeque;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::{BuildHasher, Hash};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -28,9 +28,7 @@ impl<K: Hash + Eq, V> Registry<K, V> {
     }
 
     fn shard<Q: Hash + ?Sized>(&self, key: &Q) -> &RwLock<HashMap<K, Arc<V>>> {
-        let mut h = self.hasher.build_hasher();
-        key.hash(&mut h);
-        let i = (h.finish() as usize) % SHARDS;
+        let i = (self.hasher.hash_one(key) as usize) % SHARDS;
         // `i < SHARDS` always holds; the fallback only satisfies the no-indexing lint.
         self.shards.get(i).unwrap_or(&self.shards[0])
     }

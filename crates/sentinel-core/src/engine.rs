@@ -102,10 +102,13 @@ impl Outcome {
 }
 
 /// Deferred findings from the rules step.
+/// A rule finding: the policy, the rule (none for a default action) and its message.
+type RuleHit<'p> = (&'p CompiledPolicy, Option<&'p Arc<str>>, Option<&'p Arc<str>>);
+
 #[derive(Default)]
 struct Pending<'p> {
-    approval_rule: Option<(&'p CompiledPolicy, Option<&'p Arc<str>>, Option<&'p Arc<str>>)>,
-    warn_rule: Option<(&'p CompiledPolicy, Option<&'p Arc<str>>, Option<&'p Arc<str>>)>,
+    approval_rule: Option<RuleHit<'p>>,
+    warn_rule: Option<RuleHit<'p>>,
 }
 
 impl Engine {

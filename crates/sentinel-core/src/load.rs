@@ -236,7 +236,7 @@ pub(crate) fn improve_message(msg: &str) -> String {
             let list: Vec<String> = expected.iter().map(|e| format!("`{e}`")).collect();
             out.push_str(&format!("; expected one of {}", list.join(", ")));
         }
-        if let Some(best) = nearest(found, &expected) {
+        if let Some(best) = synonym(found, &expected).or_else(|| nearest(found, &expected)) {
             out.push_str(&format!("; did you mean `{best}`?"));
         }
         return out;
@@ -245,6 +245,30 @@ pub(crate) fn improve_message(msg: &str) -> String {
         return format!("missing required key `{}", field);
     }
     msg.to_string()
+}
+
+/// Common spellings of operators and actions from other tools.
+fn synonym<'a>(found: &str, expected: &'a [String]) -> Option<&'a str> {
+    const SYNONYMS: &[(&[&str], &str)] = &[
+        (&["greater", "greater_than", ">", "gt_"], "gt"),
+        (&["greater_or_equal", "greater_than_or_equal", ">=", "ge"], "gte"),
+        (&["less", "less_than", "<"], "lt"),
+        (&["less_or_equal", "less_than_or_equal", "<=", "le"], "lte"),
+        (&["equals", "equal", "==", "is"], "eq"),
+        (&["not_equals", "not_equal", "!=", "neq"], "ne"),
+        (&["regex", "match", "re"], "matches"),
+        (&["startswith", "prefix"], "starts_with"),
+        (&["endswith", "suffix"], "ends_with"),
+        (&["deny", "reject", "forbid"], "block"),
+        (&["approve", "approval", "require-approval", "ask"], "require_approval"),
+        (&["permit"], "allow"),
+    ];
+    let lower = found.to_ascii_lowercase();
+    SYNONYMS
+        .iter()
+        .find(|(names, _)| names.contains(&lower.as_str()))
+        .and_then(|(_, target)| expected.iter().find(|e| e == target))
+        .map(String::as_str)
 }
 
 /// The candidate closest to `found`, if it is close enough to be a plausible typo.

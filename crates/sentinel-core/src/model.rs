@@ -546,7 +546,9 @@ impl TryFrom<ConditionRepr> for Condition {
         }
         if let (Operator::Matches, Value::String(pattern)) = (op, &r.value) {
             regex::Regex::new(pattern).map_err(|e| {
-                let detail = e.to_string().lines().last().unwrap_or_default().trim().to_string();
+                let text = e.to_string();
+                let last = text.lines().last().unwrap_or_default().trim();
+                let detail = last.strip_prefix("error: ").unwrap_or(last).to_string();
                 format!("invalid regex `{pattern}` for `{}`: {detail}", r.param)
             })?;
         }

@@ -79,7 +79,7 @@ impl fmt::Display for Usd {
         let frac = self.0 % MICROS_PER_USD;
         if frac == 0 {
             write!(f, "${whole}.00")
-        } else if frac % 10_000 == 0 {
+        } else if frac.is_multiple_of(10_000) {
             write!(f, "${whole}.{:02}", frac / 10_000)
         } else {
             let s = format!("{frac:06}");

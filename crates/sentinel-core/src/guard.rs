@@ -1,0 +1,454 @@
+//! `Guard`: the engine plus the ledger and interventions log, for callers that run actions.
+//!
+//! `begin` decides and records; `finish` settles the reservation and writes the ledger entry
+//! before it returns. Inputs and outputs pass through [`crate::redact::redact`] first.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::Value;
+
+use crate::decision::{ActionRequest, Decision, InterventionType, Verdict};
+use crate::engine::Engine;
+use crate::ledger::{Appended, ChainWriter, LedgerError, LogOptions, now_rfc3339};
+use crate::money::Usd;
+use crate::records::{
+    ApprovalRecord, DecisionRecord, Intent, InterventionOutcome, InterventionRecord, LedgerEntry, Payload, assess_risk,
+};
+use crate::redact::redacted;
+
+/// The ledger's directory: `AGENT_SENTINEL_HOME`, or `.agent-sentinel` in the working directory.
+pub fn default_home() -> PathBuf {
+    std::env::var_os("AGENT_SENTINEL_HOME").map_or_else(|| PathBuf::from(".agent-sentinel"), PathBuf::from)
+}
+
+pub const LEDGER_FILE: &str = "ledger.jsonl";
+pub const INTERVENTIONS_FILE: &str = "interventions.jsonl";
+
+/// A permitted call, holding its reservation until [`Guard::finish`].
+#[derive(Debug)]
+pub struct Permit {
+    pub decision: Decision,
+    request: OwnedRequest,
+    inputs: Value,
+    started: Instant,
+    approval: Option<ApprovalRecord>,
+    intervention_id: Option<String>,
+}
+
+impl Permit {
+    pub fn verdict(&self) -> Verdict {
+        self.decision.verdict
+    }
+}
+
+#[derive(Debug, Clone)]
+struct OwnedRequest {
+    action: String,
+    agent_id: String,
+    run_id: String,
+    session_id: String,
+    cost: f64,
+    tags: Vec<String>,
+}
+
+impl OwnedRequest {
+    fn of(r: &ActionRequest<'_>) -> Self {
+        OwnedRequest {
+            action: r.action.to_string(),
+            agent_id: r.agent_id.to_string(),
+            run_id: r.run_id.to_string(),
+            session_id: r.session_id.to_string(),
+            cost: if r.cost_usd.is_finite() { r.cost_usd } else { 0.0 },
+            tags: r.tags.to_vec(),
+        }
+    }
+}
+
+/// The outcome of [`Guard::begin`].
+#[derive(Debug)]
+#[expect(clippy::large_enum_variant, reason = "a stopped call is the rarer, colder path")]
+pub enum Begun {
+    /// Run the action, then call [`Guard::finish`].
+    Proceed(Box<Permit>),
+    /// Do not run the action. For `RequireApproval`, ask a human, then call
+    /// [`Guard::begin_approved`] or [`Guard::record_rejection`].
+    Stop { decision: Decision, intervention_id: Option<String> },
+}
+
+/// How the action ended.
+#[derive(Debug, Clone)]
+pub enum CallOutcome {
+    Success(Value),
+    /// The action raised; its cost is still incurred.
+    Error(String),
+}
+
+#[derive(Debug)]
+pub struct Guard {
+    engine: Arc<Engine>,
+    ledger: ChainWriter,
+    interventions: ChainWriter,
+    home: PathBuf,
+}
+
+impl Guard {
+    /// Opens (creating if needed) `ledger.jsonl` and `interventions.jsonl` in `home`.
+    pub fn open(home: &Path, engine: Arc<Engine>, opts: LogOptions) -> Result<Self, LedgerError> {
+        let ledger = ChainWriter::open(&home.join(LEDGER_FILE), opts.clone())?;
+        let interventions = ChainWriter::open(&home.join(INTERVENTIONS_FILE), opts)?;
+        let g = Guard { engine, ledger, interventions, home: home.to_path_buf() };
+        for w in [&g.ledger, &g.interventions] {
+            if w.recovery().torn_bytes > 0 {
+                g.record_recovery(w)?;
+            }
+        }
+        Ok(g)
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    pub fn home(&self) -> &Path {
+        &self.home
+    }
+
+    pub fn ledger(&self) -> &ChainWriter {
+        &self.ledger
+    }
+
+    pub fn interventions(&self) -> &ChainWriter {
+        &self.interventions
+    }
+
+    fn record_recovery(&self, w: &ChainWriter) -> Result<(), LedgerError> {
+        let r = w.recovery();
+        let entry = LedgerEntry {
+            id: uuid::Uuid::now_v7().to_string(),
+            timestamp: now_rfc3339(),
+            action: "sentinel.recovery".into(),
+            cost_usd: 0.0,
+            duration_ms: 0.0,
+            outcome: "recovered".into(),
+            tags: vec!["sentinel".into()],
+            payload: Payload {
+                inputs: serde_json::json!({
+                    "file": w.path().display().to_string(),
+                    "torn_bytes": r.torn_bytes,
+                    "quarantine": r.quarantine.as_ref().map(|q| q.display().to_string()),
+                }),
+                outputs: Value::Null,
+            },
+            agent_id: String::new(),
+            run_id: String::new(),
+            session_id: String::new(),
+            estimated_cost_usd: 0.0,
+            decision: None,
+            policy_version: self.engine.policy_version().to_string(),
+            approval: None,
+            intervention_id: None,
+        };
+        self.ledger.append(&entry).map(|_| ())
+    }
+
+    /// Decides `req` and records any intervention. `inputs` are what the ledger shows as the call's
+    /// inputs (redacted); pass `req.args` when there is nothing better.
+    pub fn begin(&self, req: &ActionRequest<'_>, inputs: &Value) -> Result<Begun, LedgerError> {
+        let decision = self.engine.decide(req);
+        self.after_decision(req, inputs, decision, None)
+    }
+
+    /// Decides a call a human approved (every check but approval runs again) and records the approval.
+    pub fn begin_approved(
+        &self,
+        req: &ActionRequest<'_>,
+        inputs: &Value,
+        approval: ApprovalRecord,
+        escalation_id: Option<&str>,
+    ) -> Result<Begun, LedgerError> {
+        let decision = self.engine.decide_approved(req);
+        if decision.permits() {
+            let rec = self.intervention(
+                req,
+                inputs,
+                &decision,
+                InterventionType::ApprovalRequired,
+                InterventionOutcome::ApprovedAfterReview,
+                false,
+                Some(approval.clone()),
+                escalation_id,
+            );
+            self.interventions.append(&rec)?;
+        }
+        self.after_decision(req, inputs, decision, Some(approval))
+    }
+
+    /// Records that a human rejected (or did not answer) an escalated call. Nothing is spent.
+    pub fn record_rejection(
+        &self,
+        req: &ActionRequest<'_>,
+        inputs: &Value,
+        decision: &Decision,
+        approval: ApprovalRecord,
+        escalation_id: Option<&str>,
+    ) -> Result<String, LedgerError> {
+        let rec = self.intervention(
+            req,
+            inputs,
+            decision,
+            InterventionType::ApprovalRequired,
+            InterventionOutcome::RejectedAfterReview,
+            false,
+            Some(approval.clone()),
+            escalation_id,
+        );
+        self.interventions.append(&rec)?;
+        let mut entry = self.entry(&OwnedRequest::of(req), inputs, decision, "rejected", 0.0, 0.0, Value::Null);
+        entry.approval = Some(approval);
+        entry.intervention_id = Some(rec.id.clone());
+        self.ledger.append(&entry)?;
+        Ok(rec.id)
+    }
+
+    fn after_decision(
+        &self,
+        req: &ActionRequest<'_>,
+        inputs: &Value,
+        mut decision: Decision,
+        approval: Option<ApprovalRecord>,
+    ) -> Result<Begun, LedgerError> {
+        for f in &decision.shadow {
+            let mut rec = self.intervention(
+                req,
+                inputs,
+                &decision,
+                f.intervention.unwrap_or(InterventionType::Warning),
+                InterventionOutcome::Warned,
+                true,
+                None,
+                None,
+            );
+            rec.policy = Some(f.policy.to_string());
+            rec.rule = f.rule.as_deref().map(str::to_string);
+            rec.reason = f.reason;
+            rec.rationale = f.message.to_string();
+            rec.limit = f.limit.clone();
+            rec.cost_prevented_usd = 0.0;
+            self.interventions.append(&rec)?;
+        }
+        match decision.verdict {
+            Verdict::Allow => Ok(Begun::Proceed(Box::new(Permit {
+                decision,
+                request: OwnedRequest::of(req),
+                inputs: inputs.clone(),
+                started: Instant::now(),
+                approval,
+                intervention_id: None,
+            }))),
+            Verdict::Warn => {
+                let rec = self.intervention(
+                    req,
+                    inputs,
+                    &decision,
+                    decision.intervention.unwrap_or(InterventionType::Warning),
+                    InterventionOutcome::Warned,
+                    false,
+                    None,
+                    None,
+                );
+                if let Err(e) = self.interventions.append(&rec) {
+                    if let Some(r) = decision.take_reservation() {
+                        r.release();
+                    }
+                    return Err(e);
+                }
+                Ok(Begun::Proceed(Box::new(Permit {
+                    decision,
+                    request: OwnedRequest::of(req),
+                    inputs: inputs.clone(),
+                    started: Instant::now(),
+                    approval,
+                    intervention_id: Some(rec.id),
+                })))
+            }
+            Verdict::Deny | Verdict::RequireApproval => {
+                let escalate = decision.verdict == Verdict::RequireApproval;
+                let rec = self.intervention(
+                    req,
+                    inputs,
+                    &decision,
+                    decision.intervention.unwrap_or(InterventionType::HardBlock),
+                    if escalate { InterventionOutcome::Escalated } else { InterventionOutcome::Blocked },
+                    false,
+                    None,
+                    None,
+                );
+                self.interventions.append(&rec)?;
+                let mut entry = self.entry(
+                    &OwnedRequest::of(req),
+                    inputs,
+                    &decision,
+                    if escalate { "escalated" } else { "blocked" },
+                    0.0,
+                    0.0,
+                    Value::Null,
+                );
+                entry.intervention_id = Some(rec.id.clone());
+                self.ledger.append(&entry)?;
+                Ok(Begun::Stop { decision, intervention_id: Some(rec.id) })
+            }
+        }
+    }
+
+    /// Settles the reservation with the actual cost (the estimate when `None`) and writes the
+    /// ledger entry. Returns once the entry is with the OS.
+    pub fn finish(&self, mut permit: Permit, outcome: CallOutcome, actual_cost: Option<f64>) -> Result<Appended, LedgerError> {
+        let duration_ms = permit.started.elapsed().as_secs_f64() * 1000.0;
+        let estimate = Usd::from_f64(permit.request.cost).unwrap_or_default();
+        let actual = actual_cost.and_then(|c| Usd::from_f64(c).ok()).unwrap_or(estimate);
+        if let Some(r) = permit.decision.take_reservation() {
+            r.settle(actual);
+        }
+        let (name, outputs) = match outcome {
+            CallOutcome::Success(v) => ("success", v),
+            CallOutcome::Error(msg) => ("error", Value::String(msg)),
+        };
+        let mut entry = self.entry(
+            &permit.request,
+            &permit.inputs,
+            &permit.decision,
+            name,
+            actual.as_f64(),
+            duration_ms,
+            outputs,
+        );
+        entry.approval = permit.approval.take();
+        entry.intervention_id = permit.intervention_id.take();
+        self.ledger.append(&entry)
+    }
+
+    /// The action never ran: release its reservation and record nothing as spent.
+    pub fn abandon(&self, mut permit: Permit) {
+        if let Some(r) = permit.decision.take_reservation() {
+            r.release();
+        }
+    }
+
+    /// Writes a ledger entry directly (the SDK's `Ledger.record`).
+    #[expect(clippy::too_many_arguments, reason = "mirrors the SDK's keyword arguments")]
+    pub fn record(
+        &self,
+        action: &str,
+        inputs: &Value,
+        outputs: &Value,
+        cost_usd: f64,
+        duration_ms: f64,
+        outcome: &str,
+        tags: &[String],
+        ids: (&str, &str, &str),
+    ) -> Result<Appended, LedgerError> {
+        let cost = Usd::from_f64(cost_usd).map_err(|e| LedgerError::Serialize(format!("`cost_usd`: {e}")))?;
+        let entry = LedgerEntry {
+            id: uuid::Uuid::now_v7().to_string(),
+            timestamp: now_rfc3339(),
+            action: action.to_string(),
+            cost_usd: cost.as_f64(),
+            duration_ms: if duration_ms.is_finite() && duration_ms >= 0.0 { duration_ms } else { 0.0 },
+            outcome: outcome.to_string(),
+            tags: tags.to_vec(),
+            payload: Payload { inputs: redacted(inputs), outputs: redacted(outputs) },
+            agent_id: ids.0.to_string(),
+            run_id: ids.1.to_string(),
+            session_id: ids.2.to_string(),
+            estimated_cost_usd: cost.as_f64(),
+            decision: None,
+            policy_version: self.engine.policy_version().to_string(),
+            approval: None,
+            intervention_id: None,
+        };
+        self.ledger.append(&entry)
+    }
+
+    #[expect(clippy::too_many_arguments, reason = "internal record builder")]
+    fn entry(
+        &self,
+        r: &OwnedRequest,
+        inputs: &Value,
+        d: &Decision,
+        outcome: &str,
+        cost: f64,
+        duration_ms: f64,
+        outputs: Value,
+    ) -> LedgerEntry {
+        let mut outputs = outputs;
+        crate::redact::redact(&mut outputs);
+        LedgerEntry {
+            id: uuid::Uuid::now_v7().to_string(),
+            timestamp: now_rfc3339(),
+            action: r.action.clone(),
+            cost_usd: cost,
+            duration_ms,
+            outcome: outcome.to_string(),
+            tags: r.tags.clone(),
+            payload: Payload { inputs: redacted(inputs), outputs },
+            agent_id: r.agent_id.clone(),
+            run_id: r.run_id.clone(),
+            session_id: r.session_id.clone(),
+            estimated_cost_usd: r.cost,
+            decision: Some(DecisionRecord::from(d)),
+            policy_version: d.policy_version.to_string(),
+            approval: None,
+            intervention_id: None,
+        }
+    }
+
+    #[expect(clippy::too_many_arguments, reason = "internal record builder")]
+    fn intervention(
+        &self,
+        req: &ActionRequest<'_>,
+        inputs: &Value,
+        d: &Decision,
+        kind: InterventionType,
+        outcome: InterventionOutcome,
+        shadow: bool,
+        approval: Option<ApprovalRecord>,
+        related: Option<&str>,
+    ) -> InterventionRecord {
+        let est = if req.cost_usd.is_finite() && req.cost_usd >= 0.0 { req.cost_usd } else { 0.0 };
+        let prevented = matches!(outcome, InterventionOutcome::Blocked | InterventionOutcome::RejectedAfterReview);
+        InterventionRecord {
+            id: uuid::Uuid::now_v7().to_string(),
+            timestamp: now_rfc3339(),
+            kind,
+            outcome,
+            risk_level: assess_risk(req.risk, kind, req.action, req.tags),
+            blast_radius: req.blast_radius.map(str::to_string),
+            action: req.action.to_string(),
+            agent_id: req.agent_id.to_string(),
+            run_id: req.run_id.to_string(),
+            session_id: req.session_id.to_string(),
+            estimated_cost_usd: est,
+            actual_cost_usd: None,
+            cost_prevented_usd: if prevented { est } else { 0.0 },
+            policy: d.policy.as_deref().map(str::to_string),
+            rule: d.rule.as_deref().map(str::to_string),
+            reason: d.reason,
+            rationale: d.message.to_string(),
+            limit: d.limit.clone(),
+            retry_after_seconds: d.retry_after_seconds,
+            intent: Intent {
+                action: req.action.to_string(),
+                inputs: redacted(inputs),
+                description: req.description.map(str::to_string),
+                intent: req.intent.map(str::to_string),
+            },
+            tags: req.tags.to_vec(),
+            policy_version: d.policy_version.to_string(),
+            shadow,
+            approval,
+            related_intervention_id: related.map(str::to_string),
+        }
+    }
+}

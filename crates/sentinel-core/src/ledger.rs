@@ -1,0 +1,629 @@
+//! Append-only JSONL files with a SHA-256 hash chain: the ledger and the interventions log.
+//!
+//! Each line is a JSON object that ends with `"seq":N,"prev_hash":"<64 hex>","hash":"<64 hex>"}`.
+//! `hash` is the SHA-256 of the line's own bytes up to (not including) `,"hash":`, so it covers
+//! every field and `prev_hash`; `prev_hash` is the previous line's `hash` (64 zeros for the first).
+//! Any edit, deletion or reordering breaks the chain. A `<file>.head` anchor holds the newest
+//! `seq` and `hash`, so cutting lines off the end is detected too.
+//!
+//! Every append is one `write(2)` of a whole line: when `append` returns, the entry is with the OS.
+//! Files rotate by size to `<stem>.<NNNNNN>.jsonl`; the chain continues across them.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use parking_lot::Mutex;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+const HASH_TAIL: &[u8] = b",\"hash\":\"";
+const PREV_KEY: &[u8] = b",\"prev_hash\":\"";
+const SEQ_KEY: &[u8] = b",\"seq\":";
+const HEAD_LEN: usize = 20 + 1 + 64 + 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("cannot {what} `{path}`: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("`{path}` is in use by another process; give each process its own directory (AGENT_SENTINEL_HOME)")]
+    Locked { path: PathBuf },
+    #[error("`{path}` line {line}: {problem}; run `sentinel ledger verify {path}` before writing to it again")]
+    Corrupt { path: PathBuf, line: u64, problem: String },
+    #[error("cannot serialize a record: {0}")]
+    Serialize(String),
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> LedgerError + 'a {
+    move |source| LedgerError::Io { what, path: path.to_path_buf(), source }
+}
+
+/// Options for a chained log.
+#[derive(Debug, Clone)]
+pub struct LogOptions {
+    /// Rotate when the active file reaches this many bytes.
+    pub rotate_bytes: u64,
+    /// `fsync` after every append (survives power loss, at a large cost in throughput).
+    pub fsync: bool,
+}
+
+impl Default for LogOptions {
+    fn default() -> Self {
+        LogOptions { rotate_bytes: 64 * 1024 * 1024, fsync: false }
+    }
+}
+
+struct WriterState {
+    file: File,
+    head: File,
+    size: u64,
+    seq: u64,
+    prev: [u8; 64],
+    line: Vec<u8>,
+}
+
+/// What happened when a log was opened.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Recovery {
+    /// Bytes of an incomplete last line that were moved to the quarantine file.
+    pub torn_bytes: u64,
+    pub quarantine: Option<PathBuf>,
+}
+
+/// A hash-chained JSONL file that one process appends to.
+pub struct ChainWriter {
+    path: PathBuf,
+    opts: LogOptions,
+    state: Mutex<WriterState>,
+    _lock: File,
+    recovery: Recovery,
+}
+
+impl std::fmt::Debug for ChainWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChainWriter").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+/// Where one appended line ended up.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Appended {
+    pub seq: u64,
+    pub hash: String,
+}
+
+impl ChainWriter {
+    /// Opens (or creates) the log at `path`, recovering from a torn last line if needed.
+    pub fn open(path: &Path, opts: LogOptions) -> Result<Self, LedgerError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+        }
+        let lock_path = sidecar(path, "lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err("open", &lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => return Err(LedgerError::Locked { path: path.to_path_buf() }),
+            Err(fs::TryLockError::Error(e)) => return Err(LedgerError::Io { what: "lock", path: lock_path, source: e }),
+        }
+        let mut file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(path)
+            .map_err(io_err("open", path))?;
+        let recovery = recover_tail(path, &mut file)?;
+        let (seq, prev) = match last_line(path, &mut file)? {
+            Some((line_no, line)) => {
+                let parsed = parse_tail(&line).ok_or_else(|| LedgerError::Corrupt {
+                    path: path.to_path_buf(),
+                    line: line_no,
+                    problem: "the last line does not end with `seq`, `prev_hash` and `hash`".into(),
+                })?;
+                let computed = sha_hex(parsed.hashed);
+                if computed.as_bytes() != parsed.hash {
+                    return Err(LedgerError::Corrupt {
+                        path: path.to_path_buf(),
+                        line: line_no,
+                        problem: "the last line's hash does not match its contents".into(),
+                    });
+                }
+                let mut prev = [0u8; 64];
+                prev.copy_from_slice(parsed.hash);
+                (parsed.seq, prev)
+            }
+            None => previous_segment_head(path)?,
+        };
+        let size = file.metadata().map_err(io_err("stat", path))?.len();
+        let head_path = sidecar(path, "head");
+        let head = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&head_path)
+            .map_err(io_err("open", &head_path))?;
+        let w = ChainWriter {
+            path: path.to_path_buf(),
+            opts,
+            state: Mutex::new(WriterState { file, head, size, seq, prev, line: Vec::with_capacity(1024) }),
+            _lock: lock,
+            recovery,
+        };
+        {
+            let st = w.state.lock();
+            if seq > 0 {
+                write_head(&st.head, seq, &st.prev).map_err(io_err("write", &head_path))?;
+            }
+        }
+        Ok(w)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn recovery(&self) -> &Recovery {
+        &self.recovery
+    }
+
+    /// The sequence number of the newest entry (0 when empty).
+    pub fn seq(&self) -> u64 {
+        self.state.lock().seq
+    }
+
+    /// Appends one record (it must serialize to a JSON object). Returns once the line is with the OS.
+    pub fn append<T: Serialize + ?Sized>(&self, record: &T) -> Result<Appended, LedgerError> {
+        let mut body = serde_json::to_vec(record).map_err(|e| LedgerError::Serialize(e.to_string()))?;
+        if body.last() != Some(&b'}') || body.first() != Some(&b'{') {
+            return Err(LedgerError::Serialize("a ledger record must be a JSON object".into()));
+        }
+        body.pop();
+        self.append_body(&body)
+    }
+
+    /// Appends a pre-serialized JSON object with its closing `}` removed.
+    fn append_body(&self, body: &[u8]) -> Result<Appended, LedgerError> {
+        let mut guard = self.state.lock();
+        let st = &mut *guard;
+        if st.size >= self.opts.rotate_bytes && st.seq > 0 {
+            self.rotate(st)?;
+        }
+        let seq = st.seq + 1;
+        let line = &mut st.line;
+        line.clear();
+        line.extend_from_slice(body);
+        if body.len() > 1 {
+            line.extend_from_slice(SEQ_KEY);
+        } else {
+            line.extend_from_slice(SEQ_KEY.get(1..).unwrap_or_default());
+        }
+        line.extend_from_slice(itoa(seq).as_bytes());
+        line.extend_from_slice(PREV_KEY);
+        line.extend_from_slice(&st.prev);
+        line.push(b'"');
+        let hash = sha_hex(line);
+        line.extend_from_slice(HASH_TAIL);
+        line.extend_from_slice(hash.as_bytes());
+        line.extend_from_slice(b"\"}\n");
+        st.file.write_all(line).map_err(io_err("append to", &self.path))?;
+        if self.opts.fsync {
+            st.file.sync_data().map_err(io_err("sync", &self.path))?;
+        }
+        st.size += line.len() as u64;
+        st.seq = seq;
+        st.prev.copy_from_slice(hash.as_bytes());
+        write_head(&st.head, seq, &st.prev).map_err(io_err("write", &sidecar(&self.path, "head")))?;
+        Ok(Appended { seq, hash })
+    }
+
+    fn rotate(&self, st: &mut WriterState) -> Result<(), LedgerError> {
+        st.file.sync_all().map_err(io_err("sync", &self.path))?;
+        let next = segments(&self.path)?.iter().filter_map(|(n, _)| *n).max().unwrap_or(0) + 1;
+        let target = segment_path(&self.path, next);
+        fs::rename(&self.path, &target).map_err(io_err("rotate", &self.path))?;
+        st.file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(io_err("open", &self.path))?;
+        st.size = 0;
+        Ok(())
+    }
+}
+
+fn itoa(n: u64) -> String {
+    n.to_string()
+}
+
+fn sha_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn write_head(head: &File, seq: u64, hash: &[u8; 64]) -> io::Result<()> {
+    let mut buf = Vec::with_capacity(HEAD_LEN);
+    buf.extend_from_slice(format!("{seq:020} ").as_bytes());
+    buf.extend_from_slice(hash);
+    buf.push(b'\n');
+    head.write_all_at(&buf, 0)
+}
+
+/// Reads a `.head` anchor: the newest `seq` and `hash` the writer recorded.
+pub fn read_head(log: &Path) -> Option<(u64, String)> {
+    let text = fs::read_to_string(sidecar(log, "head")).ok()?;
+    let (seq, hash) = text.trim().split_once(' ')?;
+    Some((seq.parse().ok()?, hash.to_string()))
+}
+
+/// `ledger.jsonl` → `ledger.jsonl.<ext>`.
+pub fn sidecar(path: &Path, ext: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_os_string();
+    s.push(".");
+    s.push(ext);
+    PathBuf::from(s)
+}
+
+/// `ledger.jsonl` → `ledger.000003.jsonl`.
+pub fn segment_path(path: &Path, n: u64) -> PathBuf {
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("ledger");
+    let ext = path.extension().and_then(|s| s.to_str()).unwrap_or("jsonl");
+    path.with_file_name(format!("{stem}.{n:06}.{ext}"))
+}
+
+/// Every file of a log, oldest first: rotated segments by number, then the active file.
+pub fn segments(path: &Path) -> Result<Vec<(Option<u64>, PathBuf)>, LedgerError> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("ledger");
+    let ext = path.extension().and_then(|s| s.to_str()).unwrap_or("jsonl");
+    let mut out = Vec::new();
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(LedgerError::Io { what: "list", path: dir.to_path_buf(), source: e }),
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(mid) = name.strip_prefix(stem).and_then(|r| r.strip_prefix('.')).and_then(|r| r.strip_suffix(ext)) else {
+            continue;
+        };
+        let Some(num) = mid.strip_suffix('.') else { continue };
+        if num.len() == 6
+            && let Ok(n) = num.parse::<u64>()
+        {
+            out.push((Some(n), entry.path()));
+        }
+    }
+    out.sort();
+    if path.exists() {
+        out.push((None, path.to_path_buf()));
+    }
+    Ok(out)
+}
+
+fn previous_segment_head(path: &Path) -> Result<(u64, [u8; 64]), LedgerError> {
+    let mut prev = [0u8; 64];
+    prev.copy_from_slice(GENESIS.as_bytes());
+    let segs = segments(path)?;
+    let Some((_, last)) = segs.iter().rev().find(|(n, _)| n.is_some()) else { return Ok((0, prev)) };
+    let mut f = File::open(last).map_err(io_err("open", last))?;
+    match last_line(last, &mut f)? {
+        Some((line_no, line)) => {
+            let t = parse_tail(&line).ok_or_else(|| LedgerError::Corrupt {
+                path: last.clone(),
+                line: line_no,
+                problem: "the last line has no hash chain fields".into(),
+            })?;
+            prev.copy_from_slice(t.hash);
+            Ok((t.seq, prev))
+        }
+        None => Ok((0, prev)),
+    }
+}
+
+/// Moves an incomplete last line (no trailing newline) to `<file>.torn`, so nothing is lost
+/// and the chain continues from the last complete entry.
+fn recover_tail(path: &Path, file: &mut File) -> Result<Recovery, LedgerError> {
+    let len = file.metadata().map_err(io_err("stat", path))?.len();
+    if len == 0 {
+        return Ok(Recovery::default());
+    }
+    let mut last = [0u8; 1];
+    file.read_exact_at(&mut last, len - 1).map_err(io_err("read", path))?;
+    if last[0] == b'\n' {
+        return Ok(Recovery::default());
+    }
+    // Find the start of the torn tail: the byte after the last newline.
+    let mut pos = len;
+    let mut buf = vec![0u8; 64 * 1024];
+    let cut = loop {
+        let start = pos.saturating_sub(buf.len() as u64);
+        let n = usize::try_from(pos - start).unwrap_or(0);
+        let chunk = buf.get_mut(..n).unwrap_or_default();
+        file.read_exact_at(chunk, start).map_err(io_err("read", path))?;
+        if let Some(i) = chunk.iter().rposition(|b| *b == b'\n') {
+            break start + i as u64 + 1;
+        }
+        if start == 0 {
+            break 0;
+        }
+        pos = start;
+    };
+    let mut torn = vec![0u8; usize::try_from(len - cut).unwrap_or(0)];
+    file.read_exact_at(&mut torn, cut).map_err(io_err("read", path))?;
+    let q = sidecar(path, "torn");
+    let mut qf = OpenOptions::new().create(true).append(true).open(&q).map_err(io_err("open", &q))?;
+    let header = format!(
+        "# torn tail of {} at byte {cut}, {} bytes, set aside {}\n",
+        path.display(),
+        torn.len(),
+        crate::ledger::now_rfc3339()
+    );
+    qf.write_all(header.as_bytes()).map_err(io_err("write", &q))?;
+    qf.write_all(&torn).map_err(io_err("write", &q))?;
+    qf.write_all(b"\n").map_err(io_err("write", &q))?;
+    qf.sync_all().map_err(io_err("sync", &q))?;
+    file.set_len(cut).map_err(io_err("truncate", path))?;
+    file.sync_all().map_err(io_err("sync", path))?;
+    Ok(Recovery { torn_bytes: torn.len() as u64, quarantine: Some(q) })
+}
+
+/// The last complete line of a file, with its 1-based line number (counted only when needed).
+fn last_line(path: &Path, file: &mut File) -> Result<Option<(u64, Vec<u8>)>, LedgerError> {
+    let len = file.metadata().map_err(io_err("stat", path))?.len();
+    if len == 0 {
+        return Ok(None);
+    }
+    let mut pos = len - 1; // skip the final newline
+    let mut collected: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let start = pos.saturating_sub(buf.len() as u64);
+        let n = usize::try_from(pos - start).unwrap_or(0);
+        let chunk = buf.get_mut(..n).unwrap_or_default();
+        file.read_exact_at(chunk, start).map_err(io_err("read", path))?;
+        if let Some(i) = chunk.iter().rposition(|b| *b == b'\n') {
+            let mut line = chunk.get(i + 1..).unwrap_or_default().to_vec();
+            line.extend_from_slice(&collected);
+            // The line number is only used in messages; count it lazily.
+            let line_no = count_lines(file, start + i as u64 + 1).unwrap_or(0) + 1;
+            return Ok(Some((line_no, line)));
+        }
+        let mut c = chunk.to_vec();
+        c.extend_from_slice(&collected);
+        collected = c;
+        if start == 0 {
+            return Ok(Some((1, collected)));
+        }
+        pos = start;
+    }
+}
+
+fn count_lines(file: &mut File, upto: u64) -> io::Result<u64> {
+    file.seek(SeekFrom::Start(0))?;
+    let mut r = io::BufReader::new(file.take(upto));
+    let mut buf = [0u8; 64 * 1024];
+    let mut n = 0u64;
+    loop {
+        let k = r.read(&mut buf)?;
+        if k == 0 {
+            return Ok(n);
+        }
+        n += buf.iter().take(k).filter(|b| **b == b'\n').count() as u64;
+    }
+}
+
+/// The chain fields at the end of one line.
+pub struct Tail<'a> {
+    /// The bytes the hash covers.
+    pub hashed: &'a [u8],
+    pub seq: u64,
+    pub prev: &'a [u8],
+    pub hash: &'a [u8],
+}
+
+/// Splits a line (without its newline) into the hashed part and the chain fields.
+pub fn parse_tail(line: &[u8]) -> Option<Tail<'_>> {
+    // ...,"seq":N,"prev_hash":"<64>","hash":"<64>"}
+    let n = line.len();
+    let end = n.checked_sub(2)?;
+    if line.get(end..)? != b"\"}" {
+        return None;
+    }
+    let hash_start = end.checked_sub(64)?;
+    let hash = line.get(hash_start..end)?;
+    let tail_start = hash_start.checked_sub(HASH_TAIL.len())?;
+    if line.get(tail_start..hash_start)? != HASH_TAIL {
+        return None;
+    }
+    let hashed = line.get(..tail_start)?;
+    // hashed ends with ,"prev_hash":"<64>"
+    let prev_end = tail_start.checked_sub(1)?;
+    if hashed.last()? != &b'"' {
+        return None;
+    }
+    let prev_start = prev_end.checked_sub(64)?;
+    let prev = line.get(prev_start..prev_end)?;
+    let key_start = prev_start.checked_sub(PREV_KEY.len())?;
+    if line.get(key_start..prev_start)? != PREV_KEY {
+        return None;
+    }
+    // seq digits end at key_start
+    let digits_start = line.get(..key_start)?.iter().rposition(|b| !b.is_ascii_digit())? + 1;
+    let digits = line.get(digits_start..key_start)?;
+    if digits.is_empty() || digits.len() > 20 {
+        return None;
+    }
+    let before = line.get(..digits_start)?;
+    if !(before.ends_with(SEQ_KEY) || before == b"{\"seq\":") {
+        return None;
+    }
+    let seq = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    if !hash.iter().chain(prev.iter()).all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b)) {
+        return None;
+    }
+    Some(Tail { hashed, seq, prev, hash })
+}
+
+/// The first problem `verify` found.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VerifyFailure {
+    pub file: PathBuf,
+    /// 1-based line number in `file` (0 for problems with the anchor).
+    pub line: u64,
+    pub seq: Option<u64>,
+    pub problem: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VerifyReport {
+    pub files: Vec<PathBuf>,
+    pub entries: u64,
+    pub last_seq: u64,
+    pub last_hash: String,
+    /// Whether the `.head` anchor was present and matched.
+    pub anchored: bool,
+    pub failure: Option<VerifyFailure>,
+}
+
+impl VerifyReport {
+    pub fn ok(&self) -> bool {
+        self.failure.is_none()
+    }
+}
+
+/// Checks every line of a log and its rotated segments. Stops at the first problem and names it.
+pub fn verify(path: &Path) -> Result<VerifyReport, LedgerError> {
+    let segs = segments(path)?;
+    let mut report = VerifyReport {
+        files: segs.iter().map(|(_, p)| p.clone()).collect(),
+        entries: 0,
+        last_seq: 0,
+        last_hash: GENESIS.to_string(),
+        anchored: false,
+        failure: None,
+    };
+    let mut prev: Vec<u8> = GENESIS.as_bytes().to_vec();
+    let mut expect_seq = 1u64;
+    for (_, file) in &segs {
+        let data = fs::read(file).map_err(io_err("read", file))?;
+        let fail = |line: u64, seq: Option<u64>, problem: String| VerifyFailure { file: file.clone(), line, seq, problem };
+        let mut line_no = 0u64;
+        let mut rest: &[u8] = &data;
+        while !rest.is_empty() {
+            line_no += 1;
+            let (line, next, complete) = match memchr(b'\n', rest) {
+                Some(i) => (rest.get(..i).unwrap_or_default(), rest.get(i + 1..).unwrap_or_default(), true),
+                None => (rest, &[][..], false),
+            };
+            rest = next;
+            if !complete {
+                report.failure = Some(fail(
+                    line_no,
+                    None,
+                    format!("the last line is incomplete ({} bytes, no newline): a torn write; opening the ledger for writing sets it aside", line.len()),
+                ));
+                return Ok(report);
+            }
+            let Some(t) = parse_tail(line) else {
+                report.failure = Some(fail(line_no, None, "line does not end with the `seq`, `prev_hash` and `hash` fields".into()));
+                return Ok(report);
+            };
+            if t.seq != expect_seq {
+                report.failure = Some(fail(
+                    line_no,
+                    Some(t.seq),
+                    format!("sequence number is {} but {} was expected: a line was deleted, duplicated or moved", t.seq, expect_seq),
+                ));
+                return Ok(report);
+            }
+            if t.prev != prev.as_slice() {
+                report.failure = Some(fail(
+                    line_no,
+                    Some(t.seq),
+                    "`prev_hash` does not match the previous line's `hash`: lines were removed, reordered or edited".into(),
+                ));
+                return Ok(report);
+            }
+            let digest = Sha256::digest(t.hashed);
+            let mut hexbuf = [0u8; 64];
+            hex::encode_to_slice(digest, &mut hexbuf).unwrap_or_default();
+            if t.hash != hexbuf {
+                report.failure = Some(fail(line_no, Some(t.seq), "`hash` does not match the line's contents: the line was edited".into()));
+                return Ok(report);
+            }
+            prev.clear();
+            prev.extend_from_slice(t.hash);
+            expect_seq += 1;
+            report.entries += 1;
+            report.last_seq = t.seq;
+        }
+    }
+    report.last_hash = String::from_utf8_lossy(&prev).into_owned();
+    if let Some((seq, hash)) = read_head(path) {
+        if seq > report.last_seq {
+            report.failure = Some(VerifyFailure {
+                file: sidecar(path, "head"),
+                line: 0,
+                seq: Some(seq),
+                problem: format!(
+                    "the anchor records entry {seq} but the ledger ends at entry {}: lines were cut off the end",
+                    report.last_seq
+                ),
+            });
+        } else if seq == report.last_seq && hash != report.last_hash {
+            report.failure = Some(VerifyFailure {
+                file: sidecar(path, "head"),
+                line: 0,
+                seq: Some(seq),
+                problem: "the anchor's hash does not match the last entry: the end of the ledger was rewritten".into(),
+            });
+        } else {
+            // The anchor may trail by one entry after a crash between the two writes.
+            report.anchored = seq + 1 >= report.last_seq;
+        }
+    }
+    Ok(report)
+}
+
+fn memchr(needle: u8, hay: &[u8]) -> Option<usize> {
+    hay.iter().position(|b| *b == needle)
+}
+
+/// Reads every complete line of a log (all segments) as JSON values, oldest first.
+pub fn read_all(path: &Path) -> Result<Vec<serde_json::Value>, LedgerError> {
+    let mut out = Vec::new();
+    for (_, file) in segments(path)? {
+        let data = fs::read(&file).map_err(io_err("read", &file))?;
+        for (i, line) in data.split(|b| *b == b'\n').enumerate() {
+            if line.is_empty() {
+                continue;
+            }
+            let v = serde_json::from_slice(line).map_err(|e| LedgerError::Corrupt {
+                path: file.clone(),
+                line: i as u64 + 1,
+                problem: format!("not valid JSON: {e}"),
+            })?;
+            out.push(v);
+        }
+    }
+    Ok(out)
+}
+
+/// The current time as RFC 3339 with microseconds, in UTC.
+pub fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}

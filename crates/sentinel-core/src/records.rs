@@ -1,0 +1,204 @@
+//! What the ledger and the interventions log hold, line by line.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::decision::{Decision, InterventionType, Limit, ReasonCode, RiskLevel, Verdict};
+
+/// One decided (and possibly executed) call. The SDK's fields first, then ours.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LedgerEntry {
+    pub id: String,
+    pub timestamp: String,
+    pub action: String,
+    pub cost_usd: f64,
+    pub duration_ms: f64,
+    /// `success`, `error`, `blocked`, `escalated`, `rejected` or `recovered`.
+    pub outcome: String,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub payload: Payload,
+    #[serde(default)]
+    pub agent_id: String,
+    #[serde(default)]
+    pub run_id: String,
+    #[serde(default)]
+    pub session_id: String,
+    /// The estimate the decision was made with (the actual cost is `cost_usd`).
+    #[serde(default)]
+    pub estimated_cost_usd: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<DecisionRecord>,
+    #[serde(default)]
+    pub policy_version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<ApprovalRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intervention_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Payload {
+    #[serde(default)]
+    pub inputs: Value,
+    #[serde(default)]
+    pub outputs: Value,
+}
+
+/// The parts of a [`Decision`] worth keeping.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DecisionRecord {
+    pub verdict: Verdict,
+    pub reason: ReasonCode,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intervention: Option<InterventionType>,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<Limit>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_seconds: Option<f64>,
+}
+
+impl From<&Decision> for DecisionRecord {
+    fn from(d: &Decision) -> Self {
+        DecisionRecord {
+            verdict: d.verdict,
+            reason: d.reason,
+            intervention: d.intervention,
+            message: d.message.to_string(),
+            policy: d.policy.as_deref().map(str::to_string),
+            rule: d.rule.as_deref().map(str::to_string),
+            limit: d.limit.clone(),
+            retry_after_seconds: d.retry_after_seconds,
+        }
+    }
+}
+
+/// A human's decision on an escalated call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApprovalRecord {
+    pub approved: bool,
+    pub approver: String,
+    #[serde(default)]
+    pub reason: String,
+    pub decided_at: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum InterventionOutcome {
+    Blocked,
+    Escalated,
+    ApprovedAfterReview,
+    RejectedAfterReview,
+    Modified,
+    Warned,
+}
+
+impl InterventionOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InterventionOutcome::Blocked => "BLOCKED",
+            InterventionOutcome::Escalated => "ESCALATED",
+            InterventionOutcome::ApprovedAfterReview => "APPROVED_AFTER_REVIEW",
+            InterventionOutcome::RejectedAfterReview => "REJECTED_AFTER_REVIEW",
+            InterventionOutcome::Modified => "MODIFIED",
+            InterventionOutcome::Warned => "WARNED",
+        }
+    }
+}
+
+/// What the agent was trying to do.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Intent {
+    pub action: String,
+    #[serde(default)]
+    pub inputs: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intent: Option<String>,
+}
+
+/// A record of the policy engine stepping in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InterventionRecord {
+    pub id: String,
+    pub timestamp: String,
+    #[serde(rename = "type")]
+    pub kind: InterventionType,
+    pub outcome: InterventionOutcome,
+    pub risk_level: RiskLevel,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blast_radius: Option<String>,
+    pub action: String,
+    pub agent_id: String,
+    pub run_id: String,
+    pub session_id: String,
+    pub estimated_cost_usd: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actual_cost_usd: Option<f64>,
+    pub cost_prevented_usd: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    pub reason: ReasonCode,
+    pub rationale: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<Limit>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_seconds: Option<f64>,
+    pub intent: Intent,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    pub policy_version: String,
+    /// Recorded by a `mode: shadow` policy: what it would have done; the call was not stopped by it.
+    #[serde(default)]
+    pub shadow: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<ApprovalRecord>,
+    /// For a decided approval: the escalation it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub related_intervention_id: Option<String>,
+}
+
+const DANGEROUS_WORDS: &[&str] = &[
+    "delete", "drop", "destroy", "truncate", "wipe", "rm", "remove", "purge", "kill", "terminate", "shutdown", "format",
+    "transfer", "wire", "pay", "payment", "refund", "withdraw", "send", "email", "publish", "deploy", "exec", "execute",
+    "shell", "sudo", "grant", "revoke",
+];
+
+/// The risk of an intervention: the caller's own assessment when given, otherwise judged from
+/// the intervention type, tags, and whole words of the action name (never substrings).
+pub fn assess_risk(given: Option<RiskLevel>, kind: InterventionType, action: &str, tags: &[String]) -> RiskLevel {
+    if let Some(r) = given {
+        return r;
+    }
+    let tagged = |w: &str| tags.iter().any(|t| t.eq_ignore_ascii_case(w));
+    if tagged("critical") || tagged("destructive") || tagged("dangerous") {
+        return RiskLevel::Critical;
+    }
+    let dangerous = action
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .any(|w| DANGEROUS_WORDS.iter().any(|d| w.eq_ignore_ascii_case(d)));
+    match kind {
+        InterventionType::Halted => RiskLevel::High,
+        InterventionType::HardBlock if dangerous => RiskLevel::Critical,
+        InterventionType::HardBlock => RiskLevel::High,
+        InterventionType::ApprovalRequired if dangerous => RiskLevel::High,
+        InterventionType::ApprovalRequired | InterventionType::BudgetExceeded => RiskLevel::Medium,
+        InterventionType::RateLimited | InterventionType::Downgrade | InterventionType::Warning => {
+            if dangerous {
+                RiskLevel::Medium
+            } else {
+                RiskLevel::Low
+            }
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! The one redaction function every record goes through before it is written or sent.
+
+use serde_json::Value;
+
+pub const REDACTED: &str = "[REDACTED]";
+
+/// Words that make a key name sensitive when they appear as a whole word of it
+/// (`api_key`, `clientSecret`, `X-Auth-Token`), but not as part of another word (`max_tokens`, `author`).
+const SENSITIVE_WORDS: &[&str] = &[
+    "password", "passwd", "passphrase", "pwd", "secret", "token", "apikey", "auth", "authorization", "credential",
+    "credentials", "cookie", "session", "ssn", "cvv", "cvc", "pin", "privatekey", "signature", "otp",
+];
+
+/// Pairs of adjacent words that are sensitive together.
+const SENSITIVE_PAIRS: &[(&str, &str)] = &[
+    ("api", "key"),
+    ("private", "key"),
+    ("secret", "key"),
+    ("access", "key"),
+    ("card", "number"),
+    ("credit", "card"),
+    ("account", "number"),
+    ("routing", "number"),
+    ("social", "security"),
+];
+
+/// Splits a key into lowercase words at `_`, `-`, `.`, spaces and camelCase boundaries.
+fn words(key: &str) -> impl Iterator<Item = String> + '_ {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut prev_lower = false;
+    for c in key.chars() {
+        if !c.is_alphanumeric() {
+            if !cur.is_empty() {
+                out.push(std::mem::take(&mut cur));
+            }
+            prev_lower = false;
+            continue;
+        }
+        if c.is_uppercase() && prev_lower && !cur.is_empty() {
+            out.push(std::mem::take(&mut cur));
+        }
+        prev_lower = c.is_lowercase() || c.is_ascii_digit();
+        cur.extend(c.to_lowercase());
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out.into_iter()
+}
+
+/// Is a key name one whose value must never be recorded?
+pub fn is_sensitive_key(key: &str) -> bool {
+    let ws: Vec<String> = words(key).collect();
+    if ws.iter().any(|w| SENSITIVE_WORDS.contains(&w.as_str())) {
+        return true;
+    }
+    ws.windows(2).any(|p| match p {
+        [a, b] => SENSITIVE_PAIRS.iter().any(|(x, y)| a == x && b == y),
+        _ => false,
+    })
+}
+
+/// Does a string look like a credential, whatever key it is under?
+pub fn secret_kind(s: &str) -> Option<&'static str> {
+    let t = s.trim();
+    if t.len() < 8 {
+        return None;
+    }
+    let prefixes: &[(&str, &str)] = &[
+        ("sk-", "api-key"),
+        ("sk_live_", "api-key"),
+        ("sk_test_", "api-key"),
+        ("rk_live_", "api-key"),
+        ("xoxb-", "slack-token"),
+        ("xoxp-", "slack-token"),
+        ("xoxa-", "slack-token"),
+        ("ghp_", "github-token"),
+        ("gho_", "github-token"),
+        ("ghs_", "github-token"),
+        ("github_pat_", "github-token"),
+        ("glpat-", "gitlab-token"),
+        ("AKIA", "aws-access-key"),
+        ("ASIA", "aws-access-key"),
+        ("AIza", "google-api-key"),
+        ("-----BEGIN", "private-key"),
+        ("Bearer ", "bearer-token"),
+        ("Basic ", "basic-auth"),
+    ];
+    for (p, kind) in prefixes {
+        if t.starts_with(p) && t.len() >= p.len() + 8 {
+            return Some(kind);
+        }
+    }
+    if let Some(rest) = t.strip_prefix("as_")
+        && rest.len() >= 32
+        && rest.bytes().all(|b| b.is_ascii_hexdigit() || b == b'_')
+    {
+        return Some("sentinel-api-key");
+    }
+    // A JSON Web Token: three base64url parts, the first two starting `eyJ`.
+    if t.starts_with("eyJ") && t.matches('.').count() == 2 && t.contains(".eyJ") {
+        return Some("jwt");
+    }
+    // Credentials embedded in a URL: scheme://user:password@host
+    if let Some((scheme, rest)) = t.split_once("://")
+        && !scheme.is_empty()
+        && let Some((userinfo, _)) = rest.split_once('@')
+        && userinfo.contains(':')
+        && !userinfo.contains('/')
+    {
+        return Some("url-credentials");
+    }
+    None
+}
+
+/// Redacts in place: values under sensitive keys, and secret-shaped strings anywhere.
+pub fn redact(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            for (k, val) in m.iter_mut() {
+                if is_sensitive_key(k) && !val.is_null() && !matches!(val, Value::Object(_) | Value::Array(_)) {
+                    *val = Value::String(REDACTED.to_string());
+                } else if is_sensitive_key(k) {
+                    redact_all(val);
+                } else {
+                    redact(val);
+                }
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(redact),
+        Value::String(s) => {
+            if let Some(kind) = secret_kind(s) {
+                *s = format!("[REDACTED:{kind}]");
+            } else if s.len() >= 16 && s.contains(char::is_whitespace) {
+                redact_tokens(s);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn trim(w: &str) -> &str {
+    w.trim_matches(|c: char| matches!(c, '"' | '\'' | ',' | ';' | '(' | ')' | '<' | '>' | '[' | ']'))
+}
+
+/// Replaces secret-shaped words inside free text ("my key is sk-...").
+fn redact_tokens(s: &mut String) {
+    if !s.split_whitespace().any(|w| secret_kind(trim(w)).is_some()) {
+        return;
+    }
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s.as_str();
+    while !rest.is_empty() {
+        let ws_end = rest.find(|c: char| !c.is_whitespace()).unwrap_or(rest.len());
+        let (ws, after) = rest.split_at(ws_end);
+        out.push_str(ws);
+        let word_end = after.find(char::is_whitespace).unwrap_or(after.len());
+        let (word, tail) = after.split_at(word_end);
+        let core = trim(word);
+        match secret_kind(core) {
+            Some(kind) => out.push_str(&word.replace(core, &format!("[REDACTED:{kind}]"))),
+            None => out.push_str(word),
+        }
+        rest = tail;
+    }
+    *s = out;
+}
+
+/// Everything under a sensitive key is redacted, however deep.
+fn redact_all(v: &mut Value) {
+    match v {
+        Value::Object(m) => m.values_mut().for_each(redact_all),
+        Value::Array(a) => a.iter_mut().for_each(redact_all),
+        Value::Null => {}
+        other => *other = Value::String(REDACTED.to_string()),
+    }
+}
+
+/// A redacted copy.
+pub fn redacted(v: &Value) -> Value {
+    let mut c = v.clone();
+    redact(&mut c);
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn sensitive_keys_by_whole_word() {
+        for k in ["password", "api_key", "apiKey", "X-Auth-Token", "client_secret", "access_token", "card_number", "Authorization"] {
+            assert!(is_sensitive_key(k), "{k}");
+        }
+        for k in ["max_tokens", "author", "query", "tokens_used", "keyboard", "passenger", "description"] {
+            assert!(!is_sensitive_key(k), "{k}");
+        }
+    }
+
+    #[test]
+    fn redacts_nested_and_secret_shaped_values() {
+        let mut v = json!({
+            "query": "hello",
+            "headers": {"Authorization": "Bearer abcdefghijklmnop"},
+            "note": "key is sk-abcdefghijklmnopqrstuvwx",
+            "key_in_value": "sk-abcdefghijklmnopqrstuvwx",
+            "creds": {"password": {"nested": "x"}},
+            "db": "postgres://admin:hunter22@db.internal/prod",
+            "max_tokens": 100
+        });
+        redact(&mut v);
+        assert_eq!(v["query"], "hello");
+        assert_eq!(v["headers"]["Authorization"], REDACTED);
+        assert_eq!(v["note"], "key is [REDACTED:api-key]");
+        assert_eq!(v["key_in_value"], "[REDACTED:api-key]");
+        assert_eq!(v["creds"]["password"]["nested"], REDACTED);
+        assert_eq!(v["db"], "[REDACTED:url-credentials]");
+        assert_eq!(v["max_tokens"], 100);
+    }
+}
