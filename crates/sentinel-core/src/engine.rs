@@ -409,8 +409,8 @@ impl Engine {
                             InterventionType::RateLimited,
                             ReasonCode::RateLimited,
                             format!(
-                                "rate limit for `{}` reached: {} calls in any {}s (policy `{name}`)",
-                                req.action, rl.max_count, rl.window_seconds
+                                "rate limit for `{}` reached: {} in any {}s (policy `{name}`)",
+                                req.action, calls(rl.max_count), rl.window_seconds
                             ),
                             name,
                             None,
@@ -441,8 +441,8 @@ impl Engine {
                         InterventionType::RateLimited,
                         ReasonCode::LoopDetected,
                         format!(
-                            "loop detected: `{}` was called with the same arguments {max} times within {window_s}s (policy `{}`)",
-                            req.action, p.name
+                            "loop detected: `{}` was already called with the same arguments {} within {window_s}s (policy `{}`)",
+                            req.action, times(max), p.name
                         ),
                         &p.name,
                         None,
@@ -579,7 +579,7 @@ impl Engine {
                 let mut o = Outcome::deny(
                     InterventionType::RateLimited,
                     ReasonCode::RateLimited,
-                    format!("rate limit for `{}` reached: {} calls in any {}s", req.action, rl.max_count, rl.window_seconds),
+                    format!("rate limit for `{}` reached: {} in any {}s", req.action, calls(rl.max_count), rl.window_seconds),
                     &p.name,
                     None,
                 );
@@ -713,6 +713,14 @@ impl Engine {
         push("cost_usd", cost.as_f64());
         for_each_numeric(req.args, a.fields.as_deref(), push);
     }
+}
+
+fn calls(n: u32) -> String {
+    if n == 1 { "1 call".to_string() } else { format!("{n} calls") }
+}
+
+fn times(n: u32) -> String {
+    if n == 1 { "once".to_string() } else { format!("{n} times") }
 }
 
 fn clone_outcome(o: &Outcome) -> Outcome {
