@@ -11,10 +11,13 @@ use serde_json::Value;
 use smallvec::SmallVec;
 
 use crate::clock::{Clock, SystemClock, nanos_to_secs};
-use crate::compile::{CompiledCondition, CompiledPolicy, CompiledRateLimit, PolicySet, stable_hash};
+use crate::compile::{
+    CompiledCondition, CompiledPolicy, CompiledRateLimit, PolicySet, stable_hash,
+};
 use crate::counters::{ActionSpend, KeyRef, Reservation, Ring, SessionState, State};
 use crate::decision::{
-    ActionRequest, ApprovalSpec, Decision, InterventionType, Limit, LimitKind, ReasonCode, ShadowFinding, Verdict,
+    ActionRequest, ApprovalSpec, Decision, InterventionType, Limit, LimitKind, ReasonCode,
+    ShadowFinding, Verdict,
 };
 use crate::model::{AnomalyAction, CounterScope, FailMode, Mode, Operator, PolicyDoc, RuleAction};
 use crate::money::Usd;
@@ -51,7 +54,9 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("policies", &*self.policies.load()).finish_non_exhaustive()
+        f.debug_struct("Engine")
+            .field("policies", &*self.policies.load())
+            .finish_non_exhaustive()
     }
 }
 
@@ -103,7 +108,11 @@ impl Outcome {
 
 /// Deferred findings from the rules step.
 /// A rule finding: the policy, the rule (none for a default action) and its message.
-type RuleHit<'p> = (&'p CompiledPolicy, Option<&'p Arc<str>>, Option<&'p Arc<str>>);
+type RuleHit<'p> = (
+    &'p CompiledPolicy,
+    Option<&'p Arc<str>>,
+    Option<&'p Arc<str>>,
+);
 
 #[derive(Default)]
 struct Pending<'p> {
@@ -173,7 +182,9 @@ impl Engine {
 
     /// Spend so far for a session and one of its runs.
     pub fn spend(&self, session_id: &str, run_id: &str) -> SpendSnapshot {
-        let Some(cell) = self.state.sessions.get(session_id) else { return SpendSnapshot::default() };
+        let Some(cell) = self.state.sessions.get(session_id) else {
+            return SpendSnapshot::default();
+        };
         let s = cell.lock();
         SpendSnapshot {
             session_total: s.spent,
@@ -214,7 +225,9 @@ impl Engine {
 
     fn run(&self, req: &ActionRequest<'_>, approved: bool, commit: bool) -> Decision {
         let set = self.policies.load();
-        match catch_unwind(AssertUnwindSafe(|| self.decide_inner(&set, req, approved, commit))) {
+        match catch_unwind(AssertUnwindSafe(|| {
+            self.decide_inner(&set, req, approved, commit)
+        })) {
             Ok(d) => d,
             Err(panic) => {
                 let what = panic
@@ -228,7 +241,9 @@ impl Engine {
     }
 
     fn internal_failure(&self, set: &PolicySet, req: &ActionRequest<'_>, what: &str) -> Decision {
-        let secure = set.applicable(req.agent_id, req.run_id).any(|p| p.fail_mode == FailMode::Secure)
+        let secure = set
+            .applicable(req.agent_id, req.run_id)
+            .any(|p| p.fail_mode == FailMode::Secure)
             || set.applicable(req.agent_id, req.run_id).next().is_none();
         let (verdict, intervention) = if secure {
             (Verdict::Deny, InterventionType::HardBlock)
@@ -243,7 +258,11 @@ impl Engine {
                 "internal error while deciding `{}` ({what}); fail_mode {} {}",
                 req.action,
                 if secure { "secure" } else { "safe" },
-                if secure { "denies" } else { "allows with a warning" }
+                if secure {
+                    "denies"
+                } else {
+                    "allows with a warning"
+                }
             )),
             policy: None,
             rule: None,
@@ -273,7 +292,13 @@ impl Engine {
         }
     }
 
-    fn decide_inner(&self, set: &PolicySet, req: &ActionRequest<'_>, approved: bool, commit: bool) -> Decision {
+    fn decide_inner(
+        &self,
+        set: &PolicySet,
+        req: &ActionRequest<'_>,
+        approved: bool,
+        commit: bool,
+    ) -> Decision {
         // 0. The request itself.
         let cost = match validate(req) {
             Ok(c) => c,
@@ -334,12 +359,17 @@ impl Engine {
         }
 
         // The anomaly verdict only reads baselines, so it is found before any lock is taken.
-        let anomaly = if set.any_anomaly { self.anomaly_check(set, enforce.clone(), req, cost) } else { None };
+        let anomaly = if set.any_anomaly {
+            self.anomaly_check(set, enforce.clone(), req, cost)
+        } else {
+            None
+        };
 
         // 4-5. Counters, under their locks, so the check and the reservation are one step.
         let now = self.clock.now_nanos();
         let mut rate_cells: SmallVec<[Arc<Mutex<Ring>>; 2]> = SmallVec::new();
-        let mut rate_limits: SmallVec<[(&CompiledRateLimit, &Arc<str>, usize); 2]> = SmallVec::new();
+        let mut rate_limits: SmallVec<[(&CompiledRateLimit, &Arc<str>, usize); 2]> =
+            SmallVec::new();
         for p in applicable.clone() {
             if let Some(rl) = p.rate_limits.get(req.action) {
                 let key = scope_key(rl.per, req);
@@ -399,7 +429,9 @@ impl Engine {
         let mut denial: Option<Outcome> = None;
         let mut worst_retry: Option<u64> = None;
         for (rl, name, idx) in &rate_limits {
-            let Some((_, ring)) = guards.iter().find(|(i, _)| i == idx) else { continue };
+            let Some((_, ring)) = guards.iter().find(|(i, _)| i == idx) else {
+                continue;
+            };
             if let Some(wait) = ring.full_for(rl.max_count as usize, rl.window_ns, now) {
                 worst_retry = Some(worst_retry.map_or(wait, |w| w.max(wait)));
                 if denial.is_none() {
@@ -410,7 +442,9 @@ impl Engine {
                             ReasonCode::RateLimited,
                             format!(
                                 "rate limit for `{}` reached: {} in any {}s (policy `{name}`)",
-                                req.action, calls(rl.max_count), rl.window_seconds
+                                req.action,
+                                calls(rl.max_count),
+                                rl.window_seconds
                             ),
                             name,
                             None,
@@ -435,7 +469,9 @@ impl Engine {
         }
         if let Some(ring) = loop_guard.as_ref() {
             for p in enforce.clone() {
-                let Some((max, window_ns, window_s)) = p.loops else { continue };
+                let Some((max, window_ns, window_s)) = p.loops else {
+                    continue;
+                };
                 if ring.full_for(max as usize, window_ns, now).is_some() {
                     let mut o = Outcome::deny(
                         InterventionType::RateLimited,
@@ -455,7 +491,9 @@ impl Engine {
                         window_seconds: Some(window_s),
                         field: None,
                     });
-                    o.retry_after = ring.full_for(max as usize, window_ns, now).map(nanos_to_secs);
+                    o.retry_after = ring
+                        .full_for(max as usize, window_ns, now)
+                        .map(nanos_to_secs);
                     return Self::finish(set, o);
                 }
             }
@@ -511,8 +549,19 @@ impl Engine {
         // Shadow policies: what they would have done, from the same counters.
         let mut shadow = Vec::new();
         for p in applicable.clone().filter(|p| p.mode == Mode::Shadow) {
-            if let Some(f) = self.shadow_eval(p, req, cost, now, &guards, &rate_cells, loop_guard.as_deref(), &sess, run_idx, action_idx, approved)
-            {
+            if let Some(f) = self.shadow_eval(
+                p,
+                req,
+                cost,
+                now,
+                &guards,
+                &rate_cells,
+                loop_guard.as_deref(),
+                &sess,
+                run_idx,
+                action_idx,
+                approved,
+            ) {
                 shadow.push(f);
             }
         }
@@ -535,7 +584,13 @@ impl Engine {
                 self.state.note_loop_insert(now, set.max_loop_window_ns);
             }
             if set.any_anomaly {
-                self.learn(set, applicable.clone(), req, cost, anomaly.as_ref().and_then(|(_, f)| f.as_deref()));
+                self.learn(
+                    set,
+                    applicable.clone(),
+                    req,
+                    cost,
+                    anomaly.as_ref().and_then(|(_, f)| f.as_deref()),
+                );
             }
             decision.reservation = Some(Reservation {
                 id,
@@ -550,7 +605,10 @@ impl Engine {
         decision
     }
 
-    #[expect(clippy::too_many_arguments, reason = "internal helper over one locked snapshot")]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "internal helper over one locked snapshot"
+    )]
     fn shadow_eval(
         &self,
         p: &CompiledPolicy,
@@ -579,7 +637,12 @@ impl Engine {
                 let mut o = Outcome::deny(
                     InterventionType::RateLimited,
                     ReasonCode::RateLimited,
-                    format!("rate limit for `{}` reached: {} in any {}s", req.action, calls(rl.max_count), rl.window_seconds),
+                    format!(
+                        "rate limit for `{}` reached: {} in any {}s",
+                        req.action,
+                        calls(rl.max_count),
+                        rl.window_seconds
+                    ),
                     &p.name,
                     None,
                 );
@@ -592,13 +655,22 @@ impl Engine {
                 Some(Outcome::deny(
                     InterventionType::RateLimited,
                     ReasonCode::LoopDetected,
-                    format!("loop detected: `{}` repeated {max} times within {window_s}s", req.action),
+                    format!(
+                        "loop detected: `{}` repeated {max} times within {window_s}s",
+                        req.action
+                    ),
                     &p.name,
                     None,
                 ))
             })
             .or_else(|| budget_check(one.clone(), req, cost, sess, run_idx, action_idx))
-            .or_else(|| if approved { None } else { approval_check(one.clone(), req, cost, &pending) })
+            .or_else(|| {
+                if approved {
+                    None
+                } else {
+                    approval_check(one.clone(), req, cost, &pending)
+                }
+            })
             .or_else(|| {
                 let (p, rule, msg) = pending.warn_rule?;
                 Some(Outcome {
@@ -635,9 +707,13 @@ impl Engine {
         let action_hash = set.hash_str(req.action);
         let mut found: Option<(Outcome, Option<String>)> = None;
         for p in enforce {
-            let Some(a) = p.anomaly.as_ref() else { continue };
+            let Some(a) = p.anomaly.as_ref() else {
+                continue;
+            };
             let mut check = |field: &str, x: f64| {
-                let Some(cell) = self.state.baselines.get(&KeyRef(action_hash, field)) else { return };
+                let Some(cell) = self.state.baselines.get(&KeyRef(action_hash, field)) else {
+                    return;
+                };
                 let w = *cell.lock();
                 if w.n < u64::from(a.min_samples) {
                     return;
@@ -657,11 +733,20 @@ impl Engine {
                     Some((o, _)) => block && o.verdict != Verdict::Deny,
                 };
                 if better {
-                    let zs = if z.is_finite() { format!("{z:.1} standard deviations") } else { "infinitely many standard deviations (the baseline never varied)".to_string() };
+                    let zs = if z.is_finite() {
+                        format!("{z:.1} standard deviations")
+                    } else {
+                        "infinitely many standard deviations (the baseline never varied)"
+                            .to_string()
+                    };
                     found = Some((
                         Outcome {
                             verdict: if block { Verdict::Deny } else { Verdict::Warn },
-                            intervention: Some(if block { InterventionType::HardBlock } else { InterventionType::Warning }),
+                            intervention: Some(if block {
+                                InterventionType::HardBlock
+                            } else {
+                                InterventionType::Warning
+                            }),
                             reason: ReasonCode::AnomalyDetected,
                             message: Cow::Owned(format!(
                                 "anomaly: `{field}` = {x} on `{}` is {zs} from its mean {:.4} over {} calls (policy `{}`)",
@@ -697,7 +782,9 @@ impl Engine {
         cost: Usd,
         skip: Option<&str>,
     ) {
-        let Some(a) = applicable.filter_map(|p| p.anomaly.as_ref()).next() else { return };
+        let Some(a) = applicable.filter_map(|p| p.anomaly.as_ref()).next() else {
+            return;
+        };
         let action_hash = set.hash_str(req.action);
         let push = |field: &str, x: f64| {
             if skip == Some(field) {
@@ -716,11 +803,19 @@ impl Engine {
 }
 
 fn calls(n: u32) -> String {
-    if n == 1 { "1 call".to_string() } else { format!("{n} calls") }
+    if n == 1 {
+        "1 call".to_string()
+    } else {
+        format!("{n} calls")
+    }
 }
 
 fn times(n: u32) -> String {
-    if n == 1 { "once".to_string() } else { format!("{n} times") }
+    if n == 1 {
+        "once".to_string()
+    } else {
+        format!("{n} times")
+    }
 }
 
 fn clone_outcome(o: &Outcome) -> Outcome {
@@ -750,7 +845,11 @@ fn for_each_numeric(args: &Value, only: Option<&[String]>, mut f: impl FnMut(&st
             }
         }
         None => {
-            for (k, v) in map.iter().filter(|(k, _)| k.as_str() != "cost_usd").take(MAX_NUMERIC_FIELDS) {
+            for (k, v) in map
+                .iter()
+                .filter(|(k, _)| k.as_str() != "cost_usd")
+                .take(MAX_NUMERIC_FIELDS)
+            {
                 if let Some(x) = v.as_f64().filter(|x| x.is_finite()) {
                     f(k, x);
                 }
@@ -764,7 +863,10 @@ fn validate(req: &ActionRequest<'_>) -> Result<Usd, String> {
         return Err("the action name is empty".into());
     }
     if req.action.len() > 512 {
-        return Err(format!("the action name is {} bytes long; at most 512 are allowed", req.action.len()));
+        return Err(format!(
+            "the action name is {} bytes long; at most 512 are allowed",
+            req.action.len()
+        ));
     }
     if !matches!(req.args, Value::Object(_) | Value::Null) {
         return Err("the call's arguments must be a JSON object".into());
@@ -781,7 +883,10 @@ fn scope_key<'a>(per: CounterScope, req: &ActionRequest<'a>) -> &'a str {
     }
 }
 
-fn static_checks<'p>(enforce: impl Iterator<Item = &'p CompiledPolicy> + Clone, req: &ActionRequest<'_>) -> Option<Outcome> {
+fn static_checks<'p>(
+    enforce: impl Iterator<Item = &'p CompiledPolicy> + Clone,
+    req: &ActionRequest<'_>,
+) -> Option<Outcome> {
     for p in enforce.clone() {
         if p.denied.contains(req.action) {
             return Some(Outcome::deny(
@@ -800,7 +905,10 @@ fn static_checks<'p>(enforce: impl Iterator<Item = &'p CompiledPolicy> + Clone, 
             return Some(Outcome::deny(
                 InterventionType::HardBlock,
                 ReasonCode::NotAllowlisted,
-                format!("action `{}` is not in the allowlist of policy `{}`", req.action, p.name),
+                format!(
+                    "action `{}` is not in the allowlist of policy `{}`",
+                    req.action, p.name
+                ),
                 &p.name,
                 None,
             ));
@@ -809,7 +917,12 @@ fn static_checks<'p>(enforce: impl Iterator<Item = &'p CompiledPolicy> + Clone, 
     None
 }
 
-fn rule_message(msg: Option<&Arc<str>>, rule: Option<&Arc<str>>, action: &str, verb: &str) -> String {
+fn rule_message(
+    msg: Option<&Arc<str>>,
+    rule: Option<&Arc<str>>,
+    action: &str,
+    verb: &str,
+) -> String {
     match (msg, rule) {
         (Some(m), _) => m.to_string(),
         (None, Some(r)) => format!("rule `{r}` {verb} `{action}`"),
@@ -822,7 +935,11 @@ thread_local! {
 }
 
 /// Step 3 for one policy: returns a denial, or records approval/warn findings in `pending`.
-fn rules_step<'p>(p: &'p CompiledPolicy, req: &ActionRequest<'_>, pending: &mut Pending<'p>) -> Option<Outcome> {
+fn rules_step<'p>(
+    p: &'p CompiledPolicy,
+    req: &ActionRequest<'_>,
+    pending: &mut Pending<'p>,
+) -> Option<Outcome> {
     if p.rules.is_empty() && p.default_action == RuleAction::Allow {
         return None;
     }
@@ -834,7 +951,11 @@ fn rules_step<'p>(p: &'p CompiledPolicy, req: &ActionRequest<'_>, pending: &mut 
         for &i in m.iter() {
             let Some(rule) = p.rules.get(i) else { continue };
             let restrictive = rule.action != RuleAction::Allow;
-            if !rule.conditions.iter().all(|c| condition_met(c, req.args, restrictive)) {
+            if !rule
+                .conditions
+                .iter()
+                .all(|c| condition_met(c, req.args, restrictive))
+            {
                 continue;
             }
             any_match = true;
@@ -879,7 +1000,10 @@ fn rules_step<'p>(p: &'p CompiledPolicy, req: &ActionRequest<'_>, pending: &mut 
             RuleAction::Block => Some(Outcome::deny(
                 InterventionType::HardBlock,
                 ReasonCode::DefaultBlock,
-                format!("no rule of policy `{}` allows `{}` and its default action is block", p.name, req.action),
+                format!(
+                    "no rule of policy `{}` allows `{}` and its default action is block",
+                    p.name, req.action
+                ),
                 &p.name,
                 None,
             )),
@@ -928,13 +1052,17 @@ fn json_eq(a: &Value, b: &Value) -> bool {
 }
 
 fn eval(c: &CompiledCondition, args: &Value) -> Tri {
-    let Some(v) = lookup(args, &c.path) else { return Tri::Unknown };
+    let Some(v) = lookup(args, &c.path) else {
+        return Tri::Unknown;
+    };
     let b = |x: bool| if x { Tri::True } else { Tri::False };
     match c.op {
         Operator::Eq => b(json_eq(v, &c.value)),
         Operator::Ne => b(!json_eq(v, &c.value)),
         Operator::Gt | Operator::Gte | Operator::Lt | Operator::Lte => {
-            let (Some(x), Some(y)) = (as_number(v), c.num) else { return Tri::Unknown };
+            let (Some(x), Some(y)) = (as_number(v), c.num) else {
+                return Tri::Unknown;
+            };
             b(match c.op {
                 Operator::Gt => x > y,
                 Operator::Gte => x >= y,
@@ -943,7 +1071,9 @@ fn eval(c: &CompiledCondition, args: &Value) -> Tri {
             })
         }
         Operator::In | Operator::NotIn => {
-            let Value::Array(items) = &c.value else { return Tri::Unknown };
+            let Value::Array(items) = &c.value else {
+                return Tri::Unknown;
+            };
             let hit = items.iter().any(|i| json_eq(v, i));
             b(if c.op == Operator::In { hit } else { !hit })
         }
@@ -954,14 +1084,26 @@ fn eval(c: &CompiledCondition, args: &Value) -> Tri {
                 (Value::Object(m), Value::String(k)) => m.contains_key(k),
                 _ => return Tri::Unknown,
             };
-            b(if c.op == Operator::Contains { hit } else { !hit })
+            b(if c.op == Operator::Contains {
+                hit
+            } else {
+                !hit
+            })
         }
         Operator::StartsWith | Operator::EndsWith => {
-            let (Value::String(s), Value::String(x)) = (v, &c.value) else { return Tri::Unknown };
-            b(if c.op == Operator::StartsWith { s.starts_with(x.as_str()) } else { s.ends_with(x.as_str()) })
+            let (Value::String(s), Value::String(x)) = (v, &c.value) else {
+                return Tri::Unknown;
+            };
+            b(if c.op == Operator::StartsWith {
+                s.starts_with(x.as_str())
+            } else {
+                s.ends_with(x.as_str())
+            })
         }
         Operator::Matches => {
-            let (Value::String(s), Some(re)) = (v, &c.regex) else { return Tri::Unknown };
+            let (Value::String(s), Some(re)) = (v, &c.regex) else {
+                return Tri::Unknown;
+            };
             b(re.is_match(s))
         }
     }
@@ -989,9 +1131,24 @@ fn budget_check<'p>(
         return None;
     }
     let kinds: [(LimitKind, ReasonCode, &str, Usd); 3] = [
-        (LimitKind::ActionBudget, ReasonCode::ActionBudgetExceeded, "action", sess.action_spent(action_idx)),
-        (LimitKind::RunBudget, ReasonCode::RunBudgetExceeded, "run", sess.run_spent(run_idx)),
-        (LimitKind::SessionBudget, ReasonCode::SessionBudgetExceeded, "session", sess.spent),
+        (
+            LimitKind::ActionBudget,
+            ReasonCode::ActionBudgetExceeded,
+            "action",
+            sess.action_spent(action_idx),
+        ),
+        (
+            LimitKind::RunBudget,
+            ReasonCode::RunBudgetExceeded,
+            "run",
+            sess.run_spent(run_idx),
+        ),
+        (
+            LimitKind::SessionBudget,
+            ReasonCode::SessionBudgetExceeded,
+            "session",
+            sess.spent,
+        ),
     ];
     for (kind, reason, label, spent) in kinds {
         let tightest = enforce
@@ -1007,7 +1164,11 @@ fn budget_check<'p>(
             .min_by_key(|(l, _)| *l);
         let Some((limit, p)) = tightest else { continue };
         if spent.saturating_add(cost) > limit {
-            let what = if kind == LimitKind::ActionBudget { format!("budget for `{}`", req.action) } else { format!("{label} budget") };
+            let what = if kind == LimitKind::ActionBudget {
+                format!("budget for `{}`", req.action)
+            } else {
+                format!("{label} budget")
+            };
             return Some(
                 Outcome::deny(
                     InterventionType::BudgetExceeded,
@@ -1036,7 +1197,11 @@ fn approval_check<'p>(
     cost: Usd,
     pending: &Pending<'p>,
 ) -> Option<Outcome> {
-    let ask = |reason, message: String, p: &CompiledPolicy, rule: Option<&Arc<str>>, limit: Option<Limit>| Outcome {
+    let ask = |reason,
+               message: String,
+               p: &CompiledPolicy,
+               rule: Option<&Arc<str>>,
+               limit: Option<Limit>| Outcome {
         verdict: Verdict::RequireApproval,
         intervention: Some(InterventionType::ApprovalRequired),
         reason,
@@ -1059,20 +1224,28 @@ fn approval_check<'p>(
         if p.approval_actions.contains(req.action) {
             return Some(ask(
                 ReasonCode::ApprovalRequired,
-                format!("action `{}` requires human approval (policy `{}`)", req.action, p.name),
+                format!(
+                    "action `{}` requires human approval (policy `{}`)",
+                    req.action, p.name
+                ),
                 p,
                 None,
                 None,
             ));
         }
     }
-    let tightest = enforce.filter_map(|p| Some((p.approval_threshold?, p))).min_by_key(|(t, _)| *t);
+    let tightest = enforce
+        .filter_map(|p| Some((p.approval_threshold?, p)))
+        .min_by_key(|(t, _)| *t);
     if let Some((threshold, p)) = tightest
         && cost > threshold
     {
         return Some(ask(
             ReasonCode::ApprovalCostThreshold,
-            format!("cost {cost} of `{}` is above the approval threshold {threshold} (policy `{}`)", req.action, p.name),
+            format!(
+                "cost {cost} of `{}` is above the approval threshold {threshold} (policy `{}`)",
+                req.action, p.name
+            ),
             p,
             None,
             Some(Limit {
@@ -1101,7 +1274,10 @@ fn approval_spec<'p>(enforce: impl Iterator<Item = &'p CompiledPolicy>) -> Appro
             }
         }
     }
-    ApprovalSpec { timeout_seconds: timeout, approvers }
+    ApprovalSpec {
+        timeout_seconds: timeout,
+        approvers,
+    }
 }
 
 /// A 64-bit digest of a JSON value that does not depend on object key order.

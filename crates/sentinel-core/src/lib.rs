@@ -18,16 +18,18 @@ pub mod load;
 pub mod model;
 pub mod money;
 pub mod records;
-pub mod report;
 pub mod redact;
+pub mod report;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use compile::PolicySet;
 pub use counters::{ActionSpend, Reservation};
-pub use decision::{ActionRequest, Decision, InterventionType, Limit, LimitKind, ReasonCode, RiskLevel, Verdict};
+pub use decision::{
+    ActionRequest, Decision, InterventionType, Limit, LimitKind, ReasonCode, RiskLevel, Verdict,
+};
 pub use engine::{Engine, HaltTarget, SpendSnapshot};
+pub use guard::{Begun, CallOutcome, Guard, Permit};
+pub use ledger::{ChainWriter, LedgerError, LogOptions};
 pub use load::PolicyError;
 pub use model::PolicyDoc;
 pub use money::Usd;
-pub use guard::{Begun, CallOutcome, Guard, Permit};
-pub use ledger::{ChainWriter, LedgerError, LogOptions};

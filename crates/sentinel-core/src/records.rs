@@ -169,14 +169,44 @@ pub struct InterventionRecord {
 }
 
 const DANGEROUS_WORDS: &[&str] = &[
-    "delete", "drop", "destroy", "truncate", "wipe", "rm", "remove", "purge", "kill", "terminate", "shutdown", "format",
-    "transfer", "wire", "pay", "payment", "refund", "withdraw", "send", "email", "publish", "deploy", "exec", "execute",
-    "shell", "sudo", "grant", "revoke",
+    "delete",
+    "drop",
+    "destroy",
+    "truncate",
+    "wipe",
+    "rm",
+    "remove",
+    "purge",
+    "kill",
+    "terminate",
+    "shutdown",
+    "format",
+    "transfer",
+    "wire",
+    "pay",
+    "payment",
+    "refund",
+    "withdraw",
+    "send",
+    "email",
+    "publish",
+    "deploy",
+    "exec",
+    "execute",
+    "shell",
+    "sudo",
+    "grant",
+    "revoke",
 ];
 
 /// The risk of an intervention: the caller's own assessment when given, otherwise judged from
 /// the intervention type, tags, and whole words of the action name (never substrings).
-pub fn assess_risk(given: Option<RiskLevel>, kind: InterventionType, action: &str, tags: &[String]) -> RiskLevel {
+pub fn assess_risk(
+    given: Option<RiskLevel>,
+    kind: InterventionType,
+    action: &str,
+    tags: &[String],
+) -> RiskLevel {
     if let Some(r) = given {
         return r;
     }

@@ -7,8 +7,26 @@ pub const REDACTED: &str = "[REDACTED]";
 /// Words that make a key name sensitive when they appear as a whole word of it
 /// (`api_key`, `clientSecret`, `X-Auth-Token`), but not as part of another word (`max_tokens`, `author`).
 const SENSITIVE_WORDS: &[&str] = &[
-    "password", "passwd", "passphrase", "pwd", "secret", "token", "apikey", "auth", "authorization", "credential",
-    "credentials", "cookie", "session", "ssn", "cvv", "cvc", "pin", "privatekey", "signature", "otp",
+    "password",
+    "passwd",
+    "passphrase",
+    "pwd",
+    "secret",
+    "token",
+    "apikey",
+    "auth",
+    "authorization",
+    "credential",
+    "credentials",
+    "cookie",
+    "session",
+    "ssn",
+    "cvv",
+    "cvc",
+    "pin",
+    "privatekey",
+    "signature",
+    "otp",
 ];
 
 /// Pairs of adjacent words that are sensitive together.
@@ -119,7 +137,10 @@ pub fn redact(v: &mut Value) {
     match v {
         Value::Object(m) => {
             for (k, val) in m.iter_mut() {
-                if is_sensitive_key(k) && !val.is_null() && !matches!(val, Value::Object(_) | Value::Array(_)) {
+                if is_sensitive_key(k)
+                    && !val.is_null()
+                    && !matches!(val, Value::Object(_) | Value::Array(_))
+                {
                     *val = Value::String(REDACTED.to_string());
                 } else if is_sensitive_key(k) {
                     redact_all(val);
@@ -141,7 +162,12 @@ pub fn redact(v: &mut Value) {
 }
 
 fn trim(w: &str) -> &str {
-    w.trim_matches(|c: char| matches!(c, '"' | '\'' | ',' | ';' | '(' | ')' | '<' | '>' | '[' | ']'))
+    w.trim_matches(|c: char| {
+        matches!(
+            c,
+            '"' | '\'' | ',' | ';' | '(' | ')' | '<' | '>' | '[' | ']'
+        )
+    })
 }
 
 /// Replaces secret-shaped words inside free text ("my key is sk-...").
@@ -152,7 +178,9 @@ fn redact_tokens(s: &mut String) {
     let mut out = String::with_capacity(s.len());
     let mut rest = s.as_str();
     while !rest.is_empty() {
-        let ws_end = rest.find(|c: char| !c.is_whitespace()).unwrap_or(rest.len());
+        let ws_end = rest
+            .find(|c: char| !c.is_whitespace())
+            .unwrap_or(rest.len());
         let (ws, after) = rest.split_at(ws_end);
         out.push_str(ws);
         let word_end = after.find(char::is_whitespace).unwrap_or(after.len());
@@ -191,10 +219,27 @@ mod tests {
 
     #[test]
     fn sensitive_keys_by_whole_word() {
-        for k in ["password", "api_key", "apiKey", "X-Auth-Token", "client_secret", "access_token", "card_number", "Authorization"] {
+        for k in [
+            "password",
+            "api_key",
+            "apiKey",
+            "X-Auth-Token",
+            "client_secret",
+            "access_token",
+            "card_number",
+            "Authorization",
+        ] {
             assert!(is_sensitive_key(k), "{k}");
         }
-        for k in ["max_tokens", "author", "query", "tokens_used", "keyboard", "passenger", "description"] {
+        for k in [
+            "max_tokens",
+            "author",
+            "query",
+            "tokens_used",
+            "keyboard",
+            "passenger",
+            "description",
+        ] {
             assert!(!is_sensitive_key(k), "{k}");
         }
     }

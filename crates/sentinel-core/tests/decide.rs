@@ -104,8 +104,18 @@ fn run(yaml: &str, steps: Vec<Step>) -> String {
                     .agent(c.agent)
                     .run(c.run)
                     .session(c.session);
-                let mut d = if c.approved { engine.decide_approved(&req) } else { engine.decide(&req) };
-                let mut line = format!("{} ${} -> {} {}", c.action, c.cost, d.verdict.as_str(), d.reason.as_str());
+                let mut d = if c.approved {
+                    engine.decide_approved(&req)
+                } else {
+                    engine.decide(&req)
+                };
+                let mut line = format!(
+                    "{} ${} -> {} {}",
+                    c.action,
+                    c.cost,
+                    d.verdict.as_str(),
+                    d.reason.as_str()
+                );
                 if let Some(p) = &d.policy {
                     let _ = write!(line, " [{p}");
                     if let Some(r) = &d.rule {
@@ -120,7 +130,14 @@ fn run(yaml: &str, steps: Vec<Step>) -> String {
                     let _ = write!(line, " (retry_after={r:.3})");
                 }
                 for f in &d.shadow {
-                    let _ = write!(line, "\n    shadow {} would {} {}: {}", f.policy, f.verdict.as_str(), f.reason.as_str(), f.message);
+                    let _ = write!(
+                        line,
+                        "\n    shadow {} would {} {}: {}",
+                        f.policy,
+                        f.verdict.as_str(),
+                        f.reason.as_str(),
+                        f.message
+                    );
                 }
                 if let Some(r) = d.take_reservation() {
                     if c.release {
@@ -131,7 +148,11 @@ fn run(yaml: &str, steps: Vec<Step>) -> String {
                     }
                 }
                 let s = engine.spend(c.session, c.run);
-                let _ = writeln!(out, "{line}  | session={} run={}", s.session_total, s.run_total);
+                let _ = writeln!(
+                    out,
+                    "{line}  | session={} run={}",
+                    s.session_total, s.run_total
+                );
             }
             Step::Explain(c) => {
                 let req = ActionRequest::new(c.action)
@@ -252,15 +273,23 @@ case!(
     RULES,
     [
         call("refund_order").args(json!({"amount": 900})).step(),
-        call("refund_order").args(json!({"amount": 900, "customer": {"tier": "internal"}})).step(),
+        call("refund_order")
+            .args(json!({"amount": 900, "customer": {"tier": "internal"}}))
+            .step(),
         call("refund_order").args(json!({"amount": 20})).step(),
         call("transfer_funds").args(json!({"amount": 5000})).step(),
         call("transfer_funds").args(json!({"amount": 50})).step(),
         call("transfer_funds").args(json!({"amount": "250"})).step(),
         call("send_email").args(json!({"to": "x@evil.com"})).step(),
-        call("send_email").args(json!({"to": "boss@corp.com"})).step(),
-        call("delete_user").args(json!({"reason": "gdpr-42"})).step(),
-        call("delete_user").args(json!({"reason": "cleanup"})).step(),
+        call("send_email")
+            .args(json!({"to": "boss@corp.com"}))
+            .step(),
+        call("delete_user")
+            .args(json!({"reason": "gdpr-42"}))
+            .step(),
+        call("delete_user")
+            .args(json!({"reason": "cleanup"}))
+            .step(),
     ]
 );
 
@@ -272,9 +301,13 @@ case!(
         call("refund_order").args(json!({})).step(),
         call("transfer_funds").args(json!({"to": "acct"})).step(),
         // A mistyped argument counts as missing too.
-        call("transfer_funds").args(json!({"amount": "lots"})).step(),
+        call("transfer_funds")
+            .args(json!({"amount": "lots"}))
+            .step(),
         // No `customer.tier`: the allow rule does not fire, so the block still applies.
-        call("refund_order").args(json!({"amount": 900, "customer": {}})).step(),
+        call("refund_order")
+            .args(json!({"amount": 900, "customer": {}}))
+            .step(),
         // `to` missing: not_contains cannot be shown false, so the warning stands.
         call("send_email").step(),
     ]
@@ -312,10 +345,18 @@ rules:
         call("op_in").args(json!({"v": "eu"})).step(),
         call("op_in").args(json!({"v": "apac"})).step(),
         call("op_not_in").args(json!({"v": "apac"})).step(),
-        call("op_contains").args(json!({"v": "x; DROP TABLE users"})).step(),
-        call("op_contains_list").args(json!({"v": ["user", "admin"]})).step(),
-        call("op_not_contains").args(json!({"v": "a@corp.com"})).step(),
-        call("op_starts_with").args(json!({"v": "/etc/passwd"})).step(),
+        call("op_contains")
+            .args(json!({"v": "x; DROP TABLE users"}))
+            .step(),
+        call("op_contains_list")
+            .args(json!({"v": ["user", "admin"]}))
+            .step(),
+        call("op_not_contains")
+            .args(json!({"v": "a@corp.com"}))
+            .step(),
+        call("op_starts_with")
+            .args(json!({"v": "/etc/passwd"}))
+            .step(),
         call("op_ends_with").args(json!({"v": "key.pem"})).step(),
         call("op_matches").args(json!({"v": "rm  -rf /"})).step(),
         call("op_matches").args(json!({"v": "ls -la"})).step(),
@@ -330,7 +371,11 @@ rules:
   - { id: reads, function_pattern: "read_*", action: allow }
   - { id: off, function_pattern: "write_*", action: allow, enabled: false }
 "#,
-    [call("read_file").step(), call("write_file").step(), call("other").step()]
+    [
+        call("read_file").step(),
+        call("write_file").step(),
+        call("other").step()
+    ]
 );
 
 case!(
@@ -388,7 +433,10 @@ case!(
         call("fetch").args(json!({"url": "https://a"})).step(),
         call("fetch").args(json!({"url": "https://a"})).step(),
         call("fetch").args(json!({"url": "https://b"})).step(),
-        call("fetch").args(json!({"url": "https://a"})).run("run-2").step(),
+        call("fetch")
+            .args(json!({"url": "https://a"}))
+            .run("run-2")
+            .step(),
         Step::Advance(31.0),
         call("fetch").args(json!({"url": "https://a"})).step(),
     ]
@@ -538,7 +586,11 @@ case!(
     [
         // Budgets take the minimum: 8 for everyone, 5 for the trading bot.
         call("read").cost(8.0).step(),
-        call("read").cost(5.01).agent("trading-bot").run("run-7").step(),
+        call("read")
+            .cost(5.01)
+            .agent("trading-bot")
+            .run("run-7")
+            .step(),
         // Denied lists union; allowlists intersect.
         call("write").step(),
         call("write").agent("trading-bot").step(),
