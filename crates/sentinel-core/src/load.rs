@@ -425,7 +425,7 @@ mod tests {
         );
         assert_eq!(
             improve_message("unknown variant `greater`, expected one of `gt`, `gte`, `lt`"),
-            "unknown value `greater`; expected one of `gt`, `gte`, `lt`"
+            "unknown value `greater`; expected one of `gt`, `gte`, `lt`; did you mean `gt`?"
         );
     }
 }

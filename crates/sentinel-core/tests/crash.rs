@@ -1,3 +1,9 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 //! Durability: a writer killed with SIGKILL loses no entry whose call had returned, and a torn
 //! last line is set aside so the chain continues verifiably.
 

@@ -1,3 +1,9 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 //! Data-driven decision tests: each case is a policy and a script of calls; the snapshot shows
 //! what an operator would see for every call, so a change in behaviour shows up as a diff.
 
@@ -61,10 +67,6 @@ impl Call {
     }
     fn run(mut self, r: &'static str) -> Self {
         self.run = r;
-        self
-    }
-    fn session(mut self, s: &'static str) -> Self {
-        self.session = s;
         self
     }
     fn approved(mut self) -> Self {

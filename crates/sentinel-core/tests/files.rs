@@ -1,3 +1,9 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 //! Policy files: every kind of bad input gets its own clear message (snapshotted as the user sees
 //! it), the committed JSON Schema matches the types, and every example loads.
 

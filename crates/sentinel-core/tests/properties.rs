@@ -1,3 +1,9 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 //! Invariants, checked on random inputs: no overspend under racing threads, exact sliding windows,
 //! and a hash chain that detects any edit, deletion or reordering.
 
