@@ -4,6 +4,7 @@
 use std::hash::BuildHasher;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use hashbrown::{HashMap, HashSet};
 use regex::Regex;
@@ -14,6 +15,32 @@ use crate::clock::secs_to_nanos;
 use crate::load::PolicyError;
 use crate::model::{Anomaly, CounterScope, FailMode, Mode, Operator, PolicyDoc, RuleAction, Scope};
 use crate::money::Usd;
+
+/// Most action names whose rule matches are remembered per policy; beyond it, globs are matched per call.
+pub(crate) const MATCH_CACHE_NAMES: usize = 4096;
+
+impl CompiledPolicy {
+    /// Indices (in evaluation order) of the rules whose pattern matches `action`.
+    pub(crate) fn matching_rules(&self, action: &str) -> Arc<[u32]> {
+        if let Some(hit) = self.match_cache.load().get(action) {
+            return Arc::clone(hit);
+        }
+        let mut m = Vec::new();
+        self.globs.matches_into(action, &mut m);
+        let ids: Arc<[u32]> = m
+            .into_iter()
+            .filter_map(|i| u32::try_from(i).ok())
+            .collect();
+        if self.match_cache.load().len() < MATCH_CACHE_NAMES {
+            self.match_cache.rcu(|cur| {
+                let mut next = HashMap::clone(cur);
+                next.insert(Box::from(action), Arc::clone(&ids));
+                next
+            });
+        }
+        ids
+    }
+}
 
 pub(crate) struct CompiledCondition {
     pub path: Vec<Box<str>>,
@@ -46,6 +73,9 @@ pub(crate) struct CompiledPolicy {
     pub allowed: Option<HashSet<Box<str>>>,
     pub rules: Vec<CompiledRule>,
     pub globs: GlobSet,
+    /// Which rules' patterns match an action name: a pure function of the name, so it is
+    /// remembered (up to [`MATCH_CACHE_NAMES`] names). Conditions are still checked on every call.
+    pub match_cache: ArcSwap<HashMap<Box<str>, Arc<[u32]>>>,
     pub default_action: RuleAction,
     pub rate_limits: HashMap<Box<str>, CompiledRateLimit>,
     pub budget_session: Option<Usd>,
@@ -306,6 +336,7 @@ fn compile_one(d: &PolicyDoc) -> Result<CompiledPolicy, PolicyError> {
             .map(|a| a.iter().map(|s| Box::from(s.as_str())).collect()),
         rules,
         globs,
+        match_cache: ArcSwap::from_pointee(HashMap::new()),
         default_action: d.default_action.unwrap_or(RuleAction::Allow),
         rate_limits,
         budget_session: budgets.session,

@@ -344,8 +344,15 @@ impl Engine {
             }
         }
 
-        let applicable = set.applicable(req.agent_id, req.run_id);
-        let enforce = applicable.clone().filter(|p| p.mode == Mode::Enforce);
+        let all: SmallVec<[&CompiledPolicy; 4]> =
+            set.applicable(req.agent_id, req.run_id).collect();
+        let enforce_list: SmallVec<[&CompiledPolicy; 4]> = all
+            .iter()
+            .copied()
+            .filter(|p| p.mode == Mode::Enforce)
+            .collect();
+        let applicable = all.iter().copied();
+        let enforce = enforce_list.iter().copied();
 
         // 2-3. Lists, then rules.
         if let Some(o) = static_checks(enforce.clone(), req) {
@@ -930,10 +937,6 @@ fn rule_message(
     }
 }
 
-thread_local! {
-    static MATCHES: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
 /// Step 3 for one policy: returns a denial, or records approval/warn findings in `pending`.
 fn rules_step<'p>(
     p: &'p CompiledPolicy,
@@ -945,41 +948,31 @@ fn rules_step<'p>(
     }
     let mut fired: Option<(RuleAction, &'p crate::compile::CompiledRule)> = None;
     let mut any_match = false;
-    MATCHES.with(|m| {
-        let mut m = m.borrow_mut();
-        p.globs.matches_into(req.action, &mut m);
-        for &i in m.iter() {
-            let Some(rule) = p.rules.get(i) else { continue };
-            let restrictive = rule.action != RuleAction::Allow;
-            if !rule
-                .conditions
-                .iter()
-                .all(|c| condition_met(c, req.args, restrictive))
-            {
-                continue;
+    for &i in p.matching_rules(req.action).iter() {
+        let Some(rule) = p.rules.get(i as usize) else {
+            continue;
+        };
+        let restrictive = rule.action != RuleAction::Allow;
+        if !rule
+            .conditions
+            .iter()
+            .all(|c| condition_met(c, req.args, restrictive))
+        {
+            continue;
+        }
+        any_match = true;
+        match rule.action {
+            RuleAction::Block | RuleAction::RequireApproval | RuleAction::Allow => {
+                fired = Some((rule.action, rule));
+                break;
             }
-            any_match = true;
-            match rule.action {
-                RuleAction::Block => {
-                    fired = Some((RuleAction::Block, rule));
-                    break;
-                }
-                RuleAction::RequireApproval => {
-                    fired = Some((RuleAction::RequireApproval, rule));
-                    break;
-                }
-                RuleAction::Allow => {
-                    fired = Some((RuleAction::Allow, rule));
-                    break;
-                }
-                RuleAction::Warn => {
-                    if pending.warn_rule.is_none() {
-                        pending.warn_rule = Some((p, Some(&rule.id), rule.message.as_ref()));
-                    }
+            RuleAction::Warn => {
+                if pending.warn_rule.is_none() {
+                    pending.warn_rule = Some((p, Some(&rule.id), rule.message.as_ref()));
                 }
             }
         }
-    });
+    }
     match fired {
         Some((RuleAction::Block, rule)) => Some(Outcome::deny(
             InterventionType::HardBlock,
