@@ -295,7 +295,10 @@ fn itoa(n: u64) -> String {
 }
 
 fn sha_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
+    let mut out = [0u8; 64];
+    // 32 bytes always fit 64 hex digits.
+    let _ = hex::encode_to_slice(Sha256::digest(bytes), &mut out);
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn write_head(head: &File, seq: u64, hash: &[u8; 64]) -> io::Result<()> {
@@ -598,7 +601,123 @@ impl VerifyReport {
     }
 }
 
+/// What one chunk of a file holds, verified on its own; chunks are linked afterwards.
+struct Chunk {
+    lines: u64,
+    first: Option<(u64, [u8; 64])>,
+    last: Option<(u64, [u8; 64])>,
+    /// Line within the chunk (1-based), seq, problem.
+    failure: Option<(u64, Option<u64>, String)>,
+}
+
+fn to64(b: &[u8]) -> [u8; 64] {
+    let mut out = [0u8; 64];
+    if b.len() == 64 {
+        out.copy_from_slice(b);
+    }
+    out
+}
+
+fn verify_chunk(data: &[u8], is_file_end: bool) -> Chunk {
+    let mut c = Chunk {
+        lines: 0,
+        first: None,
+        last: None,
+        failure: None,
+    };
+    let mut rest = data;
+    let mut hexbuf = [0u8; 64];
+    while !rest.is_empty() {
+        c.lines += 1;
+        let (line, next) = match memchr::memchr(b'\n', rest) {
+            Some(i) => (
+                rest.get(..i).unwrap_or_default(),
+                rest.get(i + 1..).unwrap_or_default(),
+            ),
+            None => {
+                let problem = if is_file_end {
+                    format!(
+                        "the last line is incomplete ({} bytes, no newline): a torn write; opening the ledger for writing sets it aside",
+                        rest.len()
+                    )
+                } else {
+                    "line is not terminated".to_string()
+                };
+                c.failure = Some((c.lines, None, problem));
+                return c;
+            }
+        };
+        rest = next;
+        let Some(t) = parse_tail(line) else {
+            c.failure = Some((
+                c.lines,
+                None,
+                "line does not end with the `seq`, `prev_hash` and `hash` fields".into(),
+            ));
+            return c;
+        };
+        match c.last {
+            None => c.first = Some((t.seq, to64(t.prev))),
+            Some((seq, hash)) => {
+                if t.seq != seq + 1 {
+                    c.failure = Some((
+                        c.lines,
+                        Some(t.seq),
+                        format!(
+                            "sequence number is {} but {} was expected: a line was deleted, duplicated or moved",
+                            t.seq,
+                            seq + 1
+                        ),
+                    ));
+                    return c;
+                }
+                if t.prev != hash {
+                    c.failure = Some((
+                        c.lines,
+                        Some(t.seq),
+                        "`prev_hash` does not match the previous line's `hash`: lines were removed, reordered or edited".into(),
+                    ));
+                    return c;
+                }
+            }
+        }
+        let _ = hex::encode_to_slice(Sha256::digest(t.hashed), &mut hexbuf);
+        if t.hash != hexbuf {
+            c.failure = Some((
+                c.lines,
+                Some(t.seq),
+                "`hash` does not match the line's contents: the line was edited".into(),
+            ));
+            return c;
+        }
+        c.last = Some((t.seq, to64(t.hash)));
+    }
+    c
+}
+
+/// Splits `data` into about `n` pieces, each ending just after a newline.
+fn split_lines(data: &[u8], n: usize) -> Vec<&[u8]> {
+    let mut out = Vec::with_capacity(n);
+    let mut rest = data;
+    let target = data.len() / n.max(1) + 1;
+    while !rest.is_empty() {
+        if out.len() + 1 >= n || rest.len() <= target {
+            out.push(rest);
+            break;
+        }
+        let cut = match memchr::memchr(b'\n', rest.get(target..).unwrap_or_default()) {
+            Some(i) => target + i + 1,
+            None => rest.len(),
+        };
+        let (head, tail) = rest.split_at(cut.min(rest.len()));
+        out.push(head);
+        rest = tail;
+    }
+    out
+}
+
 /// Checks every line of a log and its rotated segments. Stops at the first problem and names it.
+/// Lines are hashed on all cores; the chain is then linked across the pieces in order.
 pub fn verify(path: &Path) -> Result<VerifyReport, LedgerError> {
     let segs = segments(path)?;
     let mut report = VerifyReport {
@@ -609,83 +728,80 @@ pub fn verify(path: &Path) -> Result<VerifyReport, LedgerError> {
         anchored: false,
         failure: None,
     };
-    let mut prev: Vec<u8> = GENESIS.as_bytes().to_vec();
+    let mut prev = to64(GENESIS.as_bytes());
     let mut expect_seq = 1u64;
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(8);
     for (_, file) in &segs {
         let data = fs::read(file).map_err(io_err("read", file))?;
-        let fail = |line: u64, seq: Option<u64>, problem: String| VerifyFailure {
-            file: file.clone(),
-            line,
-            seq,
-            problem,
+        let pieces = if data.len() > (1 << 20) {
+            split_lines(&data, threads)
+        } else {
+            vec![data.as_slice()]
         };
-        let mut line_no = 0u64;
-        let mut rest: &[u8] = &data;
-        while !rest.is_empty() {
-            line_no += 1;
-            let (line, next, complete) = match memchr(b'\n', rest) {
-                Some(i) => (
-                    rest.get(..i).unwrap_or_default(),
-                    rest.get(i + 1..).unwrap_or_default(),
-                    true,
-                ),
-                None => (rest, &[][..], false),
+        let count = pieces.len();
+        let chunks: Vec<Chunk> = if count > 1 {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = pieces
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| s.spawn(move || verify_chunk(p, i + 1 == count)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or(Chunk {
+                            lines: 0,
+                            first: None,
+                            last: None,
+                            failure: Some((1, None, "verification thread failed".into())),
+                        })
+                    })
+                    .collect()
+            })
+        } else {
+            pieces.iter().map(|p| verify_chunk(p, true)).collect()
+        };
+        let mut line_base = 0u64;
+        for c in chunks {
+            let fail = |line: u64, seq: Option<u64>, problem: String| VerifyFailure {
+                file: file.clone(),
+                line,
+                seq,
+                problem,
             };
-            rest = next;
-            if !complete {
-                report.failure = Some(fail(
-                    line_no,
-                    None,
-                    format!(
-                        "the last line is incomplete ({} bytes, no newline): a torn write; opening the ledger for writing sets it aside",
-                        line.len()
-                    ),
-                ));
+            if let Some((seq, p)) = c.first {
+                if seq != expect_seq {
+                    report.failure = Some(fail(
+                        line_base + 1,
+                        Some(seq),
+                        format!(
+                            "sequence number is {seq} but {expect_seq} was expected: a line was deleted, duplicated or moved"
+                        ),
+                    ));
+                    return Ok(report);
+                }
+                if p != prev {
+                    report.failure = Some(fail(
+                        line_base + 1,
+                        Some(seq),
+                        "`prev_hash` does not match the previous line's `hash`: lines were removed, reordered or edited".into(),
+                    ));
+                    return Ok(report);
+                }
+            }
+            if let Some((seq, hash)) = c.last {
+                report.entries += seq + 1 - expect_seq;
+                report.last_seq = seq;
+                expect_seq = seq + 1;
+                prev = hash;
+            }
+            if let Some((line, seq, problem)) = c.failure {
+                report.failure = Some(fail(line_base + line, seq, problem));
                 return Ok(report);
             }
-            let Some(t) = parse_tail(line) else {
-                report.failure = Some(fail(
-                    line_no,
-                    None,
-                    "line does not end with the `seq`, `prev_hash` and `hash` fields".into(),
-                ));
-                return Ok(report);
-            };
-            if t.seq != expect_seq {
-                report.failure = Some(fail(
-                    line_no,
-                    Some(t.seq),
-                    format!(
-                        "sequence number is {} but {} was expected: a line was deleted, duplicated or moved",
-                        t.seq, expect_seq
-                    ),
-                ));
-                return Ok(report);
-            }
-            if t.prev != prev.as_slice() {
-                report.failure = Some(fail(
-                    line_no,
-                    Some(t.seq),
-                    "`prev_hash` does not match the previous line's `hash`: lines were removed, reordered or edited".into(),
-                ));
-                return Ok(report);
-            }
-            let digest = Sha256::digest(t.hashed);
-            let mut hexbuf = [0u8; 64];
-            hex::encode_to_slice(digest, &mut hexbuf).unwrap_or_default();
-            if t.hash != hexbuf {
-                report.failure = Some(fail(
-                    line_no,
-                    Some(t.seq),
-                    "`hash` does not match the line's contents: the line was edited".into(),
-                ));
-                return Ok(report);
-            }
-            prev.clear();
-            prev.extend_from_slice(t.hash);
-            expect_seq += 1;
-            report.entries += 1;
-            report.last_seq = t.seq;
+            line_base += c.lines;
         }
     }
     report.last_hash = String::from_utf8_lossy(&prev).into_owned();
@@ -713,10 +829,6 @@ pub fn verify(path: &Path) -> Result<VerifyReport, LedgerError> {
         }
     }
     Ok(report)
-}
-
-fn memchr(needle: u8, hay: &[u8]) -> Option<usize> {
-    hay.iter().position(|b| *b == needle)
 }
 
 /// Reads every complete line of a log (all segments) as JSON values, oldest first.

@@ -42,41 +42,77 @@ const SENSITIVE_PAIRS: &[(&str, &str)] = &[
     ("social", "security"),
 ];
 
-/// Splits a key into lowercase words at `_`, `-`, `.`, spaces and camelCase boundaries.
-fn words(key: &str) -> impl Iterator<Item = String> + '_ {
-    let mut out = Vec::new();
-    let mut cur = String::new();
+/// A word of a key, lowercased into a small stack buffer (longer words are never sensitive).
+#[derive(Clone, Copy)]
+struct Word {
+    buf: [u8; 16],
+    len: usize,
+}
+
+impl Word {
+    fn as_bytes(&self) -> &[u8] {
+        self.buf.get(..self.len).unwrap_or_default()
+    }
+}
+
+fn is_sensitive_word(w: &[u8]) -> bool {
+    SENSITIVE_WORDS.iter().any(|s| s.as_bytes() == w)
+}
+
+fn is_sensitive_pair(a: &[u8], b: &[u8]) -> bool {
+    SENSITIVE_PAIRS
+        .iter()
+        .any(|(x, y)| x.as_bytes() == a && y.as_bytes() == b)
+}
+
+/// Is a key name one whose value must never be recorded? Words are split at `_`, `-`, `.`,
+/// spaces and camelCase boundaries, and compared whole. No allocation.
+pub fn is_sensitive_key(key: &str) -> bool {
+    let mut prev: Option<Word> = None;
+    let mut cur = Word {
+        buf: [0; 16],
+        len: 0,
+    };
+    let mut overflow = false;
     let mut prev_lower = false;
+    let mut finish = |cur: &mut Word, overflow: &mut bool, prev: &mut Option<Word>| -> bool {
+        let hit = if cur.len == 0 || *overflow {
+            *prev = None;
+            false
+        } else {
+            let w = cur.as_bytes();
+            let hit =
+                is_sensitive_word(w) || prev.is_some_and(|p| is_sensitive_pair(p.as_bytes(), w));
+            *prev = Some(*cur);
+            hit
+        };
+        cur.len = 0;
+        *overflow = false;
+        hit
+    };
     for c in key.chars() {
-        if !c.is_alphanumeric() {
-            if !cur.is_empty() {
-                out.push(std::mem::take(&mut cur));
-            }
+        let alnum = c.is_alphanumeric();
+        if (!alnum || (c.is_uppercase() && prev_lower))
+            && (cur.len > 0 || overflow)
+            && finish(&mut cur, &mut overflow, &mut prev)
+        {
+            return true;
+        }
+        if !alnum {
             prev_lower = false;
             continue;
         }
-        if c.is_uppercase() && prev_lower && !cur.is_empty() {
-            out.push(std::mem::take(&mut cur));
-        }
         prev_lower = c.is_lowercase() || c.is_ascii_digit();
-        cur.extend(c.to_lowercase());
+        if c.is_ascii() && cur.len < cur.buf.len() {
+            if let Some(slot) = cur.buf.get_mut(cur.len) {
+                *slot = (c as u8).to_ascii_lowercase();
+            }
+            cur.len += 1;
+        } else {
+            overflow = true;
+        }
     }
-    if !cur.is_empty() {
-        out.push(cur);
-    }
-    out.into_iter()
-}
-
-/// Is a key name one whose value must never be recorded?
-pub fn is_sensitive_key(key: &str) -> bool {
-    let ws: Vec<String> = words(key).collect();
-    if ws.iter().any(|w| SENSITIVE_WORDS.contains(&w.as_str())) {
-        return true;
-    }
-    ws.windows(2).any(|p| match p {
-        [a, b] => SENSITIVE_PAIRS.iter().any(|(x, y)| a == x && b == y),
-        _ => false,
-    })
+    (cur.len > 0 || overflow) && finish(&mut cur, &mut overflow, &mut prev)
 }
 
 /// Does a string look like a credential, whatever key it is under?
