@@ -14,11 +14,7 @@ use sentinel_core::{ActionRequest, Engine, PolicyDoc, PolicyError, PolicySet, lo
 use serde_json::Value;
 
 #[derive(Parser)]
-#[command(
-    name = "sentinel",
-    version,
-    about = "Agent Sentinel: decide whether an AI agent may act, before it acts"
-)]
+#[command(name = "sentinel", version, about = "Agent Sentinel: decide whether an AI agent may act, before it acts")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -197,10 +193,7 @@ fn policy(cmd: PolicyCmd) -> Result<ExitCode> {
             let (docs, mut errors) = load_all(&files);
             let mut names = Vec::new();
             if errors.is_empty() {
-                names = docs
-                    .iter()
-                    .map(|d| d.name.clone().unwrap_or_default())
-                    .collect();
+                names = docs.iter().map(|d| d.name.clone().unwrap_or_default()).collect();
                 if let Err(e) = PolicySet::compile(docs) {
                     errors.extend(e);
                 }
@@ -212,53 +205,27 @@ fn policy(cmd: PolicyCmd) -> Result<ExitCode> {
                         serde_json::json!({"file": e.file, "line": e.line, "column": e.column, "message": e.message})
                     })
                     .collect();
-                print_json(
-                    &serde_json::json!({"valid": errors.is_empty(), "policies": names, "errors": errs}),
-                )?;
+                print_json(&serde_json::json!({"valid": errors.is_empty(), "policies": names, "errors": errs}))?;
             } else if errors.is_empty() {
-                println!(
-                    "ok: {} file(s), {} policies: {}",
-                    files.len(),
-                    names.len(),
-                    names.join(", ")
-                );
+                println!("ok: {} file(s), {} policies: {}", files.len(), names.len(), names.join(", "));
             } else {
                 for e in &errors {
                     println!("error: {e}\n");
                 }
                 println!("{} error(s)", errors.len());
             }
-            Ok(if errors.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
+            Ok(if errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
-        PolicyCmd::Explain {
-            files,
-            action,
-            cost,
-            args,
-            agent,
-            run,
-            session,
-            fmt,
-        } => {
+        PolicyCmd::Explain { files, action, cost, args, agent, run, session, fmt } => {
             let set = compile(&files)?;
             let args: Value = match args {
-                Some(a) => serde_json::from_str(&a)
-                    .with_context(|| format!("`--args` is not valid JSON: `{a}`"))?,
+                Some(a) => serde_json::from_str(&a).with_context(|| format!("`--args` is not valid JSON: `{a}`"))?,
                 None => Value::Null,
             };
             if !matches!(args, Value::Object(_) | Value::Null) {
                 bail!("`--args` must be a JSON object, like '{{\"amount\": 500}}'");
             }
-            let req = ActionRequest::new(&action)
-                .agent(&agent)
-                .run(&run)
-                .session(&session)
-                .cost(cost)
-                .args(&args);
+            let req = ActionRequest::new(&action).agent(&agent).run(&run).session(&session).cost(cost).args(&args);
             let engine = Engine::new(set);
             let d = engine.evaluate(&req);
             if fmt.format == Format::Json {
@@ -269,13 +236,7 @@ fn policy(cmd: PolicyCmd) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        PolicyCmd::Simulate {
-            files,
-            ledger: path,
-            fail_on_change,
-            limit,
-            fmt,
-        } => {
+        PolicyCmd::Simulate { files, ledger: path, fail_on_change, limit, fmt } => {
             let set = compile(&files)?;
             let path = ledger_path(Some(path));
             if !path.exists() {
@@ -298,9 +259,7 @@ fn policy(cmd: PolicyCmd) -> Result<ExitCode> {
                 if !sim.changes.is_empty() {
                     let mut table = Table::new();
                     table.load_preset(UTF8_BORDERS_ONLY);
-                    table.set_header([
-                        "line", "time", "action", "agent", "run", "was", "would be", "reason",
-                    ]);
+                    table.set_header(["line", "time", "action", "agent", "run", "was", "would be", "reason"]);
                     for c in sim.changes.iter().take(limit) {
                         table.add_row([
                             c.line.to_string(),
@@ -319,11 +278,7 @@ fn policy(cmd: PolicyCmd) -> Result<ExitCode> {
                     }
                 }
             }
-            Ok(if fail_on_change && !sim.changes.is_empty() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::SUCCESS
-            })
+            Ok(if fail_on_change && !sim.changes.is_empty() { ExitCode::from(2) } else { ExitCode::SUCCESS })
         }
         PolicyCmd::Schema => {
             print_json(&schemars::schema_for!(PolicyDoc))?;
@@ -353,11 +308,8 @@ fn ledger_cmd(cmd: LedgerCmd) -> Result<ExitCode> {
             if fmt.format == Format::Json {
                 print_json(&report)?;
             } else if let Some(f) = &report.failure {
-                let loc = if f.line > 0 {
-                    format!("{}:{}", f.file.display(), f.line)
-                } else {
-                    f.file.display().to_string()
-                };
+                let loc =
+                    if f.line > 0 { format!("{}:{}", f.file.display(), f.line) } else { f.file.display().to_string() };
                 println!("FAILED: {loc}: {}", f.problem);
                 println!("{} entries verified before the failure", report.entries);
             } else {
@@ -365,19 +317,11 @@ fn ledger_cmd(cmd: LedgerCmd) -> Result<ExitCode> {
                     "ok: {} entries in {} file(s), chain intact{}; last hash {}",
                     report.entries,
                     report.files.len(),
-                    if report.anchored {
-                        ", end anchored"
-                    } else {
-                        ""
-                    },
+                    if report.anchored { ", end anchored" } else { "" },
                     report.last_hash
                 );
             }
-            Ok(if report.ok() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
+            Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         LedgerCmd::Stats { path, fmt } => {
             let path = ledger_path(path);
@@ -389,32 +333,17 @@ fn ledger_cmd(cmd: LedgerCmd) -> Result<ExitCode> {
                 print_json(&st)?;
                 return Ok(ExitCode::SUCCESS);
             }
-            println!(
-                "entries: {}  calls: {}  total cost: ${:.6}",
-                st.entries, st.calls, st.total_cost_usd
-            );
-            let outcomes: Vec<String> = st
-                .by_outcome
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect();
+            println!("entries: {}  calls: {}  total cost: ${:.6}", st.entries, st.calls, st.total_cost_usd);
+            let outcomes: Vec<String> = st.by_outcome.iter().map(|(k, v)| format!("{k}={v}")).collect();
             println!("outcomes: {}", outcomes.join(" "));
             let mut t = Table::new();
             t.load_preset(UTF8_BORDERS_ONLY);
             t.set_header(["action", "calls", "cost (USD)", "blocked"]);
             for (a, s) in &st.by_action {
-                t.add_row([
-                    a.clone(),
-                    s.calls.to_string(),
-                    format!("{:.6}", s.cost_usd),
-                    s.blocked.to_string(),
-                ]);
+                t.add_row([a.clone(), s.calls.to_string(), format!("{:.6}", s.cost_usd), s.blocked.to_string()]);
             }
             println!("{t}");
-            println!(
-                "interventions: {}  cost prevented: ${:.6}",
-                st.interventions, st.cost_prevented_usd
-            );
+            println!("interventions: {}  cost prevented: ${:.6}", st.interventions, st.cost_prevented_usd);
             let mut t = Table::new();
             t.load_preset(UTF8_BORDERS_ONLY);
             t.set_header(["type", "count"]);
@@ -424,12 +353,7 @@ fn ledger_cmd(cmd: LedgerCmd) -> Result<ExitCode> {
             println!("{t}");
             Ok(ExitCode::SUCCESS)
         }
-        LedgerCmd::Tail {
-            path,
-            lines,
-            follow,
-            fmt,
-        } => {
+        LedgerCmd::Tail { path, lines, follow, fmt } => {
             let path = ledger_path(path);
             if !path.exists() {
                 bail!("no ledger at `{}`", path.display());
@@ -454,10 +378,7 @@ fn print_entry(v: &Value, format: Format) -> Result<()> {
         return Ok(());
     }
     let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
-    let reason = v
-        .pointer("/decision/reason")
-        .and_then(Value::as_str)
-        .unwrap_or("-");
+    let reason = v.pointer("/decision/reason").and_then(Value::as_str).unwrap_or("-");
     writeln!(
         out,
         "{:>6}  {}  {:<9} {:<28} ${:<10.6} {}/{}  {}",

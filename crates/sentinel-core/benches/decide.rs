@@ -2,12 +2,7 @@
 //! rules, 100 rate limits, three scoped policies merged. Also shows that latency does not grow
 //! with the number of denied names. After criterion, prints per-call p50/p99 measured one call
 //! at a time.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing
-)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::fmt::Write as _;
 use std::hint::black_box;
@@ -21,11 +16,8 @@ use serde_json::json;
 /// Builds the large policy file. `denied` names go in the global policy.
 pub fn large_policy(denied: usize) -> String {
     let mut y = String::from("policies:\n");
-    let parts = [
-        ("global-prod", "global", 500usize, 50usize),
-        ("agent-bot", "agent", 300, 30),
-        ("run-7", "run", 200, 20),
-    ];
+    let parts =
+        [("global-prod", "global", 500usize, 50usize), ("agent-bot", "agent", 300, 30), ("run-7", "run", 200, 20)];
     for (pi, (name, scope, rules, limits)) in parts.iter().enumerate() {
         let _ = writeln!(y, "  - name: {name}\n    scope: {scope}");
         match *scope {
@@ -33,22 +25,19 @@ pub fn large_policy(denied: usize) -> String {
             "run" => y.push_str("    run_id: run-7\n"),
             _ => {}
         }
-        y.push_str("    budgets:\n      session: 1000000\n      run: 1000000\n      actions:\n        search_web: 1000000\n");
+        y.push_str(
+            "    budgets:\n      session: 1000000\n      run: 1000000\n      actions:\n        search_web: 1000000\n",
+        );
         if pi == 0 {
             y.push_str("    denied_actions:\n");
             for i in 0..denied {
                 let _ = writeln!(y, "      - denied_action_{i:06}");
             }
-            y.push_str(
-                "    approvals:\n      actions: [wire_money]\n      cost_threshold_usd: 1000\n",
-            );
+            y.push_str("    approvals:\n      actions: [wire_money]\n      cost_threshold_usd: 1000\n");
         }
         y.push_str("    rate_limits:\n");
         for i in 0..*limits {
-            let _ = writeln!(
-                y,
-                "      tool_{pi}_{i}: {{ max_count: 100, window_seconds: 60 }}"
-            );
+            let _ = writeln!(y, "      tool_{pi}_{i}: {{ max_count: 100, window_seconds: 60 }}");
         }
         if pi == 0 {
             y.push_str("      search_web: { max_count: 100000, window_seconds: 0.001 }\n");
@@ -66,11 +55,7 @@ pub fn large_policy(denied: usize) -> String {
             let (op, val) = ops[i % ops.len()];
             let param = params[i % params.len()];
             // Most rules target other tools; a few match the benchmarked action.
-            let pattern = if i % 100 == 0 {
-                "search_*".to_string()
-            } else {
-                format!("tool_{pi}_{i}_*")
-            };
+            let pattern = if i % 100 == 0 { "search_*".to_string() } else { format!("tool_{pi}_{i}_*") };
             let action = ["block", "warn", "require_approval"][i % 3];
             let _ = writeln!(
                 y,
@@ -87,20 +72,12 @@ fn engine(denied: usize) -> Engine {
 }
 
 fn bench(c: &mut Criterion) {
-    let args =
-        json!({"query": "rust sliding window", "amount": 42, "region": "eu", "path": "/home/a"});
+    let args = json!({"query": "rust sliding window", "amount": 42, "region": "eu", "path": "/home/a"});
     let mut g = c.benchmark_group("decide");
-    g.measurement_time(Duration::from_secs(4))
-        .warm_up_time(Duration::from_secs(1))
-        .sample_size(40);
+    g.measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1)).sample_size(40);
     for denied in [100usize, 10_000, 100_000] {
         let e = engine(denied);
-        let req = ActionRequest::new("search_web")
-            .agent("bot")
-            .run("run-7")
-            .session("s")
-            .cost(0.000_001)
-            .args(&args);
+        let req = ActionRequest::new("search_web").agent("bot").run("run-7").session("s").cost(0.000_001).args(&args);
         // Sanity: the benchmarked call is allowed and reserves.
         let mut d = e.decide(&req);
         assert!(d.permits(), "{}", d.message);
@@ -114,11 +91,7 @@ fn bench(c: &mut Criterion) {
                 black_box(d.verdict)
             })
         });
-        let denied_req = ActionRequest::new("denied_action_000050")
-            .agent("bot")
-            .run("run-7")
-            .session("s")
-            .args(&args);
+        let denied_req = ActionRequest::new("denied_action_000050").agent("bot").run("run-7").session("s").args(&args);
         g.bench_function(BenchmarkId::new("deny_listed", denied), |b| {
             b.iter(|| black_box(e.decide(black_box(&denied_req)).verdict))
         });
@@ -127,12 +100,7 @@ fn bench(c: &mut Criterion) {
 
     // Per-call percentiles, one timed call at a time, on the 10,000-name policy.
     let e = engine(10_000);
-    let req = ActionRequest::new("search_web")
-        .agent("bot")
-        .run("run-7")
-        .session("s")
-        .cost(0.000_001)
-        .args(&args);
+    let req = ActionRequest::new("search_web").agent("bot").run("run-7").session("s").cost(0.000_001).args(&args);
     let mut samples = Vec::with_capacity(400_000);
     for i in 0..450_000 {
         let t = Instant::now();

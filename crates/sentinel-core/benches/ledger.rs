@@ -1,10 +1,5 @@
 //! Ledger append (hash-chained, redacted, one write(2) per entry) and verify throughput.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing
-)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,23 +17,12 @@ fn bench(c: &mut Criterion) {
     let outputs = json!({"results": ["a", "b", "c"], "count": 3});
     let tags = vec!["search".to_string(), "api".to_string()];
     let mut g = c.benchmark_group("ledger");
-    g.measurement_time(Duration::from_secs(4))
-        .warm_up_time(Duration::from_secs(1))
-        .sample_size(30);
+    g.measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1)).sample_size(30);
     g.throughput(Throughput::Elements(1));
     g.bench_function("append_redacted_chained", |b| {
         b.iter(|| {
             guard
-                .record(
-                    "search_tool",
-                    &inputs,
-                    &outputs,
-                    0.01,
-                    234.5,
-                    "success",
-                    &tags,
-                    ("agent", "run", "session"),
-                )
+                .record("search_tool", &inputs, &outputs, 0.01, 234.5, "success", &tags, ("agent", "run", "session"))
                 .unwrap()
         })
     });
@@ -48,29 +32,12 @@ fn bench(c: &mut Criterion) {
     // Verify throughput over a fresh ledger of 300,000 entries.
     let dir = tempfile::tempdir().unwrap();
     let engine = Arc::new(Engine::new(PolicySet::compile(Vec::new()).unwrap()));
-    let guard = Guard::open(
-        dir.path(),
-        engine,
-        LogOptions {
-            rotate_bytes: 1 << 40,
-            fsync: false,
-        },
-    )
-    .unwrap();
+    let guard = Guard::open(dir.path(), engine, LogOptions { rotate_bytes: 1 << 40, fsync: false }).unwrap();
     let n = 300_000u64;
     let t = Instant::now();
     for _ in 0..n {
         guard
-            .record(
-                "search_tool",
-                &inputs,
-                &outputs,
-                0.01,
-                234.5,
-                "success",
-                &tags,
-                ("agent", "run", "session"),
-            )
+            .record("search_tool", &inputs, &outputs, 0.01, 234.5, "success", &tags, ("agent", "run", "session"))
             .unwrap();
     }
     let append = t.elapsed();

@@ -52,21 +52,14 @@ pub(crate) fn secs_to_nanos(secs: f64) -> u64 {
     if ns >= 1.8e19 {
         u64::MAX
     } else {
-        #[expect(
-            clippy::cast_possible_truncation,
-            clippy::cast_sign_loss,
-            reason = "range checked"
-        )]
+        #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "range checked")]
         let n = ns as u64;
         n
     }
 }
 
 pub(crate) fn nanos_to_secs(ns: u64) -> f64 {
-    #[expect(
-        clippy::cast_precision_loss,
-        reason = "sub-nanosecond precision is not needed"
-    )]
+    #[expect(clippy::cast_precision_loss, reason = "sub-nanosecond precision is not needed")]
     let s = ns as f64 / 1e9;
     s
 }

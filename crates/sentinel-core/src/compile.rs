@@ -27,10 +27,7 @@ impl CompiledPolicy {
         }
         let mut m = Vec::new();
         self.globs.matches_into(action, &mut m);
-        let ids: Arc<[u32]> = m
-            .into_iter()
-            .filter_map(|i| u32::try_from(i).ok())
-            .collect();
+        let ids: Arc<[u32]> = m.into_iter().filter_map(|i| u32::try_from(i).ok()).collect();
         if self.match_cache.load().len() < MATCH_CACHE_NAMES {
             self.match_cache.rcu(|cur| {
                 let mut next = HashMap::clone(cur);
@@ -105,10 +102,7 @@ pub struct PolicySet {
 
 impl std::fmt::Debug for PolicySet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PolicySet")
-            .field("version", &self.version)
-            .field("policies", &self.docs.len())
-            .finish()
+        f.debug_struct("PolicySet").field("version", &self.version).field("policies", &self.docs.len()).finish()
     }
 }
 
@@ -186,11 +180,7 @@ impl PolicySet {
             }
         }
         set.docs = docs;
-        if errors.is_empty() {
-            Ok(set)
-        } else {
-            Err(errors)
-        }
+        if errors.is_empty() { Ok(set) } else { Err(errors) }
     }
 
     /// The hash that identifies this exact set of policies.
@@ -203,11 +193,7 @@ impl PolicySet {
     }
 
     /// The enabled policies that apply to an agent and run: global, then the agent's, then the run's.
-    pub(crate) fn applicable<'a>(
-        &'a self,
-        agent: &str,
-        run: &str,
-    ) -> impl Iterator<Item = &'a CompiledPolicy> + Clone {
+    pub(crate) fn applicable<'a>(&'a self, agent: &str, run: &str) -> impl Iterator<Item = &'a CompiledPolicy> + Clone {
         self.global
             .iter()
             .chain(self.by_agent.get(agent).into_iter().flatten())
@@ -257,22 +243,15 @@ fn compile_one(d: &PolicyDoc) -> Result<CompiledPolicy, PolicyError> {
         if !r.enabled {
             continue;
         }
-        let glob = Glob::new(&r.function_pattern).map_err(|e| {
-            err(format!(
-                "rule `{}`: invalid glob `{}`: {}",
-                r.id,
-                r.function_pattern,
-                e.kind()
-            ))
-        })?;
+        let glob = Glob::new(&r.function_pattern)
+            .map_err(|e| err(format!("rule `{}`: invalid glob `{}`: {}", r.id, r.function_pattern, e.kind())))?;
         gsb.add(glob);
         let mut conditions = Vec::new();
         for c in &r.conditions {
             let regex = match (c.operator, &c.value) {
-                (Operator::Matches, Value::String(p)) => Some(
-                    Regex::new(p)
-                        .map_err(|e| err(format!("rule `{}`: invalid regex `{p}`: {e}", r.id)))?,
-                ),
+                (Operator::Matches, Value::String(p)) => {
+                    Some(Regex::new(p).map_err(|e| err(format!("rule `{}`: invalid regex `{p}`: {e}", r.id)))?)
+                }
                 _ => None,
             };
             conditions.push(CompiledCondition {
@@ -290,9 +269,7 @@ fn compile_one(d: &PolicyDoc) -> Result<CompiledPolicy, PolicyError> {
             message: r.message.as_deref().map(Arc::from),
         });
     }
-    let globs = gsb
-        .build()
-        .map_err(|e| err(format!("cannot build rule patterns: {e}")))?;
+    let globs = gsb.build().map_err(|e| err(format!("cannot build rule patterns: {e}")))?;
     let per_default = CounterScope::Agent;
     let rate_limits = d
         .rate_limits
@@ -324,11 +301,7 @@ fn compile_one(d: &PolicyDoc) -> Result<CompiledPolicy, PolicyError> {
         name,
         mode: d.mode.unwrap_or_default(),
         fail_mode: d.effective_fail_mode(),
-        denied: d
-            .denied_actions
-            .iter()
-            .map(|s| Box::from(s.as_str()))
-            .collect(),
+        denied: d.denied_actions.iter().map(|s| Box::from(s.as_str())).collect(),
         allowed: d
             .allowed_actions
             .as_ref()
@@ -341,27 +314,13 @@ fn compile_one(d: &PolicyDoc) -> Result<CompiledPolicy, PolicyError> {
         rate_limits,
         budget_session: budgets.session,
         budget_run: budgets.run,
-        budget_actions: budgets
-            .actions
-            .iter()
-            .map(|(k, v)| (Box::from(k.as_str()), *v))
-            .collect(),
+        budget_actions: budgets.actions.iter().map(|(k, v)| (Box::from(k.as_str()), *v)).collect(),
         has_approvals: d.approvals.is_some(),
-        approval_actions: approvals
-            .actions
-            .iter()
-            .map(|s| Box::from(s.as_str()))
-            .collect(),
+        approval_actions: approvals.actions.iter().map(|s| Box::from(s.as_str())).collect(),
         approval_threshold: approvals.cost_threshold_usd,
         approval_timeout: approvals.timeout_seconds,
         approvers: approvals.approvers,
         anomaly: d.anomaly.clone().filter(|a| a.enabled),
-        loops: d.loops.as_ref().map(|l| {
-            (
-                l.max_repeats,
-                secs_to_nanos(l.window_seconds),
-                l.window_seconds,
-            )
-        }),
+        loops: d.loops.as_ref().map(|l| (l.max_repeats, secs_to_nanos(l.window_seconds), l.window_seconds)),
     })
 }

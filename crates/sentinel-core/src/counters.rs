@@ -24,10 +24,7 @@ pub(crate) struct Registry<K, V> {
 
 impl<K: Hash + Eq, V> Registry<K, V> {
     pub(crate) fn new() -> Self {
-        Registry {
-            shards: std::array::from_fn(|_| RwLock::new(HashMap::new())),
-            hasher: Default::default(),
-        }
+        Registry { shards: std::array::from_fn(|_| RwLock::new(HashMap::new())), hasher: Default::default() }
     }
 
     fn shard<Q: Hash + ?Sized>(&self, key: &Q) -> &RwLock<HashMap<K, Arc<V>>> {
@@ -37,12 +34,7 @@ impl<K: Hash + Eq, V> Registry<K, V> {
     }
 
     /// Finds the cell for `key`, creating it with `make` when absent.
-    pub(crate) fn get_or_insert<Q>(
-        &self,
-        key: &Q,
-        to_owned: impl FnOnce() -> K,
-        make: impl FnOnce() -> V,
-    ) -> Arc<V>
+    pub(crate) fn get_or_insert<Q>(&self, key: &Q, to_owned: impl FnOnce() -> K, make: impl FnOnce() -> V) -> Arc<V>
     where
         Q: Hash + Equivalent<K> + ?Sized,
     {
@@ -126,15 +118,11 @@ impl SessionState {
     }
 
     pub(crate) fn action_spent(&self, idx: u32) -> Usd {
-        self.actions
-            .get(idx as usize)
-            .map_or(Usd::ZERO, |a| a.1.spent)
+        self.actions.get(idx as usize).map_or(Usd::ZERO, |a| a.1.spent)
     }
 
     pub(crate) fn run_by_name(&self, run: &str) -> Usd {
-        self.run_index
-            .get(run)
-            .map_or(Usd::ZERO, |i| self.run_spent(*i))
+        self.run_index.get(run).map_or(Usd::ZERO, |i| self.run_spent(*i))
     }
 
     pub(crate) fn add(&mut self, run: u32, action: u32, cost: Usd, calls: i64) {
@@ -179,10 +167,7 @@ pub(crate) struct Ring {
 
 impl Ring {
     pub(crate) fn new(capacity: usize) -> Self {
-        Ring {
-            entries: VecDeque::with_capacity(capacity.min(1024)),
-            capacity: capacity.max(1),
-        }
+        Ring { entries: VecDeque::with_capacity(capacity.min(1024)), capacity: capacity.max(1) }
     }
 
     /// Nanosecond time of the `n`-th most recent entry (1 = newest).
@@ -203,12 +188,7 @@ impl Ring {
 
     /// How many entries fall in `(now - window, now]`, counting at most `limit`.
     pub(crate) fn count_within(&self, window_ns: u64, now: u64, limit: usize) -> usize {
-        self.entries
-            .iter()
-            .rev()
-            .take(limit)
-            .take_while(|e| e.0.saturating_add(window_ns) > now)
-            .count()
+        self.entries.iter().rev().take(limit).take_while(|e| e.0.saturating_add(window_ns) > now).count()
     }
 
     pub(crate) fn push(&mut self, now: u64, id: u64) {
@@ -246,10 +226,7 @@ pub(crate) struct Welford {
 impl Welford {
     pub(crate) fn push(&mut self, x: f64) {
         self.n += 1;
-        #[expect(
-            clippy::cast_precision_loss,
-            reason = "sample counts stay far below 2^53"
-        )]
+        #[expect(clippy::cast_precision_loss, reason = "sample counts stay far below 2^53")]
         let n = self.n as f64;
         let delta = x - self.mean;
         self.mean += delta / n;
@@ -260,10 +237,7 @@ impl Welford {
         if self.n < 2 {
             return 0.0;
         }
-        #[expect(
-            clippy::cast_precision_loss,
-            reason = "sample counts stay far below 2^53"
-        )]
+        #[expect(clippy::cast_precision_loss, reason = "sample counts stay far below 2^53")]
         let n = (self.n - 1) as f64;
         (self.m2 / n).max(0.0).sqrt()
     }
@@ -299,11 +273,7 @@ impl State {
     pub(crate) fn note_loop_insert(&self, now: u64, max_window_ns: u64) {
         let n = self.loop_inserts.fetch_add(1, Ordering::Relaxed);
         if n % 4096 == 4095 {
-            self.loops.retain(|ring| {
-                ring.lock()
-                    .newest()
-                    .is_some_and(|t| t.saturating_add(max_window_ns) > now)
-            });
+            self.loops.retain(|ring| ring.lock().newest().is_some_and(|t| t.saturating_add(max_window_ns) > now));
         }
     }
 }
@@ -338,28 +308,16 @@ impl Reservation {
         if actual != self.cost {
             let mut s = self.session.lock();
             if actual > self.cost {
-                s.add(
-                    self.run_idx,
-                    self.action_idx,
-                    actual.saturating_sub(self.cost),
-                    0,
-                );
+                s.add(self.run_idx, self.action_idx, actual.saturating_sub(self.cost), 0);
             } else {
-                s.sub(
-                    self.run_idx,
-                    self.action_idx,
-                    self.cost.saturating_sub(actual),
-                    0,
-                );
+                s.sub(self.run_idx, self.action_idx, self.cost.saturating_sub(actual), 0);
             }
         }
     }
 
     /// The action never ran: give back the cost and the rate-limit and loop slots.
     pub fn release(self) {
-        self.session
-            .lock()
-            .sub(self.run_idx, self.action_idx, self.cost, 1);
+        self.session.lock().sub(self.run_idx, self.action_idx, self.cost, 1);
         for r in &self.rates {
             r.lock().remove(self.id);
         }
@@ -371,18 +329,13 @@ impl Reservation {
 
 impl std::fmt::Debug for SessionState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SessionState")
-            .field("spent", &self.spent)
-            .finish_non_exhaustive()
+        f.debug_struct("SessionState").field("spent", &self.spent).finish_non_exhaustive()
     }
 }
 
 impl std::fmt::Debug for Ring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ring")
-            .field("len", &self.entries.len())
-            .field("capacity", &self.capacity)
-            .finish()
+        f.debug_struct("Ring").field("len", &self.entries.len()).field("capacity", &self.capacity).finish()
     }
 }
 

@@ -11,13 +11,10 @@ use serde_json::Value;
 use smallvec::SmallVec;
 
 use crate::clock::{Clock, SystemClock, nanos_to_secs};
-use crate::compile::{
-    CompiledCondition, CompiledPolicy, CompiledRateLimit, PolicySet, stable_hash,
-};
+use crate::compile::{CompiledCondition, CompiledPolicy, CompiledRateLimit, PolicySet, stable_hash};
 use crate::counters::{ActionSpend, KeyRef, Reservation, Ring, SessionState, State};
 use crate::decision::{
-    ActionRequest, ApprovalSpec, Decision, InterventionType, Limit, LimitKind, ReasonCode,
-    ShadowFinding, Verdict,
+    ActionRequest, ApprovalSpec, Decision, InterventionType, Limit, LimitKind, ReasonCode, ShadowFinding, Verdict,
 };
 use crate::model::{AnomalyAction, CounterScope, FailMode, Mode, Operator, PolicyDoc, RuleAction};
 use crate::money::Usd;
@@ -54,9 +51,7 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine")
-            .field("policies", &*self.policies.load())
-            .finish_non_exhaustive()
+        f.debug_struct("Engine").field("policies", &*self.policies.load()).finish_non_exhaustive()
     }
 }
 
@@ -108,11 +103,7 @@ impl Outcome {
 
 /// Deferred findings from the rules step.
 /// A rule finding: the policy, the rule (none for a default action) and its message.
-type RuleHit<'p> = (
-    &'p CompiledPolicy,
-    Option<&'p Arc<str>>,
-    Option<&'p Arc<str>>,
-);
+type RuleHit<'p> = (&'p CompiledPolicy, Option<&'p Arc<str>>, Option<&'p Arc<str>>);
 
 #[derive(Default)]
 struct Pending<'p> {
@@ -225,9 +216,7 @@ impl Engine {
 
     fn run(&self, req: &ActionRequest<'_>, approved: bool, commit: bool) -> Decision {
         let set = self.policies.load();
-        match catch_unwind(AssertUnwindSafe(|| {
-            self.decide_inner(&set, req, approved, commit)
-        })) {
+        match catch_unwind(AssertUnwindSafe(|| self.decide_inner(&set, req, approved, commit))) {
             Ok(d) => d,
             Err(panic) => {
                 let what = panic
@@ -241,9 +230,7 @@ impl Engine {
     }
 
     fn internal_failure(&self, set: &PolicySet, req: &ActionRequest<'_>, what: &str) -> Decision {
-        let secure = set
-            .applicable(req.agent_id, req.run_id)
-            .any(|p| p.fail_mode == FailMode::Secure)
+        let secure = set.applicable(req.agent_id, req.run_id).any(|p| p.fail_mode == FailMode::Secure)
             || set.applicable(req.agent_id, req.run_id).next().is_none();
         let (verdict, intervention) = if secure {
             (Verdict::Deny, InterventionType::HardBlock)
@@ -258,11 +245,7 @@ impl Engine {
                 "internal error while deciding `{}` ({what}); fail_mode {} {}",
                 req.action,
                 if secure { "secure" } else { "safe" },
-                if secure {
-                    "denies"
-                } else {
-                    "allows with a warning"
-                }
+                if secure { "denies" } else { "allows with a warning" }
             )),
             policy: None,
             rule: None,
@@ -292,13 +275,9 @@ impl Engine {
         }
     }
 
-    fn decide_inner(
-        &self,
-        set: &PolicySet,
-        req: &ActionRequest<'_>,
-        approved: bool,
-        commit: bool,
-    ) -> Decision {
+    fn decide_inner(&self, set: &PolicySet, req: &ActionRequest<'_>, approved: bool, commit: bool) -> Decision {
+        #[cfg(test)]
+        tests::maybe_fault();
         // 0. The request itself.
         let cost = match validate(req) {
             Ok(c) => c,
@@ -344,13 +323,9 @@ impl Engine {
             }
         }
 
-        let all: SmallVec<[&CompiledPolicy; 4]> =
-            set.applicable(req.agent_id, req.run_id).collect();
-        let enforce_list: SmallVec<[&CompiledPolicy; 4]> = all
-            .iter()
-            .copied()
-            .filter(|p| p.mode == Mode::Enforce)
-            .collect();
+        let all: SmallVec<[&CompiledPolicy; 4]> = set.applicable(req.agent_id, req.run_id).collect();
+        let enforce_list: SmallVec<[&CompiledPolicy; 4]> =
+            all.iter().copied().filter(|p| p.mode == Mode::Enforce).collect();
         let applicable = all.iter().copied();
         let enforce = enforce_list.iter().copied();
 
@@ -366,17 +341,12 @@ impl Engine {
         }
 
         // The anomaly verdict only reads baselines, so it is found before any lock is taken.
-        let anomaly = if set.any_anomaly {
-            self.anomaly_check(set, enforce.clone(), req, cost)
-        } else {
-            None
-        };
+        let anomaly = if set.any_anomaly { self.anomaly_check(set, enforce.clone(), req, cost) } else { None };
 
         // 4-5. Counters, under their locks, so the check and the reservation are one step.
         let now = self.clock.now_nanos();
         let mut rate_cells: SmallVec<[Arc<Mutex<Ring>>; 2]> = SmallVec::new();
-        let mut rate_limits: SmallVec<[(&CompiledRateLimit, &Arc<str>, usize); 2]> =
-            SmallVec::new();
+        let mut rate_limits: SmallVec<[(&CompiledRateLimit, &Arc<str>, usize); 2]> = SmallVec::new();
         for p in applicable.clone() {
             if let Some(rl) = p.rate_limits.get(req.action) {
                 let key = scope_key(rl.per, req);
@@ -498,9 +468,7 @@ impl Engine {
                         window_seconds: Some(window_s),
                         field: None,
                     });
-                    o.retry_after = ring
-                        .full_for(max as usize, window_ns, now)
-                        .map(nanos_to_secs);
+                    o.retry_after = ring.full_for(max as usize, window_ns, now).map(nanos_to_secs);
                     return Self::finish(set, o);
                 }
             }
@@ -591,31 +559,15 @@ impl Engine {
                 self.state.note_loop_insert(now, set.max_loop_window_ns);
             }
             if set.any_anomaly {
-                self.learn(
-                    set,
-                    applicable.clone(),
-                    req,
-                    cost,
-                    anomaly.as_ref().and_then(|(_, f)| f.as_deref()),
-                );
+                self.learn(set, applicable.clone(), req, cost, anomaly.as_ref().and_then(|(_, f)| f.as_deref()));
             }
-            decision.reservation = Some(Reservation {
-                id,
-                cost,
-                session,
-                run_idx,
-                action_idx,
-                rates: rate_cells,
-                loop_ring: loop_cell,
-            });
+            decision.reservation =
+                Some(Reservation { id, cost, session, run_idx, action_idx, rates: rate_cells, loop_ring: loop_cell });
         }
         decision
     }
 
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "internal helper over one locked snapshot"
-    )]
+    #[expect(clippy::too_many_arguments, reason = "internal helper over one locked snapshot")]
     fn shadow_eval(
         &self,
         p: &CompiledPolicy,
@@ -662,22 +614,13 @@ impl Engine {
                 Some(Outcome::deny(
                     InterventionType::RateLimited,
                     ReasonCode::LoopDetected,
-                    format!(
-                        "loop detected: `{}` repeated {max} times within {window_s}s",
-                        req.action
-                    ),
+                    format!("loop detected: `{}` repeated {max} times within {window_s}s", req.action),
                     &p.name,
                     None,
                 ))
             })
             .or_else(|| budget_check(one.clone(), req, cost, sess, run_idx, action_idx))
-            .or_else(|| {
-                if approved {
-                    None
-                } else {
-                    approval_check(one.clone(), req, cost, &pending)
-                }
-            })
+            .or_else(|| if approved { None } else { approval_check(one.clone(), req, cost, &pending) })
             .or_else(|| {
                 let (p, rule, msg) = pending.warn_rule?;
                 Some(Outcome {
@@ -743,8 +686,7 @@ impl Engine {
                     let zs = if z.is_finite() {
                         format!("{z:.1} standard deviations")
                     } else {
-                        "infinitely many standard deviations (the baseline never varied)"
-                            .to_string()
+                        "infinitely many standard deviations (the baseline never varied)".to_string()
                     };
                     found = Some((
                         Outcome {
@@ -810,19 +752,11 @@ impl Engine {
 }
 
 fn calls(n: u32) -> String {
-    if n == 1 {
-        "1 call".to_string()
-    } else {
-        format!("{n} calls")
-    }
+    if n == 1 { "1 call".to_string() } else { format!("{n} calls") }
 }
 
 fn times(n: u32) -> String {
-    if n == 1 {
-        "once".to_string()
-    } else {
-        format!("{n} times")
-    }
+    if n == 1 { "once".to_string() } else { format!("{n} times") }
 }
 
 fn clone_outcome(o: &Outcome) -> Outcome {
@@ -852,11 +786,7 @@ fn for_each_numeric(args: &Value, only: Option<&[String]>, mut f: impl FnMut(&st
             }
         }
         None => {
-            for (k, v) in map
-                .iter()
-                .filter(|(k, _)| k.as_str() != "cost_usd")
-                .take(MAX_NUMERIC_FIELDS)
-            {
+            for (k, v) in map.iter().filter(|(k, _)| k.as_str() != "cost_usd").take(MAX_NUMERIC_FIELDS) {
                 if let Some(x) = v.as_f64().filter(|x| x.is_finite()) {
                     f(k, x);
                 }
@@ -870,10 +800,7 @@ fn validate(req: &ActionRequest<'_>) -> Result<Usd, String> {
         return Err("the action name is empty".into());
     }
     if req.action.len() > 512 {
-        return Err(format!(
-            "the action name is {} bytes long; at most 512 are allowed",
-            req.action.len()
-        ));
+        return Err(format!("the action name is {} bytes long; at most 512 are allowed", req.action.len()));
     }
     if !matches!(req.args, Value::Object(_) | Value::Null) {
         return Err("the call's arguments must be a JSON object".into());
@@ -912,10 +839,7 @@ fn static_checks<'p>(
             return Some(Outcome::deny(
                 InterventionType::HardBlock,
                 ReasonCode::NotAllowlisted,
-                format!(
-                    "action `{}` is not in the allowlist of policy `{}`",
-                    req.action, p.name
-                ),
+                format!("action `{}` is not in the allowlist of policy `{}`", req.action, p.name),
                 &p.name,
                 None,
             ));
@@ -924,12 +848,7 @@ fn static_checks<'p>(
     None
 }
 
-fn rule_message(
-    msg: Option<&Arc<str>>,
-    rule: Option<&Arc<str>>,
-    action: &str,
-    verb: &str,
-) -> String {
+fn rule_message(msg: Option<&Arc<str>>, rule: Option<&Arc<str>>, action: &str, verb: &str) -> String {
     match (msg, rule) {
         (Some(m), _) => m.to_string(),
         (None, Some(r)) => format!("rule `{r}` {verb} `{action}`"),
@@ -938,11 +857,7 @@ fn rule_message(
 }
 
 /// Step 3 for one policy: returns a denial, or records approval/warn findings in `pending`.
-fn rules_step<'p>(
-    p: &'p CompiledPolicy,
-    req: &ActionRequest<'_>,
-    pending: &mut Pending<'p>,
-) -> Option<Outcome> {
+fn rules_step<'p>(p: &'p CompiledPolicy, req: &ActionRequest<'_>, pending: &mut Pending<'p>) -> Option<Outcome> {
     if p.rules.is_empty() && p.default_action == RuleAction::Allow {
         return None;
     }
@@ -953,11 +868,7 @@ fn rules_step<'p>(
             continue;
         };
         let restrictive = rule.action != RuleAction::Allow;
-        if !rule
-            .conditions
-            .iter()
-            .all(|c| condition_met(c, req.args, restrictive))
-        {
+        if !rule.conditions.iter().all(|c| condition_met(c, req.args, restrictive)) {
             continue;
         }
         any_match = true;
@@ -993,10 +904,7 @@ fn rules_step<'p>(
             RuleAction::Block => Some(Outcome::deny(
                 InterventionType::HardBlock,
                 ReasonCode::DefaultBlock,
-                format!(
-                    "no rule of policy `{}` allows `{}` and its default action is block",
-                    p.name, req.action
-                ),
+                format!("no rule of policy `{}` allows `{}` and its default action is block", p.name, req.action),
                 &p.name,
                 None,
             )),
@@ -1077,21 +985,13 @@ fn eval(c: &CompiledCondition, args: &Value) -> Tri {
                 (Value::Object(m), Value::String(k)) => m.contains_key(k),
                 _ => return Tri::Unknown,
             };
-            b(if c.op == Operator::Contains {
-                hit
-            } else {
-                !hit
-            })
+            b(if c.op == Operator::Contains { hit } else { !hit })
         }
         Operator::StartsWith | Operator::EndsWith => {
             let (Value::String(s), Value::String(x)) = (v, &c.value) else {
                 return Tri::Unknown;
             };
-            b(if c.op == Operator::StartsWith {
-                s.starts_with(x.as_str())
-            } else {
-                s.ends_with(x.as_str())
-            })
+            b(if c.op == Operator::StartsWith { s.starts_with(x.as_str()) } else { s.ends_with(x.as_str()) })
         }
         Operator::Matches => {
             let (Value::String(s), Some(re)) = (v, &c.regex) else {
@@ -1124,24 +1024,9 @@ fn budget_check<'p>(
         return None;
     }
     let kinds: [(LimitKind, ReasonCode, &str, Usd); 3] = [
-        (
-            LimitKind::ActionBudget,
-            ReasonCode::ActionBudgetExceeded,
-            "action",
-            sess.action_spent(action_idx),
-        ),
-        (
-            LimitKind::RunBudget,
-            ReasonCode::RunBudgetExceeded,
-            "run",
-            sess.run_spent(run_idx),
-        ),
-        (
-            LimitKind::SessionBudget,
-            ReasonCode::SessionBudgetExceeded,
-            "session",
-            sess.spent,
-        ),
+        (LimitKind::ActionBudget, ReasonCode::ActionBudgetExceeded, "action", sess.action_spent(action_idx)),
+        (LimitKind::RunBudget, ReasonCode::RunBudgetExceeded, "run", sess.run_spent(run_idx)),
+        (LimitKind::SessionBudget, ReasonCode::SessionBudgetExceeded, "session", sess.spent),
     ];
     for (kind, reason, label, spent) in kinds {
         let tightest = enforce
@@ -1190,11 +1075,7 @@ fn approval_check<'p>(
     cost: Usd,
     pending: &Pending<'p>,
 ) -> Option<Outcome> {
-    let ask = |reason,
-               message: String,
-               p: &CompiledPolicy,
-               rule: Option<&Arc<str>>,
-               limit: Option<Limit>| Outcome {
+    let ask = |reason, message: String, p: &CompiledPolicy, rule: Option<&Arc<str>>, limit: Option<Limit>| Outcome {
         verdict: Verdict::RequireApproval,
         intervention: Some(InterventionType::ApprovalRequired),
         reason,
@@ -1217,19 +1098,14 @@ fn approval_check<'p>(
         if p.approval_actions.contains(req.action) {
             return Some(ask(
                 ReasonCode::ApprovalRequired,
-                format!(
-                    "action `{}` requires human approval (policy `{}`)",
-                    req.action, p.name
-                ),
+                format!("action `{}` requires human approval (policy `{}`)", req.action, p.name),
                 p,
                 None,
                 None,
             ));
         }
     }
-    let tightest = enforce
-        .filter_map(|p| Some((p.approval_threshold?, p)))
-        .min_by_key(|(t, _)| *t);
+    let tightest = enforce.filter_map(|p| Some((p.approval_threshold?, p))).min_by_key(|(t, _)| *t);
     if let Some((threshold, p)) = tightest
         && cost > threshold
     {
@@ -1267,10 +1143,7 @@ fn approval_spec<'p>(enforce: impl Iterator<Item = &'p CompiledPolicy>) -> Appro
             }
         }
     }
-    ApprovalSpec {
-        timeout_seconds: timeout,
-        approvers,
-    }
+    ApprovalSpec { timeout_seconds: timeout, approvers }
 }
 
 /// A 64-bit digest of a JSON value that does not depend on object key order.
@@ -1316,4 +1189,65 @@ pub fn args_digest(v: &Value) -> u64 {
     let mut b = [0u8; 8];
     b.copy_from_slice(out.get(..8).unwrap_or(&[0; 8]));
     u64::from_le_bytes(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use super::*;
+    use crate::load::parse_yaml;
+
+    thread_local! {
+        static FAULT: Cell<bool> = const { Cell::new(false) };
+    }
+
+    #[allow(clippy::panic)]
+    pub(super) fn maybe_fault() {
+        if FAULT.with(Cell::get) {
+            panic!("injected fault");
+        }
+    }
+
+    fn decide_with_fault(yaml: &str) -> Decision {
+        let engine = Engine::from_docs(parse_yaml("p.yaml", "p", yaml).unwrap()).unwrap();
+        FAULT.with(|f| f.set(true));
+        let d = engine.decide(&ActionRequest::new("search"));
+        FAULT.with(|f| f.set(false));
+        d
+    }
+
+    #[test]
+    fn an_internal_failure_denies_under_fail_mode_secure() {
+        let d = decide_with_fault("budgets:\n  run: 1\n");
+        assert_eq!(d.verdict, Verdict::Deny);
+        assert_eq!(d.reason, ReasonCode::InternalError);
+        assert!(d.message.contains("injected fault"), "{}", d.message);
+    }
+
+    #[test]
+    fn an_internal_failure_allows_with_a_warning_under_fail_mode_safe() {
+        for yaml in ["fail_mode: safe\n", "strict_mode: false\n"] {
+            let d = decide_with_fault(yaml);
+            assert_eq!(d.verdict, Verdict::Warn, "{yaml}");
+            assert_eq!(d.intervention, Some(InterventionType::Warning));
+            assert_eq!(d.reason, ReasonCode::InternalError);
+        }
+    }
+
+    #[test]
+    fn with_no_policy_an_internal_failure_still_fails_closed() {
+        let engine = Engine::new(PolicySet::empty());
+        FAULT.with(|f| f.set(true));
+        let d = engine.decide(&ActionRequest::new("search"));
+        FAULT.with(|f| f.set(false));
+        assert_eq!(d.verdict, Verdict::Deny);
+    }
+
+    #[test]
+    fn engine_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Engine>();
+        check::<crate::Guard>();
+    }
 }

@@ -14,15 +14,13 @@ use crate::engine::Engine;
 use crate::ledger::{Appended, ChainWriter, LedgerError, LogOptions, now_rfc3339};
 use crate::money::Usd;
 use crate::records::{
-    ApprovalRecord, DecisionRecord, Intent, InterventionOutcome, InterventionRecord, LedgerEntry,
-    Payload, assess_risk,
+    ApprovalRecord, DecisionRecord, Intent, InterventionOutcome, InterventionRecord, LedgerEntry, Payload, assess_risk,
 };
 use crate::redact::redacted;
 
 /// The ledger's directory: `AGENT_SENTINEL_HOME`, or `.agent-sentinel` in the working directory.
 pub fn default_home() -> PathBuf {
-    std::env::var_os("AGENT_SENTINEL_HOME")
-        .map_or_else(|| PathBuf::from(".agent-sentinel"), PathBuf::from)
+    std::env::var_os("AGENT_SENTINEL_HOME").map_or_else(|| PathBuf::from(".agent-sentinel"), PathBuf::from)
 }
 
 pub const LEDGER_FILE: &str = "ledger.jsonl";
@@ -62,11 +60,7 @@ impl OwnedRequest {
             agent_id: r.agent_id.to_string(),
             run_id: r.run_id.to_string(),
             session_id: r.session_id.to_string(),
-            cost: if r.cost_usd.is_finite() {
-                r.cost_usd
-            } else {
-                0.0
-            },
+            cost: if r.cost_usd.is_finite() { r.cost_usd } else { 0.0 },
             tags: r.tags.to_vec(),
         }
     }
@@ -74,19 +68,13 @@ impl OwnedRequest {
 
 /// The outcome of [`Guard::begin`].
 #[derive(Debug)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "a stopped call is the rarer, colder path"
-)]
+#[expect(clippy::large_enum_variant, reason = "a stopped call is the rarer, colder path")]
 pub enum Begun {
     /// Run the action, then call [`Guard::finish`].
     Proceed(Box<Permit>),
     /// Do not run the action. For `RequireApproval`, ask a human, then call
     /// [`Guard::begin_approved`] or [`Guard::record_rejection`].
-    Stop {
-        decision: Decision,
-        intervention_id: Option<String>,
-    },
+    Stop { decision: Decision, intervention_id: Option<String> },
 }
 
 /// How the action ended.
@@ -110,12 +98,7 @@ impl Guard {
     pub fn open(home: &Path, engine: Arc<Engine>, opts: LogOptions) -> Result<Self, LedgerError> {
         let ledger = ChainWriter::open(&home.join(LEDGER_FILE), opts.clone())?;
         let interventions = ChainWriter::open(&home.join(INTERVENTIONS_FILE), opts)?;
-        let g = Guard {
-            engine,
-            ledger,
-            interventions,
-            home: home.to_path_buf(),
-        };
+        let g = Guard { engine, ledger, interventions, home: home.to_path_buf() };
         for w in [&g.ledger, &g.interventions] {
             if w.recovery().torn_bytes > 0 {
                 g.record_recovery(w)?;
@@ -222,15 +205,7 @@ impl Guard {
             escalation_id,
         );
         self.interventions.append(&rec)?;
-        let mut entry = self.entry(
-            &OwnedRequest::of(req),
-            inputs,
-            decision,
-            "rejected",
-            0.0,
-            0.0,
-            Value::Null,
-        );
+        let mut entry = self.entry(&OwnedRequest::of(req), inputs, decision, "rejected", 0.0, 0.0, Value::Null);
         entry.approval = Some(approval);
         entry.intervention_id = Some(rec.id.clone());
         self.ledger.append(&entry)?;
@@ -305,11 +280,7 @@ impl Guard {
                     inputs,
                     &decision,
                     decision.intervention.unwrap_or(InterventionType::HardBlock),
-                    if escalate {
-                        InterventionOutcome::Escalated
-                    } else {
-                        InterventionOutcome::Blocked
-                    },
+                    if escalate { InterventionOutcome::Escalated } else { InterventionOutcome::Blocked },
                     false,
                     None,
                     None,
@@ -326,10 +297,7 @@ impl Guard {
                 );
                 entry.intervention_id = Some(rec.id.clone());
                 self.ledger.append(&entry)?;
-                Ok(Begun::Stop {
-                    decision,
-                    intervention_id: Some(rec.id),
-                })
+                Ok(Begun::Stop { decision, intervention_id: Some(rec.id) })
             }
         }
     }
@@ -344,9 +312,7 @@ impl Guard {
     ) -> Result<Appended, LedgerError> {
         let duration_ms = permit.started.elapsed().as_secs_f64() * 1000.0;
         let estimate = Usd::from_f64(permit.request.cost).unwrap_or_default();
-        let actual = actual_cost
-            .and_then(|c| Usd::from_f64(c).ok())
-            .unwrap_or(estimate);
+        let actual = actual_cost.and_then(|c| Usd::from_f64(c).ok()).unwrap_or(estimate);
         if let Some(r) = permit.decision.take_reservation() {
             r.settle(actual);
         }
@@ -354,15 +320,8 @@ impl Guard {
             CallOutcome::Success(v) => ("success", v),
             CallOutcome::Error(msg) => ("error", Value::String(msg)),
         };
-        let mut entry = self.entry(
-            &permit.request,
-            &permit.inputs,
-            &permit.decision,
-            name,
-            actual.as_f64(),
-            duration_ms,
-            outputs,
-        );
+        let mut entry =
+            self.entry(&permit.request, &permit.inputs, &permit.decision, name, actual.as_f64(), duration_ms, outputs);
         entry.approval = permit.approval.take();
         entry.intervention_id = permit.intervention_id.take();
         self.ledger.append(&entry)
@@ -376,10 +335,7 @@ impl Guard {
     }
 
     /// Writes a ledger entry directly (the SDK's `Ledger.record`).
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "mirrors the SDK's keyword arguments"
-    )]
+    #[expect(clippy::too_many_arguments, reason = "mirrors the SDK's keyword arguments")]
     pub fn record(
         &self,
         action: &str,
@@ -391,24 +347,16 @@ impl Guard {
         tags: &[String],
         ids: (&str, &str, &str),
     ) -> Result<Appended, LedgerError> {
-        let cost = Usd::from_f64(cost_usd)
-            .map_err(|e| LedgerError::Serialize(format!("`cost_usd`: {e}")))?;
+        let cost = Usd::from_f64(cost_usd).map_err(|e| LedgerError::Serialize(format!("`cost_usd`: {e}")))?;
         let entry = LedgerEntry {
             id: uuid::Uuid::now_v7().to_string(),
             timestamp: now_rfc3339(),
             action: action.to_string(),
             cost_usd: cost.as_f64(),
-            duration_ms: if duration_ms.is_finite() && duration_ms >= 0.0 {
-                duration_ms
-            } else {
-                0.0
-            },
+            duration_ms: if duration_ms.is_finite() && duration_ms >= 0.0 { duration_ms } else { 0.0 },
             outcome: outcome.to_string(),
             tags: tags.to_vec(),
-            payload: Payload {
-                inputs: redacted(inputs),
-                outputs: redacted(outputs),
-            },
+            payload: Payload { inputs: redacted(inputs), outputs: redacted(outputs) },
             agent_id: ids.0.to_string(),
             run_id: ids.1.to_string(),
             session_id: ids.2.to_string(),
@@ -442,10 +390,7 @@ impl Guard {
             duration_ms,
             outcome: outcome.to_string(),
             tags: r.tags.clone(),
-            payload: Payload {
-                inputs: redacted(inputs),
-                outputs,
-            },
+            payload: Payload { inputs: redacted(inputs), outputs },
             agent_id: r.agent_id.clone(),
             run_id: r.run_id.clone(),
             session_id: r.session_id.clone(),
@@ -469,15 +414,8 @@ impl Guard {
         approval: Option<ApprovalRecord>,
         related: Option<&str>,
     ) -> InterventionRecord {
-        let est = if req.cost_usd.is_finite() && req.cost_usd >= 0.0 {
-            req.cost_usd
-        } else {
-            0.0
-        };
-        let prevented = matches!(
-            outcome,
-            InterventionOutcome::Blocked | InterventionOutcome::RejectedAfterReview
-        );
+        let est = if req.cost_usd.is_finite() && req.cost_usd >= 0.0 { req.cost_usd } else { 0.0 };
+        let prevented = matches!(outcome, InterventionOutcome::Blocked | InterventionOutcome::RejectedAfterReview);
         InterventionRecord {
             id: uuid::Uuid::now_v7().to_string(),
             timestamp: now_rfc3339(),

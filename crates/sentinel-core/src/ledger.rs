@@ -34,28 +34,16 @@ pub enum LedgerError {
         #[source]
         source: io::Error,
     },
-    #[error(
-        "`{path}` is in use by another process; give each process its own directory (AGENT_SENTINEL_HOME)"
-    )]
+    #[error("`{path}` is in use by another process; give each process its own directory (AGENT_SENTINEL_HOME)")]
     Locked { path: PathBuf },
-    #[error(
-        "`{path}` line {line}: {problem}; run `sentinel ledger verify {path}` before writing to it again"
-    )]
-    Corrupt {
-        path: PathBuf,
-        line: u64,
-        problem: String,
-    },
+    #[error("`{path}` line {line}: {problem}; run `sentinel ledger verify {path}` before writing to it again")]
+    Corrupt { path: PathBuf, line: u64, problem: String },
     #[error("cannot serialize a record: {0}")]
     Serialize(String),
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> LedgerError + 'a {
-    move |source| LedgerError::Io {
-        what,
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| LedgerError::Io { what, path: path.to_path_buf(), source }
 }
 
 /// Options for a chained log.
@@ -69,10 +57,7 @@ pub struct LogOptions {
 
 impl Default for LogOptions {
     fn default() -> Self {
-        LogOptions {
-            rotate_bytes: 64 * 1024 * 1024,
-            fsync: false,
-        }
+        LogOptions { rotate_bytes: 64 * 1024 * 1024, fsync: false }
     }
 }
 
@@ -104,9 +89,7 @@ pub struct ChainWriter {
 
 impl std::fmt::Debug for ChainWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChainWriter")
-            .field("path", &self.path)
-            .finish_non_exhaustive()
+        f.debug_struct("ChainWriter").field("path", &self.path).finish_non_exhaustive()
     }
 }
 
@@ -133,24 +116,14 @@ impl ChainWriter {
         match lock.try_lock() {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => {
-                return Err(LedgerError::Locked {
-                    path: path.to_path_buf(),
-                });
+                return Err(LedgerError::Locked { path: path.to_path_buf() });
             }
             Err(fs::TryLockError::Error(e)) => {
-                return Err(LedgerError::Io {
-                    what: "lock",
-                    path: lock_path,
-                    source: e,
-                });
+                return Err(LedgerError::Io { what: "lock", path: lock_path, source: e });
             }
         }
-        let mut file = OpenOptions::new()
-            .create(true)
-            .read(true)
-            .append(true)
-            .open(path)
-            .map_err(io_err("open", path))?;
+        let mut file =
+            OpenOptions::new().create(true).read(true).append(true).open(path).map_err(io_err("open", path))?;
         let recovery = recover_tail(path, &mut file)?;
         let (seq, prev) = match last_line(path, &mut file)? {
             Some((line_no, line)) => {
@@ -185,14 +158,7 @@ impl ChainWriter {
         let w = ChainWriter {
             path: path.to_path_buf(),
             opts,
-            state: Mutex::new(WriterState {
-                file,
-                head,
-                size,
-                seq,
-                prev,
-                line: Vec::with_capacity(1024),
-            }),
+            state: Mutex::new(WriterState { file, head, size, seq, prev, line: Vec::with_capacity(1024) }),
             _lock: lock,
             recovery,
         };
@@ -220,12 +186,9 @@ impl ChainWriter {
 
     /// Appends one record (it must serialize to a JSON object). Returns once the line is with the OS.
     pub fn append<T: Serialize + ?Sized>(&self, record: &T) -> Result<Appended, LedgerError> {
-        let mut body =
-            serde_json::to_vec(record).map_err(|e| LedgerError::Serialize(e.to_string()))?;
+        let mut body = serde_json::to_vec(record).map_err(|e| LedgerError::Serialize(e.to_string()))?;
         if body.last() != Some(&b'}') || body.first() != Some(&b'{') {
-            return Err(LedgerError::Serialize(
-                "a ledger record must be a JSON object".into(),
-            ));
+            return Err(LedgerError::Serialize("a ledger record must be a JSON object".into()));
         }
         body.pop();
         self.append_body(&body)
@@ -255,28 +218,20 @@ impl ChainWriter {
         line.extend_from_slice(HASH_TAIL);
         line.extend_from_slice(hash.as_bytes());
         line.extend_from_slice(b"\"}\n");
-        st.file
-            .write_all(line)
-            .map_err(io_err("append to", &self.path))?;
+        st.file.write_all(line).map_err(io_err("append to", &self.path))?;
         if self.opts.fsync {
             st.file.sync_data().map_err(io_err("sync", &self.path))?;
         }
         st.size += line.len() as u64;
         st.seq = seq;
         st.prev.copy_from_slice(hash.as_bytes());
-        write_head(&st.head, seq, &st.prev)
-            .map_err(io_err("write", &sidecar(&self.path, "head")))?;
+        write_head(&st.head, seq, &st.prev).map_err(io_err("write", &sidecar(&self.path, "head")))?;
         Ok(Appended { seq, hash })
     }
 
     fn rotate(&self, st: &mut WriterState) -> Result<(), LedgerError> {
         st.file.sync_all().map_err(io_err("sync", &self.path))?;
-        let next = segments(&self.path)?
-            .iter()
-            .filter_map(|(n, _)| *n)
-            .max()
-            .unwrap_or(0)
-            + 1;
+        let next = segments(&self.path)?.iter().filter_map(|(n, _)| *n).max().unwrap_or(0) + 1;
         let target = segment_path(&self.path, next);
         fs::rename(&self.path, &target).map_err(io_err("rotate", &self.path))?;
         st.file = OpenOptions::new()
@@ -326,44 +281,28 @@ pub fn sidecar(path: &Path, ext: &str) -> PathBuf {
 
 /// `ledger.jsonl` → `ledger.000003.jsonl`.
 pub fn segment_path(path: &Path, n: u64) -> PathBuf {
-    let stem = path
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or("ledger");
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("ledger");
     let ext = path.extension().and_then(|s| s.to_str()).unwrap_or("jsonl");
     path.with_file_name(format!("{stem}.{n:06}.{ext}"))
 }
 
 /// Every file of a log, oldest first: rotated segments by number, then the active file.
 pub fn segments(path: &Path) -> Result<Vec<(Option<u64>, PathBuf)>, LedgerError> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let stem = path
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or("ledger");
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("ledger");
     let ext = path.extension().and_then(|s| s.to_str()).unwrap_or("jsonl");
     let mut out = Vec::new();
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
         Err(e) => {
-            return Err(LedgerError::Io {
-                what: "list",
-                path: dir.to_path_buf(),
-                source: e,
-            });
+            return Err(LedgerError::Io { what: "list", path: dir.to_path_buf(), source: e });
         }
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        let Some(mid) = name
-            .strip_prefix(stem)
-            .and_then(|r| r.strip_prefix('.'))
-            .and_then(|r| r.strip_suffix(ext))
+        let Some(mid) = name.strip_prefix(stem).and_then(|r| r.strip_prefix('.')).and_then(|r| r.strip_suffix(ext))
         else {
             continue;
         };
@@ -413,8 +352,7 @@ fn recover_tail(path: &Path, file: &mut File) -> Result<Recovery, LedgerError> {
         return Ok(Recovery::default());
     }
     let mut last = [0u8; 1];
-    file.read_exact_at(&mut last, len - 1)
-        .map_err(io_err("read", path))?;
+    file.read_exact_at(&mut last, len - 1).map_err(io_err("read", path))?;
     if last[0] == b'\n' {
         return Ok(Recovery::default());
     }
@@ -425,8 +363,7 @@ fn recover_tail(path: &Path, file: &mut File) -> Result<Recovery, LedgerError> {
         let start = pos.saturating_sub(buf.len() as u64);
         let n = usize::try_from(pos - start).unwrap_or(0);
         let chunk = buf.get_mut(..n).unwrap_or_default();
-        file.read_exact_at(chunk, start)
-            .map_err(io_err("read", path))?;
+        file.read_exact_at(chunk, start).map_err(io_err("read", path))?;
         if let Some(i) = chunk.iter().rposition(|b| *b == b'\n') {
             break start + i as u64 + 1;
         }
@@ -436,31 +373,22 @@ fn recover_tail(path: &Path, file: &mut File) -> Result<Recovery, LedgerError> {
         pos = start;
     };
     let mut torn = vec![0u8; usize::try_from(len - cut).unwrap_or(0)];
-    file.read_exact_at(&mut torn, cut)
-        .map_err(io_err("read", path))?;
+    file.read_exact_at(&mut torn, cut).map_err(io_err("read", path))?;
     let q = sidecar(path, "torn");
-    let mut qf = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&q)
-        .map_err(io_err("open", &q))?;
+    let mut qf = OpenOptions::new().create(true).append(true).open(&q).map_err(io_err("open", &q))?;
     let header = format!(
         "# torn tail of {} at byte {cut}, {} bytes, set aside {}\n",
         path.display(),
         torn.len(),
         crate::ledger::now_rfc3339()
     );
-    qf.write_all(header.as_bytes())
-        .map_err(io_err("write", &q))?;
+    qf.write_all(header.as_bytes()).map_err(io_err("write", &q))?;
     qf.write_all(&torn).map_err(io_err("write", &q))?;
     qf.write_all(b"\n").map_err(io_err("write", &q))?;
     qf.sync_all().map_err(io_err("sync", &q))?;
     file.set_len(cut).map_err(io_err("truncate", path))?;
     file.sync_all().map_err(io_err("sync", path))?;
-    Ok(Recovery {
-        torn_bytes: torn.len() as u64,
-        quarantine: Some(q),
-    })
+    Ok(Recovery { torn_bytes: torn.len() as u64, quarantine: Some(q) })
 }
 
 /// The last complete line of a file, with its 1-based line number (counted only when needed).
@@ -476,8 +404,7 @@ fn last_line(path: &Path, file: &mut File) -> Result<Option<(u64, Vec<u8>)>, Led
         let start = pos.saturating_sub(buf.len() as u64);
         let n = usize::try_from(pos - start).unwrap_or(0);
         let chunk = buf.get_mut(..n).unwrap_or_default();
-        file.read_exact_at(chunk, start)
-            .map_err(io_err("read", path))?;
+        file.read_exact_at(chunk, start).map_err(io_err("read", path))?;
         if let Some(i) = chunk.iter().rposition(|b| *b == b'\n') {
             let mut line = chunk.get(i + 1..).unwrap_or_default().to_vec();
             line.extend_from_slice(&collected);
@@ -545,11 +472,7 @@ pub fn parse_tail(line: &[u8]) -> Option<Tail<'_>> {
         return None;
     }
     // seq digits end at key_start
-    let digits_start = line
-        .get(..key_start)?
-        .iter()
-        .rposition(|b| !b.is_ascii_digit())?
-        + 1;
+    let digits_start = line.get(..key_start)?.iter().rposition(|b| !b.is_ascii_digit())? + 1;
     let digits = line.get(digits_start..key_start)?;
     if digits.is_empty() || digits.len() > 20 {
         return None;
@@ -559,19 +482,10 @@ pub fn parse_tail(line: &[u8]) -> Option<Tail<'_>> {
         return None;
     }
     let seq = std::str::from_utf8(digits).ok()?.parse().ok()?;
-    if !hash
-        .iter()
-        .chain(prev.iter())
-        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
-    {
+    if !hash.iter().chain(prev.iter()).all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b)) {
         return None;
     }
-    Some(Tail {
-        hashed,
-        seq,
-        prev,
-        hash,
-    })
+    Some(Tail { hashed, seq, prev, hash })
 }
 
 /// The first problem `verify` found.
@@ -619,21 +533,13 @@ fn to64(b: &[u8]) -> [u8; 64] {
 }
 
 fn verify_chunk(data: &[u8], is_file_end: bool) -> Chunk {
-    let mut c = Chunk {
-        lines: 0,
-        first: None,
-        last: None,
-        failure: None,
-    };
+    let mut c = Chunk { lines: 0, first: None, last: None, failure: None };
     let mut rest = data;
     let mut hexbuf = [0u8; 64];
     while !rest.is_empty() {
         c.lines += 1;
         let (line, next) = match memchr::memchr(b'\n', rest) {
-            Some(i) => (
-                rest.get(..i).unwrap_or_default(),
-                rest.get(i + 1..).unwrap_or_default(),
-            ),
+            Some(i) => (rest.get(..i).unwrap_or_default(), rest.get(i + 1..).unwrap_or_default()),
             None => {
                 let problem = if is_file_end {
                     format!(
@@ -649,11 +555,7 @@ fn verify_chunk(data: &[u8], is_file_end: bool) -> Chunk {
         };
         rest = next;
         let Some(t) = parse_tail(line) else {
-            c.failure = Some((
-                c.lines,
-                None,
-                "line does not end with the `seq`, `prev_hash` and `hash` fields".into(),
-            ));
+            c.failure = Some((c.lines, None, "line does not end with the `seq`, `prev_hash` and `hash` fields".into()));
             return c;
         };
         match c.last {
@@ -683,11 +585,8 @@ fn verify_chunk(data: &[u8], is_file_end: bool) -> Chunk {
         }
         let _ = hex::encode_to_slice(Sha256::digest(t.hashed), &mut hexbuf);
         if t.hash != hexbuf {
-            c.failure = Some((
-                c.lines,
-                Some(t.seq),
-                "`hash` does not match the line's contents: the line was edited".into(),
-            ));
+            c.failure =
+                Some((c.lines, Some(t.seq), "`hash` does not match the line's contents: the line was edited".into()));
             return c;
         }
         c.last = Some((t.seq, to64(t.hash)));
@@ -730,24 +629,15 @@ pub fn verify(path: &Path) -> Result<VerifyReport, LedgerError> {
     };
     let mut prev = to64(GENESIS.as_bytes());
     let mut expect_seq = 1u64;
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(8);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
     for (_, file) in &segs {
         let data = fs::read(file).map_err(io_err("read", file))?;
-        let pieces = if data.len() > (1 << 20) {
-            split_lines(&data, threads)
-        } else {
-            vec![data.as_slice()]
-        };
+        let pieces = if data.len() > (1 << 20) { split_lines(&data, threads) } else { vec![data.as_slice()] };
         let count = pieces.len();
         let chunks: Vec<Chunk> = if count > 1 {
             std::thread::scope(|s| {
-                let handles: Vec<_> = pieces
-                    .iter()
-                    .enumerate()
-                    .map(|(i, p)| s.spawn(move || verify_chunk(p, i + 1 == count)))
-                    .collect();
+                let handles: Vec<_> =
+                    pieces.iter().enumerate().map(|(i, p)| s.spawn(move || verify_chunk(p, i + 1 == count))).collect();
                 handles
                     .into_iter()
                     .map(|h| {
@@ -765,12 +655,8 @@ pub fn verify(path: &Path) -> Result<VerifyReport, LedgerError> {
         };
         let mut line_base = 0u64;
         for c in chunks {
-            let fail = |line: u64, seq: Option<u64>, problem: String| VerifyFailure {
-                file: file.clone(),
-                line,
-                seq,
-                problem,
-            };
+            let fail =
+                |line: u64, seq: Option<u64>, problem: String| VerifyFailure { file: file.clone(), line, seq, problem };
             if let Some((seq, p)) = c.first {
                 if seq != expect_seq {
                     report.failure = Some(fail(

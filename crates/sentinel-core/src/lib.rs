@@ -24,9 +24,7 @@ pub mod report;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use compile::PolicySet;
 pub use counters::{ActionSpend, Reservation};
-pub use decision::{
-    ActionRequest, Decision, InterventionType, Limit, LimitKind, ReasonCode, RiskLevel, Verdict,
-};
+pub use decision::{ActionRequest, Decision, InterventionType, Limit, LimitKind, ReasonCode, RiskLevel, Verdict};
 pub use engine::{Engine, HaltTarget, SpendSnapshot};
 pub use guard::{Begun, CallOutcome, Guard, Permit};
 pub use ledger::{ChainWriter, LedgerError, LogOptions};

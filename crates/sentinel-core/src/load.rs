@@ -20,13 +20,7 @@ pub struct PolicyError {
 
 impl PolicyError {
     fn whole_file(file: &str, message: String) -> Self {
-        PolicyError {
-            file: file.to_string(),
-            line: 0,
-            column: 0,
-            message,
-            source_line: None,
-        }
+        PolicyError { file: file.to_string(), line: 0, column: 0, message, source_line: None }
     }
 
     fn at(file: &str, src: &str, line: u64, column: u64, message: String) -> Self {
@@ -35,22 +29,12 @@ impl PolicyError {
             .and_then(|l| l.checked_sub(1))
             .and_then(|l| src.lines().nth(l))
             .map(str::to_string);
-        PolicyError {
-            file: file.to_string(),
-            line,
-            column,
-            message,
-            source_line,
-        }
+        PolicyError { file: file.to_string(), line, column, message, source_line }
     }
 
     /// `file:line:col` (or just `file`).
     pub fn location(&self) -> String {
-        if self.line == 0 {
-            self.file.clone()
-        } else {
-            format!("{}:{}:{}", self.file, self.line, self.column)
-        }
+        if self.line == 0 { self.file.clone() } else { format!("{}:{}:{}", self.file, self.line, self.column) }
     }
 }
 
@@ -62,11 +46,7 @@ impl fmt::Display for PolicyError {
             let pad = " ".repeat(num.len());
             let col = usize::try_from(self.column.saturating_sub(1)).unwrap_or(0);
             // Keep the caret under the right character even when the line has tabs.
-            let lead: String = src
-                .chars()
-                .take(col)
-                .map(|c| if c == '\t' { '\t' } else { ' ' })
-                .collect();
+            let lead: String = src.chars().take(col).map(|c| if c == '\t' { '\t' } else { ' ' }).collect();
             write!(f, "\n{pad} |\n{num} | {src}\n{pad} | {lead}^")?;
         }
         Ok(())
@@ -84,44 +64,24 @@ pub fn load_file(path: &Path) -> Result<Vec<PolicyDoc>, Vec<PolicyError>> {
             Err(e) => {
                 return Err(vec![PolicyError::whole_file(
                     &display,
-                    format!(
-                        "file is not valid UTF-8 (first bad byte at offset {})",
-                        e.utf8_error().valid_up_to()
-                    ),
+                    format!("file is not valid UTF-8 (first bad byte at offset {})", e.utf8_error().valid_up_to()),
                 )]);
             }
         },
         Err(e) => {
-            return Err(vec![PolicyError::whole_file(
-                &display,
-                format!("cannot read file: {e}"),
-            )]);
+            return Err(vec![PolicyError::whole_file(&display, format!("cannot read file: {e}"))]);
         }
     };
-    let stem = path
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or("policy");
-    let is_json = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| e.eq_ignore_ascii_case("json"));
-    if is_json {
-        parse_rules_json(&display, stem, &text)
-    } else {
-        parse_yaml(&display, stem, &text)
-    }
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("policy");
+    let is_json = path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("json"));
+    if is_json { parse_rules_json(&display, stem, &text) } else { parse_yaml(&display, stem, &text) }
 }
 
 /// Largest policy file accepted, so a mistaken path to a huge file fails fast and clearly.
 pub const MAX_POLICY_BYTES: usize = 16 * 1024 * 1024;
 
 /// Parses a YAML policy document. `default_name` names the top-level policy when it has no `name`.
-pub fn parse_yaml(
-    file: &str,
-    default_name: &str,
-    src: &str,
-) -> Result<Vec<PolicyDoc>, Vec<PolicyError>> {
+pub fn parse_yaml(file: &str, default_name: &str, src: &str) -> Result<Vec<PolicyDoc>, Vec<PolicyError>> {
     precheck(file, src)?;
     let doc: PolicyDoc = serde_saphyr::from_str(src).map_err(|e| {
         let raw = e.to_string();
@@ -145,25 +105,13 @@ pub fn parse_yaml(
 }
 
 /// Parses a rules file in the rules-and-approvals decorator's JSON format.
-pub fn parse_rules_json(
-    file: &str,
-    default_name: &str,
-    src: &str,
-) -> Result<Vec<PolicyDoc>, Vec<PolicyError>> {
+pub fn parse_rules_json(file: &str, default_name: &str, src: &str) -> Result<Vec<PolicyDoc>, Vec<PolicyError>> {
     precheck(file, src)?;
     let rf: RulesFile = serde_json::from_str(src).map_err(|e| {
         let msg = e.to_string();
         // serde_json appends " at line L column C"; we show the location separately.
-        let msg = msg
-            .rsplit_once(" at line ")
-            .map_or(msg.as_str(), |(m, _)| m);
-        vec![PolicyError::at(
-            file,
-            src,
-            e.line() as u64,
-            e.column() as u64,
-            improve_message(msg),
-        )]
+        let msg = msg.rsplit_once(" at line ").map_or(msg.as_str(), |(m, _)| m);
+        vec![PolicyError::at(file, src, e.line() as u64, e.column() as u64, improve_message(msg))]
     })?;
     if let Some(v) = &rf.version
         && v != "1.0"
@@ -190,10 +138,7 @@ fn precheck(file: &str, src: &str) -> Result<(), Vec<PolicyError>> {
     if src.len() > MAX_POLICY_BYTES {
         return Err(vec![PolicyError::whole_file(
             file,
-            format!(
-                "file is {} bytes; policy files are limited to {MAX_POLICY_BYTES} bytes",
-                src.len()
-            ),
+            format!("file is {} bytes; policy files are limited to {MAX_POLICY_BYTES} bytes", src.len()),
         )]);
     }
     let meaningful = src.lines().any(|l| {
@@ -210,12 +155,7 @@ fn precheck(file: &str, src: &str) -> Result<(), Vec<PolicyError>> {
     Ok(())
 }
 
-fn finish(
-    file: &str,
-    default_name: &str,
-    src: &str,
-    mut doc: PolicyDoc,
-) -> Result<Vec<PolicyDoc>, Vec<PolicyError>> {
+fn finish(file: &str, default_name: &str, src: &str, mut doc: PolicyDoc) -> Result<Vec<PolicyDoc>, Vec<PolicyError>> {
     let children = std::mem::take(&mut doc.policies);
     let mut out = Vec::with_capacity(children.len() + 1);
     if doc.has_body() || children.is_empty() {
@@ -230,10 +170,7 @@ fn finish(
             doc.name = Some(default_name.to_string());
         }
         out.push(doc);
-    } else if doc.scope != crate::model::Scope::Global
-        || doc.name.is_some()
-        || doc.description.is_some()
-    {
+    } else if doc.scope != crate::model::Scope::Global || doc.name.is_some() || doc.description.is_some() {
         return Err(vec![PolicyError::whole_file(
             file,
             "top-level `name`, `description` or `scope` given without any policy settings; put them inside a `policies` entry".to_string(),
@@ -253,11 +190,7 @@ fn finish(
         }
     }
     errors.extend(check_unique_names(file, src, &out));
-    if errors.is_empty() {
-        Ok(out)
-    } else {
-        Err(errors)
-    }
+    if errors.is_empty() { Ok(out) } else { Err(errors) }
 }
 
 /// Names must be unique across everything loaded together.
@@ -270,18 +203,9 @@ pub fn check_unique_names(file: &str, src: &str, docs: &[PolicyDoc]) -> Vec<Poli
         {
             let line = find_nth_line(src, &format!("name: {n}"), 1).unwrap_or(0);
             let e = if line == 0 {
-                PolicyError::whole_file(
-                    file,
-                    format!("duplicate policy name `{n}`; names must be unique"),
-                )
+                PolicyError::whole_file(file, format!("duplicate policy name `{n}`; names must be unique"))
             } else {
-                PolicyError::at(
-                    file,
-                    src,
-                    line,
-                    1,
-                    format!("duplicate policy name `{n}`; names must be unique"),
-                )
+                PolicyError::at(file, src, line, 1, format!("duplicate policy name `{n}`; names must be unique"))
             };
             errors.push(e);
         }
@@ -311,16 +235,9 @@ fn locate_hint(msg: &str, src: &str) -> Option<u64> {
     }
     if msg.starts_with("duplicate rule id") {
         let pat = format!("id: {key}");
-        return src
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| l.contains(&pat))
-            .nth(1)
-            .map(|(i, _)| i as u64 + 1);
+        return src.lines().enumerate().filter(|(_, l)| l.contains(&pat)).nth(1).map(|(i, _)| i as u64 + 1);
     }
-    src.lines()
-        .position(|l| l.contains(key))
-        .map(|i| i as u64 + 1)
+    src.lines().position(|l| l.contains(key)).map(|i| i as u64 + 1)
 }
 
 /// Rewrites serde's messages into ours: user input in backticks, and the nearest valid key suggested.
@@ -371,10 +288,7 @@ pub(crate) fn improve_message(msg: &str) -> String {
 fn synonym<'a>(found: &str, expected: &'a [String]) -> Option<&'a str> {
     const SYNONYMS: &[(&[&str], &str)] = &[
         (&["greater", "greater_than", ">", "gt_"], "gt"),
-        (
-            &["greater_or_equal", "greater_than_or_equal", ">=", "ge"],
-            "gte",
-        ),
+        (&["greater_or_equal", "greater_than_or_equal", ">=", "ge"], "gte"),
         (&["less", "less_than", "<"], "lt"),
         (&["less_or_equal", "less_than_or_equal", "<=", "le"], "lte"),
         (&["equals", "equal", "==", "is"], "eq"),
@@ -383,10 +297,7 @@ fn synonym<'a>(found: &str, expected: &'a [String]) -> Option<&'a str> {
         (&["startswith", "prefix"], "starts_with"),
         (&["endswith", "suffix"], "ends_with"),
         (&["deny", "reject", "forbid"], "block"),
-        (
-            &["approve", "approval", "require-approval", "ask"],
-            "require_approval",
-        ),
+        (&["approve", "approval", "require-approval", "ask"], "require_approval"),
         (&["permit"], "allow"),
     ];
     let lower = found.to_ascii_lowercase();
@@ -402,12 +313,7 @@ pub fn nearest<'a>(found: &str, candidates: &'a [String]) -> Option<&'a str> {
     let lower = found.to_ascii_lowercase();
     candidates
         .iter()
-        .map(|c| {
-            (
-                strsim::damerau_levenshtein(&lower, &c.to_ascii_lowercase()),
-                c,
-            )
-        })
+        .map(|c| (strsim::damerau_levenshtein(&lower, &c.to_ascii_lowercase()), c))
         .filter(|(d, c)| *d <= (c.len().max(found.len()) / 3).max(2))
         .min_by_key(|(d, _)| *d)
         .map(|(_, c)| c.as_str())

@@ -275,9 +275,7 @@ fn check_action_name(name: &str, list: &str) -> Result<(), String> {
         return Err(format!("`{list}` contains an empty action name"));
     }
     if name.trim() != name {
-        return Err(format!(
-            "action name `{name}` in `{list}` has leading or trailing spaces"
-        ));
+        return Err(format!("action name `{name}` in `{list}` has leading or trailing spaces"));
     }
     Ok(())
 }
@@ -370,30 +368,19 @@ impl TryFrom<RateLimitRepr> for RateLimit {
     type Error = String;
     fn try_from(r: RateLimitRepr) -> Result<Self, String> {
         if r.max_count == 0 {
-            return Err(
-                "`max_count` must be at least 1; to block an action, list it in `denied_actions`"
-                    .into(),
-            );
+            return Err("`max_count` must be at least 1; to block an action, list it in `denied_actions`".into());
         }
         check_window(r.window_seconds)?;
-        Ok(RateLimit {
-            max_count: r.max_count,
-            window_seconds: r.window_seconds,
-            per: r.per,
-        })
+        Ok(RateLimit { max_count: r.max_count, window_seconds: r.window_seconds, per: r.per })
     }
 }
 
 fn check_window(w: f64) -> Result<(), String> {
     if !w.is_finite() || w <= 0.0 {
-        return Err(format!(
-            "`window_seconds` must be a positive number of seconds, got `{w}`"
-        ));
+        return Err(format!("`window_seconds` must be a positive number of seconds, got `{w}`"));
     }
     if w > 366.0 * 86_400.0 {
-        return Err(format!(
-            "`window_seconds` must be at most a year (31622400), got `{w}`"
-        ));
+        return Err(format!("`window_seconds` must be at most a year (31622400), got `{w}`"));
     }
     Ok(())
 }
@@ -474,18 +461,10 @@ impl TryFrom<RuleRepr> for Rule {
             return Err("rule `id` must not be empty".into());
         }
         if r.function_pattern.is_empty() {
-            return Err(format!(
-                "rule `{}` has an empty `function_pattern`; use `*` to match every action",
-                r.id
-            ));
+            return Err(format!("rule `{}` has an empty `function_pattern`; use `*` to match every action", r.id));
         }
         globset::Glob::new(&r.function_pattern).map_err(|e| {
-            format!(
-                "rule `{}`: invalid glob `{}` in `function_pattern`: {}",
-                r.id,
-                r.function_pattern,
-                e.kind()
-            )
+            format!("rule `{}`: invalid glob `{}` in `function_pattern`: {}", r.id, r.function_pattern, e.kind())
         })?;
         Ok(Rule {
             id: r.id,
@@ -542,19 +521,14 @@ impl TryFrom<ConditionRepr> for Condition {
     fn try_from(r: ConditionRepr) -> Result<Self, String> {
         use serde_json::Value;
         if r.param.is_empty() || r.param.split('.').any(str::is_empty) {
-            return Err(format!(
-                "condition `param` `{}` is not a valid argument name or dotted path",
-                r.param
-            ));
+            return Err(format!("condition `param` `{}` is not a valid argument name or dotted path", r.param));
         }
         let op = r.operator;
         let ok = match op {
             Operator::Gt | Operator::Gte | Operator::Lt | Operator::Lte => r.value.is_number(),
             Operator::In | Operator::NotIn => r.value.is_array(),
             Operator::StartsWith | Operator::EndsWith | Operator::Matches => r.value.is_string(),
-            Operator::Eq | Operator::Ne | Operator::Contains | Operator::NotContains => {
-                !r.value.is_null()
-            }
+            Operator::Eq | Operator::Ne | Operator::Contains | Operator::NotContains => !r.value.is_null(),
         };
         if !ok {
             let expected = match op {
@@ -582,16 +556,9 @@ impl TryFrom<ConditionRepr> for Condition {
         if let Value::Number(n) = &r.value
             && n.as_f64().is_none_or(|f| !f.is_finite())
         {
-            return Err(format!(
-                "condition on `{}` has a value that is not a finite number",
-                r.param
-            ));
+            return Err(format!("condition on `{}` has a value that is not a finite number", r.param));
         }
-        Ok(Condition {
-            param: r.param,
-            operator: r.operator,
-            value: r.value,
-        })
+        Ok(Condition { param: r.param, operator: r.operator, value: r.value })
     }
 }
 
@@ -679,15 +646,11 @@ impl TryFrom<AnomalyRepr> for Anomaly {
     fn try_from(r: AnomalyRepr) -> Result<Self, String> {
         let z = r.z_threshold.unwrap_or(3.0);
         if !z.is_finite() || z <= 0.0 {
-            return Err(format!(
-                "`z_threshold` must be a positive number, got `{z}`"
-            ));
+            return Err(format!("`z_threshold` must be a positive number, got `{z}`"));
         }
         let dev = r.min_deviation.unwrap_or(1.0);
         if !dev.is_finite() || dev < 0.0 {
-            return Err(format!(
-                "`min_deviation` must be a non-negative number, got `{dev}`"
-            ));
+            return Err(format!("`min_deviation` must be a non-negative number, got `{dev}`"));
         }
         let min_samples = r.min_samples.unwrap_or(20);
         if min_samples < 2 {
@@ -735,10 +698,7 @@ impl TryFrom<LoopsRepr> for Loops {
             return Err("`max_repeats` must be at least 1".into());
         }
         check_window(r.window_seconds)?;
-        Ok(Loops {
-            max_repeats: r.max_repeats,
-            window_seconds: r.window_seconds,
-        })
+        Ok(Loops { max_repeats: r.max_repeats, window_seconds: r.window_seconds })
     }
 }
 

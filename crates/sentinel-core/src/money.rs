@@ -54,19 +54,12 @@ impl Usd {
         if micros > 9.0e15 {
             return Err(MoneyError::TooLarge(value));
         }
-        #[expect(
-            clippy::cast_possible_truncation,
-            clippy::cast_sign_loss,
-            reason = "range checked above"
-        )]
+        #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "range checked above")]
         Ok(Usd(micros as u64))
     }
 
     pub fn as_f64(self) -> f64 {
-        #[expect(
-            clippy::cast_precision_loss,
-            reason = "amounts are below 2^53 micro-dollars"
-        )]
+        #[expect(clippy::cast_precision_loss, reason = "amounts are below 2^53 micro-dollars")]
         let micros = self.0 as f64;
         micros / MICROS_PER_USD as f64
     }
@@ -140,10 +133,7 @@ mod tests {
     fn rejects_negative_nan_and_infinite() {
         assert_eq!(Usd::from_f64(f64::NAN), Err(MoneyError::NaN));
         assert_eq!(Usd::from_f64(-0.5), Err(MoneyError::Negative(-0.5)));
-        assert!(matches!(
-            Usd::from_f64(f64::INFINITY),
-            Err(MoneyError::Infinite(_))
-        ));
+        assert!(matches!(Usd::from_f64(f64::INFINITY), Err(MoneyError::Infinite(_))));
     }
 
     #[test]

@@ -201,12 +201,7 @@ const DANGEROUS_WORDS: &[&str] = &[
 
 /// The risk of an intervention: the caller's own assessment when given, otherwise judged from
 /// the intervention type, tags, and whole words of the action name (never substrings).
-pub fn assess_risk(
-    given: Option<RiskLevel>,
-    kind: InterventionType,
-    action: &str,
-    tags: &[String],
-) -> RiskLevel {
+pub fn assess_risk(given: Option<RiskLevel>, kind: InterventionType, action: &str, tags: &[String]) -> RiskLevel {
     if let Some(r) = given {
         return r;
     }

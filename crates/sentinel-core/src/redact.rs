@@ -60,29 +60,23 @@ fn is_sensitive_word(w: &[u8]) -> bool {
 }
 
 fn is_sensitive_pair(a: &[u8], b: &[u8]) -> bool {
-    SENSITIVE_PAIRS
-        .iter()
-        .any(|(x, y)| x.as_bytes() == a && y.as_bytes() == b)
+    SENSITIVE_PAIRS.iter().any(|(x, y)| x.as_bytes() == a && y.as_bytes() == b)
 }
 
 /// Is a key name one whose value must never be recorded? Words are split at `_`, `-`, `.`,
 /// spaces and camelCase boundaries, and compared whole. No allocation.
 pub fn is_sensitive_key(key: &str) -> bool {
     let mut prev: Option<Word> = None;
-    let mut cur = Word {
-        buf: [0; 16],
-        len: 0,
-    };
+    let mut cur = Word { buf: [0; 16], len: 0 };
     let mut overflow = false;
     let mut prev_lower = false;
-    let mut finish = |cur: &mut Word, overflow: &mut bool, prev: &mut Option<Word>| -> bool {
+    let finish = |cur: &mut Word, overflow: &mut bool, prev: &mut Option<Word>| -> bool {
         let hit = if cur.len == 0 || *overflow {
             *prev = None;
             false
         } else {
             let w = cur.as_bytes();
-            let hit =
-                is_sensitive_word(w) || prev.is_some_and(|p| is_sensitive_pair(p.as_bytes(), w));
+            let hit = is_sensitive_word(w) || prev.is_some_and(|p| is_sensitive_pair(p.as_bytes(), w));
             *prev = Some(*cur);
             hit
         };
@@ -173,10 +167,7 @@ pub fn redact(v: &mut Value) {
     match v {
         Value::Object(m) => {
             for (k, val) in m.iter_mut() {
-                if is_sensitive_key(k)
-                    && !val.is_null()
-                    && !matches!(val, Value::Object(_) | Value::Array(_))
-                {
+                if is_sensitive_key(k) && !val.is_null() && !matches!(val, Value::Object(_) | Value::Array(_)) {
                     *val = Value::String(REDACTED.to_string());
                 } else if is_sensitive_key(k) {
                     redact_all(val);
@@ -198,12 +189,7 @@ pub fn redact(v: &mut Value) {
 }
 
 fn trim(w: &str) -> &str {
-    w.trim_matches(|c: char| {
-        matches!(
-            c,
-            '"' | '\'' | ',' | ';' | '(' | ')' | '<' | '>' | '[' | ']'
-        )
-    })
+    w.trim_matches(|c: char| matches!(c, '"' | '\'' | ',' | ';' | '(' | ')' | '<' | '>' | '[' | ']'))
 }
 
 /// Replaces secret-shaped words inside free text ("my key is sk-...").
@@ -214,9 +200,7 @@ fn redact_tokens(s: &mut String) {
     let mut out = String::with_capacity(s.len());
     let mut rest = s.as_str();
     while !rest.is_empty() {
-        let ws_end = rest
-            .find(|c: char| !c.is_whitespace())
-            .unwrap_or(rest.len());
+        let ws_end = rest.find(|c: char| !c.is_whitespace()).unwrap_or(rest.len());
         let (ws, after) = rest.split_at(ws_end);
         out.push_str(ws);
         let word_end = after.find(char::is_whitespace).unwrap_or(after.len());
@@ -267,15 +251,7 @@ mod tests {
         ] {
             assert!(is_sensitive_key(k), "{k}");
         }
-        for k in [
-            "max_tokens",
-            "author",
-            "query",
-            "tokens_used",
-            "keyboard",
-            "passenger",
-            "description",
-        ] {
+        for k in ["max_tokens", "author", "query", "tokens_used", "keyboard", "passenger", "description"] {
             assert!(!is_sensitive_key(k), "{k}");
         }
     }

@@ -25,9 +25,7 @@ pub fn explain(d: &Decision, set: &PolicySet, req: &ActionRequest<'_>) -> String
         s,
         "reason:         {}{}",
         d.reason.as_str(),
-        d.intervention
-            .map(|i| format!(" ({})", i.as_str()))
-            .unwrap_or_default()
+        d.intervention.map(|i| format!(" ({})", i.as_str())).unwrap_or_default()
     );
     let _ = writeln!(s, "message:        {}", d.message);
     if let Some(p) = &d.policy {
@@ -43,18 +41,9 @@ pub fn explain(d: &Decision, set: &PolicySet, req: &ActionRequest<'_>) -> String
         let _ = writeln!(s, "retry after:    {r:.3}s");
     }
     if let Some(a) = &d.approval {
-        let timeout = a
-            .timeout_seconds
-            .map_or_else(|| "none".to_string(), |t| format!("{t}s"));
-        let approvers = if a.approvers.is_empty() {
-            "any approver".to_string()
-        } else {
-            a.approvers.join(", ")
-        };
-        let _ = writeln!(
-            s,
-            "approval:       timeout {timeout}; approvers {approvers}"
-        );
+        let timeout = a.timeout_seconds.map_or_else(|| "none".to_string(), |t| format!("{t}s"));
+        let approvers = if a.approvers.is_empty() { "any approver".to_string() } else { a.approvers.join(", ") };
+        let _ = writeln!(s, "approval:       timeout {timeout}; approvers {approvers}");
     }
     for f in &d.shadow {
         let _ = writeln!(
@@ -75,22 +64,14 @@ pub fn explain(d: &Decision, set: &PolicySet, req: &ActionRequest<'_>) -> String
                 "{} ({}, {})",
                 p.name.as_deref().unwrap_or("?"),
                 scope_label(p),
-                if p.mode == Some(Mode::Shadow) {
-                    "shadow"
-                } else {
-                    "enforce"
-                }
+                if p.mode == Some(Mode::Shadow) { "shadow" } else { "enforce" }
             )
         })
         .collect();
     let _ = writeln!(
         s,
         "applicable:     {}",
-        if applicable.is_empty() {
-            "none".to_string()
-        } else {
-            applicable.join(", ")
-        }
+        if applicable.is_empty() { "none".to_string() } else { applicable.join(", ") }
     );
     let _ = writeln!(s, "policy version: {}", d.policy_version);
     s
@@ -113,9 +94,7 @@ fn scope_label(p: &PolicyDoc) -> String {
 }
 
 fn usd(x: f64) -> String {
-    Usd::from_f64(x)
-        .map(|u| u.to_string())
-        .unwrap_or_else(|_| format!("{x}"))
+    Usd::from_f64(x).map(|u| u.to_string()).unwrap_or_else(|_| format!("{x}"))
 }
 
 pub fn describe_limit(l: &crate::decision::Limit) -> String {
@@ -135,11 +114,7 @@ pub fn describe_limit(l: &crate::decision::Limit) -> String {
             l.used
         ),
         LimitKind::ApprovalCostThreshold => {
-            format!(
-                "approval threshold {}, this call {}",
-                usd(l.limit),
-                usd(l.requested)
-            )
+            format!("approval threshold {}, this call {}", usd(l.limit), usd(l.requested))
         }
         LimitKind::Anomaly => format!(
             "anomaly on `{}`: value {}, z-score {:.2} over threshold {}",
@@ -185,30 +160,15 @@ pub struct ActionStats {
     pub blocked: u64,
 }
 
-pub fn ledger_stats(
-    ledger: &Path,
-    interventions: Option<&Path>,
-) -> Result<LedgerStats, LedgerError> {
+pub fn ledger_stats(ledger: &Path, interventions: Option<&Path>) -> Result<LedgerStats, LedgerError> {
     let mut st = LedgerStats::default();
     let mut total = Usd::ZERO;
     let mut per_action: BTreeMap<String, (u64, Usd, u64)> = BTreeMap::new();
     for v in read_all(ledger)? {
         st.entries += 1;
-        let outcome = v
-            .get("outcome")
-            .and_then(Value::as_str)
-            .unwrap_or("unknown")
-            .to_string();
-        let action = v
-            .get("action")
-            .and_then(Value::as_str)
-            .unwrap_or("?")
-            .to_string();
-        let cost = v
-            .get("cost_usd")
-            .and_then(Value::as_f64)
-            .and_then(|c| Usd::from_f64(c).ok())
-            .unwrap_or_default();
+        let outcome = v.get("outcome").and_then(Value::as_str).unwrap_or("unknown").to_string();
+        let action = v.get("action").and_then(Value::as_str).unwrap_or("?").to_string();
+        let cost = v.get("cost_usd").and_then(Value::as_f64).and_then(|c| Usd::from_f64(c).ok()).unwrap_or_default();
         let ran = outcome == "success" || outcome == "error";
         let a = per_action.entry(action).or_default();
         if ran {
@@ -224,16 +184,7 @@ pub fn ledger_stats(
     st.total_cost_usd = total.as_f64();
     st.by_action = per_action
         .into_iter()
-        .map(|(k, (calls, cost, blocked))| {
-            (
-                k,
-                ActionStats {
-                    calls,
-                    cost_usd: cost.as_f64(),
-                    blocked,
-                },
-            )
-        })
+        .map(|(k, (calls, cost, blocked))| (k, ActionStats { calls, cost_usd: cost.as_f64(), blocked }))
         .collect();
     if let Some(ip) = interventions.filter(|p| p.exists()) {
         let mut prevented = Usd::ZERO;
@@ -242,14 +193,9 @@ pub fn ledger_stats(
                 continue;
             };
             st.interventions += 1;
-            *st.interventions_by_type
-                .entry(rec.kind.as_str().to_string())
-                .or_default() += 1;
-            *st.interventions_by_outcome
-                .entry(rec.outcome.as_str().to_string())
-                .or_default() += 1;
-            prevented =
-                prevented.saturating_add(Usd::from_f64(rec.cost_prevented_usd).unwrap_or_default());
+            *st.interventions_by_type.entry(rec.kind.as_str().to_string()).or_default() += 1;
+            *st.interventions_by_outcome.entry(rec.outcome.as_str().to_string()).or_default() += 1;
+            prevented = prevented.saturating_add(Usd::from_f64(rec.cost_prevented_usd).unwrap_or_default());
         }
         st.cost_prevented_usd = prevented.as_f64();
     }
@@ -287,10 +233,7 @@ pub struct Simulation {
 pub fn simulate(set: PolicySet, ledger: &Path) -> Result<Simulation, LedgerError> {
     let clock = Arc::new(ManualClock::new(0));
     let engine = Engine::with_clock(set, clock.clone());
-    let mut sim = Simulation {
-        policy_version: engine.policy_version().to_string(),
-        ..Default::default()
-    };
+    let mut sim = Simulation { policy_version: engine.policy_version().to_string(), ..Default::default() };
     for (i, v) in read_all(ledger)?.into_iter().enumerate() {
         let Ok(e) = serde_json::from_value::<LedgerEntry>(v) else {
             sim.skipped += 1;
@@ -313,15 +256,7 @@ pub fn simulate(set: PolicySet, ledger: &Path) -> Result<Simulation, LedgerError
             }
             continue;
         }
-        replay_one(
-            &engine,
-            &clock,
-            &e,
-            i,
-            recorded,
-            e.approval.as_ref().is_some_and(|a| a.approved),
-            &mut sim,
-        );
+        replay_one(&engine, &clock, &e, i, recorded, e.approval.as_ref().is_some_and(|a| a.approved), &mut sim);
     }
     Ok(sim)
 }
@@ -339,11 +274,7 @@ fn replay_one(
         clock.set_nanos(u64::try_from(t.timestamp_nanos_opt().unwrap_or(0)).unwrap_or(0));
     }
     let args = call_args(&e.payload.inputs);
-    let estimate = if e.estimated_cost_usd > 0.0 {
-        e.estimated_cost_usd
-    } else {
-        e.cost_usd
-    };
+    let estimate = if e.estimated_cost_usd > 0.0 { e.estimated_cost_usd } else { e.cost_usd };
     let req = ActionRequest::new(&e.action)
         .agent(&e.agent_id)
         .run(&e.run_id)
@@ -351,11 +282,7 @@ fn replay_one(
         .cost(estimate)
         .args(&args)
         .tags(&e.tags);
-    let mut d = if approved {
-        engine.decide_approved(&req)
-    } else {
-        engine.decide(&req)
-    };
+    let mut d = if approved { engine.decide_approved(&req) } else { engine.decide(&req) };
     if let Some(r) = d.take_reservation() {
         let ran = e.outcome == "success" || e.outcome == "error";
         r.settle(Usd::from_f64(if ran { e.cost_usd } else { estimate }).unwrap_or_default());
@@ -383,11 +310,9 @@ fn replay_one(
 /// The SDK records inputs as `{"args": [...], "kwargs": {...}}`; decisions see the keyword arguments.
 fn call_args(inputs: &Value) -> Value {
     match inputs {
-        Value::Object(m) if m.len() == 2 && m.contains_key("args") && m.contains_key("kwargs") => m
-            .get("kwargs")
-            .cloned()
-            .filter(Value::is_object)
-            .unwrap_or(Value::Null),
+        Value::Object(m) if m.len() == 2 && m.contains_key("args") && m.contains_key("kwargs") => {
+            m.get("kwargs").cloned().filter(Value::is_object).unwrap_or(Value::Null)
+        }
         Value::Object(_) => inputs.clone(),
         _ => Value::Null,
     }

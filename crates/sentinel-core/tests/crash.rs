@@ -1,9 +1,4 @@
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing
-)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 //! Durability: a writer killed with SIGKILL loses no entry whose call had returned, and a torn
 //! last line is set aside so the chain continues verifiably.
 
@@ -27,25 +22,14 @@ fn crash_child() {
         return;
     };
     let engine = Arc::new(Engine::new(PolicySet::compile(Vec::new()).unwrap()));
-    let guard = Guard::open(
-        std::path::Path::new(&dir),
-        engine,
-        LogOptions {
-            rotate_bytes: 256 * 1024,
-            fsync: false,
-        },
-    )
-    .unwrap();
+    let guard =
+        Guard::open(std::path::Path::new(&dir), engine, LogOptions { rotate_bytes: 256 * 1024, fsync: false }).unwrap();
     let mut out = std::io::stdout().lock();
     for i in 0u64.. {
         let args = json!({"i": i, "text": "x".repeat((i % 200) as usize)});
         let req = ActionRequest::new("work").args(&args).cost(0.001);
-        let Begun::Proceed(permit) = guard.begin(&req, &args).unwrap() else {
-            panic!("denied")
-        };
-        let appended = guard
-            .finish(*permit, CallOutcome::Success(json!({"ok": i})), None)
-            .unwrap();
+        let Begun::Proceed(permit) = guard.begin(&req, &args).unwrap() else { panic!("denied") };
+        let appended = guard.finish(*permit, CallOutcome::Success(json!({"ok": i})), None).unwrap();
         // The call has returned: acknowledge it.
         writeln!(out, "{}", appended.seq).unwrap();
         out.flush().unwrap();
@@ -92,16 +76,8 @@ fn sigkill_loses_no_acknowledged_entry() {
         drop(ChainWriter::open(&ledger, LogOptions::default()).unwrap());
         let report = verify(&ledger).unwrap();
         assert!(report.ok(), "round {round}: {:?}", report.failure);
-        assert!(
-            report.last_seq >= acked,
-            "round {round}: acknowledged {acked} but ledger ends at {}",
-            report.last_seq
-        );
-        let seqs: Vec<u64> = read_all(&ledger)
-            .unwrap()
-            .iter()
-            .map(|v| v["seq"].as_u64().unwrap())
-            .collect();
+        assert!(report.last_seq >= acked, "round {round}: acknowledged {acked} but ledger ends at {}", report.last_seq);
+        let seqs: Vec<u64> = read_all(&ledger).unwrap().iter().map(|v| v["seq"].as_u64().unwrap()).collect();
         assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1));
     }
 }
@@ -114,22 +90,13 @@ fn torn_last_line_is_set_aside_and_recorded() {
         let g = Guard::open(dir.path(), Arc::clone(&engine), LogOptions::default()).unwrap();
         for i in 0..3 {
             let args = json!({"i": i});
-            let Begun::Proceed(p) = g
-                .begin(&ActionRequest::new("a").args(&args), &args)
-                .unwrap()
-            else {
-                panic!()
-            };
-            g.finish(*p, CallOutcome::Success(json!(null)), None)
-                .unwrap();
+            let Begun::Proceed(p) = g.begin(&ActionRequest::new("a").args(&args), &args).unwrap() else { panic!() };
+            g.finish(*p, CallOutcome::Success(json!(null)), None).unwrap();
         }
     }
     let ledger = dir.path().join(LEDGER_FILE);
     // A crash in the middle of a write leaves half a line.
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&ledger)
-        .unwrap();
+    let mut f = std::fs::OpenOptions::new().append(true).open(&ledger).unwrap();
     let torn: &[u8] = br#"{"id":"half-written","action":"a","cost_"#;
     f.write_all(torn).unwrap();
     drop(f);
@@ -145,12 +112,8 @@ fn torn_last_line_is_set_aside_and_recorded() {
     let last = entries.last().unwrap();
     assert_eq!(last["outcome"], "recovered");
     assert_eq!(last["payload"]["inputs"]["torn_bytes"], torn.len());
-    let quarantined =
-        std::fs::read_to_string(dir.path().join(format!("{LEDGER_FILE}.torn"))).unwrap();
-    assert!(
-        quarantined.contains("half-written"),
-        "the torn bytes are kept: {quarantined}"
-    );
+    let quarantined = std::fs::read_to_string(dir.path().join(format!("{LEDGER_FILE}.torn"))).unwrap();
+    assert!(quarantined.contains("half-written"), "the torn bytes are kept: {quarantined}");
 }
 
 #[test]
@@ -167,53 +130,23 @@ policies:
     denied_actions: [search]
 "#;
     let set = PolicySet::compile(parse_yaml("p.yaml", "p", yaml).unwrap()).unwrap();
-    let g = Guard::open(
-        dir.path(),
-        Arc::new(Engine::new(set)),
-        LogOptions::default(),
-    )
-    .unwrap();
+    let g = Guard::open(dir.path(), Arc::new(Engine::new(set)), LogOptions::default()).unwrap();
     let args = json!({"table": "users", "api_key": "sk-live-abcdefghijklmnop"});
-    let req = ActionRequest::new("drop_table")
-        .args(&args)
-        .cost(2.5)
-        .agent("bot")
-        .run("r1");
-    let Begun::Stop { decision, .. } = g.begin(&req, &args).unwrap() else {
-        panic!("should stop")
-    };
+    let req = ActionRequest::new("drop_table").args(&args).cost(2.5).agent("bot").run("r1");
+    let Begun::Stop { decision, .. } = g.begin(&req, &args).unwrap() else { panic!("should stop") };
     assert_eq!(decision.reason.as_str(), "DENIED_ACTION");
 
     let args = json!({"to": "x@evil.com", "password": "hunter2"});
-    let Begun::Proceed(p) = g
-        .begin(&ActionRequest::new("send_email").args(&args), &args)
-        .unwrap()
-    else {
-        panic!()
-    };
-    g.finish(*p, CallOutcome::Error("smtp down".into()), None)
-        .unwrap();
+    let Begun::Proceed(p) = g.begin(&ActionRequest::new("send_email").args(&args), &args).unwrap() else { panic!() };
+    g.finish(*p, CallOutcome::Error("smtp down".into()), None).unwrap();
 
     let args = json!({"q": "Bearer abcdefghijklmnopqrstuvwxyz"});
-    let Begun::Proceed(p) = g
-        .begin(&ActionRequest::new("search").args(&args), &args)
-        .unwrap()
-    else {
-        panic!()
-    };
-    g.finish(
-        *p,
-        CallOutcome::Success(json!({"token": "t-123456789"})),
-        Some(0.02),
-    )
-    .unwrap();
+    let Begun::Proceed(p) = g.begin(&ActionRequest::new("search").args(&args), &args).unwrap() else { panic!() };
+    g.finish(*p, CallOutcome::Success(json!({"token": "t-123456789"})), Some(0.02)).unwrap();
     drop(g);
 
     let ledger = read_all(&dir.path().join(LEDGER_FILE)).unwrap();
-    let outcomes: Vec<&str> = ledger
-        .iter()
-        .map(|e| e["outcome"].as_str().unwrap())
-        .collect();
+    let outcomes: Vec<&str> = ledger.iter().map(|e| e["outcome"].as_str().unwrap()).collect();
     assert_eq!(outcomes, ["blocked", "error", "success"]);
     assert_eq!(ledger[0]["cost_usd"], 0.0, "a blocked call costs nothing");
     assert_eq!(ledger[0]["decision"]["reason"], "DENIED_ACTION");
@@ -223,11 +156,7 @@ policies:
     let kinds: Vec<(String, String, bool)> = interventions
         .iter()
         .map(|i| {
-            (
-                i["type"].as_str().unwrap().into(),
-                i["outcome"].as_str().unwrap().into(),
-                i["shadow"].as_bool().unwrap(),
-            )
+            (i["type"].as_str().unwrap().into(), i["outcome"].as_str().unwrap().into(), i["shadow"].as_bool().unwrap())
         })
         .collect();
     assert_eq!(
@@ -238,19 +167,11 @@ policies:
             ("HARD_BLOCK".into(), "WARNED".into(), true),
         ]
     );
-    assert_eq!(
-        interventions[0]["risk_level"], "CRITICAL",
-        "`drop` is a destructive word"
-    );
+    assert_eq!(interventions[0]["risk_level"], "CRITICAL", "`drop` is a destructive word");
     assert_eq!(interventions[0]["cost_prevented_usd"], 2.5);
     assert_eq!(interventions[2]["policy"], "trial");
     let all = format!("{ledger:?}{interventions:?}");
-    for secret in [
-        "sk-live-abcdefghijklmnop",
-        "hunter2",
-        "abcdefghijklmnopqrstuvwxyz",
-        "t-123456789",
-    ] {
+    for secret in ["sk-live-abcdefghijklmnop", "hunter2", "abcdefghijklmnopqrstuvwxyz", "t-123456789"] {
         assert!(!all.contains(secret), "`{secret}` leaked into a record");
     }
     assert!(verify(&dir.path().join(LEDGER_FILE)).unwrap().ok());

@@ -1,9 +1,4 @@
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing
-)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 //! Data-driven decision tests: each case is a policy and a script of calls; the snapshot shows
 //! what an operator would see for every call, so a change in behaviour shows up as a diff.
 
@@ -106,18 +101,8 @@ fn run(yaml: &str, steps: Vec<Step>) -> String {
                     .agent(c.agent)
                     .run(c.run)
                     .session(c.session);
-                let mut d = if c.approved {
-                    engine.decide_approved(&req)
-                } else {
-                    engine.decide(&req)
-                };
-                let mut line = format!(
-                    "{} ${} -> {} {}",
-                    c.action,
-                    c.cost,
-                    d.verdict.as_str(),
-                    d.reason.as_str()
-                );
+                let mut d = if c.approved { engine.decide_approved(&req) } else { engine.decide(&req) };
+                let mut line = format!("{} ${} -> {} {}", c.action, c.cost, d.verdict.as_str(), d.reason.as_str());
                 if let Some(p) = &d.policy {
                     let _ = write!(line, " [{p}");
                     if let Some(r) = &d.rule {
@@ -150,11 +135,7 @@ fn run(yaml: &str, steps: Vec<Step>) -> String {
                     }
                 }
                 let s = engine.spend(c.session, c.run);
-                let _ = writeln!(
-                    out,
-                    "{line}  | session={} run={}",
-                    s.session_total, s.run_total
-                );
+                let _ = writeln!(out, "{line}  | session={} run={}", s.session_total, s.run_total);
             }
             Step::Explain(c) => {
                 let req = ActionRequest::new(c.action)
@@ -275,23 +256,15 @@ case!(
     RULES,
     [
         call("refund_order").args(json!({"amount": 900})).step(),
-        call("refund_order")
-            .args(json!({"amount": 900, "customer": {"tier": "internal"}}))
-            .step(),
+        call("refund_order").args(json!({"amount": 900, "customer": {"tier": "internal"}})).step(),
         call("refund_order").args(json!({"amount": 20})).step(),
         call("transfer_funds").args(json!({"amount": 5000})).step(),
         call("transfer_funds").args(json!({"amount": 50})).step(),
         call("transfer_funds").args(json!({"amount": "250"})).step(),
         call("send_email").args(json!({"to": "x@evil.com"})).step(),
-        call("send_email")
-            .args(json!({"to": "boss@corp.com"}))
-            .step(),
-        call("delete_user")
-            .args(json!({"reason": "gdpr-42"}))
-            .step(),
-        call("delete_user")
-            .args(json!({"reason": "cleanup"}))
-            .step(),
+        call("send_email").args(json!({"to": "boss@corp.com"})).step(),
+        call("delete_user").args(json!({"reason": "gdpr-42"})).step(),
+        call("delete_user").args(json!({"reason": "cleanup"})).step(),
     ]
 );
 
@@ -303,13 +276,9 @@ case!(
         call("refund_order").args(json!({})).step(),
         call("transfer_funds").args(json!({"to": "acct"})).step(),
         // A mistyped argument counts as missing too.
-        call("transfer_funds")
-            .args(json!({"amount": "lots"}))
-            .step(),
+        call("transfer_funds").args(json!({"amount": "lots"})).step(),
         // No `customer.tier`: the allow rule does not fire, so the block still applies.
-        call("refund_order")
-            .args(json!({"amount": 900, "customer": {}}))
-            .step(),
+        call("refund_order").args(json!({"amount": 900, "customer": {}})).step(),
         // `to` missing: not_contains cannot be shown false, so the warning stands.
         call("send_email").step(),
     ]
@@ -347,18 +316,10 @@ rules:
         call("op_in").args(json!({"v": "eu"})).step(),
         call("op_in").args(json!({"v": "apac"})).step(),
         call("op_not_in").args(json!({"v": "apac"})).step(),
-        call("op_contains")
-            .args(json!({"v": "x; DROP TABLE users"}))
-            .step(),
-        call("op_contains_list")
-            .args(json!({"v": ["user", "admin"]}))
-            .step(),
-        call("op_not_contains")
-            .args(json!({"v": "a@corp.com"}))
-            .step(),
-        call("op_starts_with")
-            .args(json!({"v": "/etc/passwd"}))
-            .step(),
+        call("op_contains").args(json!({"v": "x; DROP TABLE users"})).step(),
+        call("op_contains_list").args(json!({"v": ["user", "admin"]})).step(),
+        call("op_not_contains").args(json!({"v": "a@corp.com"})).step(),
+        call("op_starts_with").args(json!({"v": "/etc/passwd"})).step(),
         call("op_ends_with").args(json!({"v": "key.pem"})).step(),
         call("op_matches").args(json!({"v": "rm  -rf /"})).step(),
         call("op_matches").args(json!({"v": "ls -la"})).step(),
@@ -373,11 +334,7 @@ rules:
   - { id: reads, function_pattern: "read_*", action: allow }
   - { id: off, function_pattern: "write_*", action: allow, enabled: false }
 "#,
-    [
-        call("read_file").step(),
-        call("write_file").step(),
-        call("other").step()
-    ]
+    [call("read_file").step(), call("write_file").step(), call("other").step()]
 );
 
 case!(
@@ -435,10 +392,7 @@ case!(
         call("fetch").args(json!({"url": "https://a"})).step(),
         call("fetch").args(json!({"url": "https://a"})).step(),
         call("fetch").args(json!({"url": "https://b"})).step(),
-        call("fetch")
-            .args(json!({"url": "https://a"}))
-            .run("run-2")
-            .step(),
+        call("fetch").args(json!({"url": "https://a"})).run("run-2").step(),
         Step::Advance(31.0),
         call("fetch").args(json!({"url": "https://a"})).step(),
     ]
@@ -465,11 +419,7 @@ case!(
 case!(
     step5_hundred_cents_fill_a_dollar_exactly,
     "budgets:\n  run: 1.00\n",
-    [
-        call("c").cost(0.99).step(),
-        call("c").cost(0.01).step(),
-        call("c").cost(0.000001).step(),
-    ]
+    [call("c").cost(0.99).step(), call("c").cost(0.01).step(), call("c").cost(0.000001).step(),]
 );
 
 case!(
@@ -588,11 +538,7 @@ case!(
     [
         // Budgets take the minimum: 8 for everyone, 5 for the trading bot.
         call("read").cost(8.0).step(),
-        call("read")
-            .cost(5.01)
-            .agent("trading-bot")
-            .run("run-7")
-            .step(),
+        call("read").cost(5.01).agent("trading-bot").run("run-7").step(),
         // Denied lists union; allowlists intersect.
         call("write").step(),
         call("write").agent("trading-bot").step(),
@@ -622,12 +568,7 @@ policies:
     rate_limits:
       search: { max_count: 1, window_seconds: 60 }
 "#,
-    [
-        call("send_email").step(),
-        call("search").cost(0.5).step(),
-        call("search").cost(0.7).step(),
-        call("read").step(),
-    ]
+    [call("send_email").step(), call("search").cost(0.5).step(), call("search").cost(0.7).step(), call("read").step(),]
 );
 
 case!(

@@ -1,9 +1,4 @@
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing
-)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 //! Policy files: every kind of bad input gets its own clear message (snapshotted as the user sees
 //! it), the committed JSON Schema matches the types, and every example loads.
 
@@ -20,28 +15,16 @@ fn yaml_error(src: &str) -> String {
     match parse_yaml("policy.yaml", "policy", src) {
         Ok(docs) => match PolicySet::compile(docs) {
             Ok(_) => "accepted".to_string(),
-            Err(e) => e
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("\n"),
+            Err(e) => e.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"),
         },
-        Err(e) => e
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join("\n"),
+        Err(e) => e.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"),
     }
 }
 
 fn json_error(src: &str) -> String {
     match parse_rules_json("rules.json", "rules", src) {
         Ok(_) => "accepted".to_string(),
-        Err(e) => e
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join("\n"),
+        Err(e) => e.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"),
     }
 }
 
@@ -62,31 +45,19 @@ macro_rules! bad {
 
 bad!(unknown_top_level_key, yaml, "budjets:\n  session: 5\n");
 bad!(unknown_nested_key, yaml, "budgets:\n  sesion: 5\n");
-bad!(
-    unknown_rule_key,
-    yaml,
-    "rules:\n  - id: a\n    function_patern: x\n    action: block\n"
-);
+bad!(unknown_rule_key, yaml, "rules:\n  - id: a\n    function_patern: x\n    action: block\n");
 bad!(
     unknown_operator,
     yaml,
     "rules:\n  - id: a\n    function_pattern: pay\n    conditions:\n      - { param: amount, operator: greater_than, value: 5 }\n    action: block\n"
 );
-bad!(
-    unknown_rule_action,
-    yaml,
-    "rules:\n  - id: a\n    function_pattern: pay\n    action: deny\n"
-);
+bad!(unknown_rule_action, yaml, "rules:\n  - id: a\n    function_pattern: pay\n    action: deny\n");
 bad!(
     invalid_regex,
     yaml,
     "rules:\n  - id: a\n    function_pattern: run\n    conditions:\n      - param: cmd\n        operator: matches\n        value: 'rm (-rf'\n    action: block\n"
 );
-bad!(
-    invalid_glob,
-    yaml,
-    "rules:\n  - id: a\n    function_pattern: 'pay[_'\n    action: block\n"
-);
+bad!(invalid_glob, yaml, "rules:\n  - id: a\n    function_pattern: 'pay[_'\n    action: block\n");
 bad!(negative_amount, yaml, "budgets:\n  run: -1.5\n");
 bad!(nan_amount, yaml, "budgets:\n  actions:\n    llm: .nan\n");
 bad!(amount_not_a_number, yaml, "budgets:\n  run: lots\n");
@@ -97,41 +68,21 @@ bad!(
     yaml,
     "rules:\n  - id: a\n    function_pattern: pay\n    conditions:\n      - { param: amount, operator: gt, value: many }\n    action: block\n"
 );
-bad!(
-    zero_rate_limit,
-    yaml,
-    "rate_limits:\n  search: { max_count: 0, window_seconds: 60 }\n"
-);
-bad!(
-    negative_window,
-    yaml,
-    "rate_limits:\n  search: { max_count: 5, window_seconds: -1 }\n"
-);
-bad!(
-    scope_agent_without_id,
-    yaml,
-    "policies:\n  - name: a\n    scope: agent\n    denied_actions: [x]\n"
-);
+bad!(zero_rate_limit, yaml, "rate_limits:\n  search: { max_count: 0, window_seconds: 60 }\n");
+bad!(negative_window, yaml, "rate_limits:\n  search: { max_count: 5, window_seconds: -1 }\n");
+bad!(scope_agent_without_id, yaml, "policies:\n  - name: a\n    scope: agent\n    denied_actions: [x]\n");
 bad!(
     duplicate_policy_names,
     yaml,
     "policies:\n  - name: a\n    denied_actions: [x]\n  - name: a\n    denied_actions: [y]\n"
 );
-bad!(
-    duplicate_keys,
-    yaml,
-    "budgets:\n  run: 1\nbudgets:\n  run: 2\n"
-);
+bad!(duplicate_keys, yaml, "budgets:\n  run: 1\nbudgets:\n  run: 2\n");
 bad!(
     duplicate_rule_ids,
     yaml,
     "rules:\n  - { id: a, function_pattern: x, action: block }\n  - { id: a, function_pattern: y, action: warn }\n"
 );
-bad!(
-    contradictory_strict_mode,
-    yaml,
-    "strict_mode: false\nfail_mode: secure\n"
-);
+bad!(contradictory_strict_mode, yaml, "strict_mode: false\nfail_mode: secure\n");
 bad!(unknown_mode, yaml, "mode: shadw\ndenied_actions: [x]\n");
 bad!(malformed_yaml, yaml, "budgets:\n  run: [1, 2\n");
 bad!(json_unknown_key, json, r#"{"version": "1.0", "rulez": []}"#);
@@ -140,21 +91,9 @@ bad!(
     json,
     r#"{"rules": [{"id": "a", "function_pattern": "x", "conditions": [{"param": "p", "operator": "greater", "value": 1}], "action": "block"}]}"#
 );
-bad!(
-    json_missing_action,
-    json,
-    r#"{"rules": [{"id": "a", "function_pattern": "x"}]}"#
-);
-bad!(
-    json_syntax_error,
-    json,
-    "{\"rules\": [\n  {\"id\": \"a\",}\n]}"
-);
-bad!(
-    json_unsupported_version,
-    json,
-    r#"{"version": "2.0", "rules": []}"#
-);
+bad!(json_missing_action, json, r#"{"rules": [{"id": "a", "function_pattern": "x"}]}"#);
+bad!(json_syntax_error, json, "{\"rules\": [\n  {\"id\": \"a\",}\n]}");
+bad!(json_unsupported_version, json, r#"{"version": "2.0", "rules": []}"#);
 
 #[test]
 fn schema_matches_the_types() {
@@ -177,10 +116,7 @@ fn every_example_loads() {
     let mut docs = Vec::new();
     for entry in std::fs::read_dir(root().join("examples")).unwrap() {
         let path = entry.unwrap().path();
-        let ext = path
-            .extension()
-            .and_then(|e| e.to_str())
-            .unwrap_or_default();
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or_default();
         if !matches!(ext, "yaml" | "yml" | "json") {
             continue;
         }

@@ -1,9 +1,4 @@
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing
-)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 //! Invariants, checked on random inputs: no overspend under racing threads, exact sliding windows,
 //! and a hash chain that detects any edit, deletion or reordering.
 
@@ -137,9 +132,7 @@ enum Tamper {
 }
 
 fn lines_of(b: &[u8]) -> Vec<Vec<u8>> {
-    b.split_inclusive(|c| *c == b'\n')
-        .map(<[u8]>::to_vec)
-        .collect()
+    b.split_inclusive(|c| *c == b'\n').map(<[u8]>::to_vec).collect()
 }
 
 proptest! {
@@ -201,9 +194,7 @@ fn verify_names_the_first_bad_line() {
     let path = dir.path().join("ledger.jsonl");
     let bytes = write_ledger(dir.path(), 5, 1);
     let mut ls = lines_of(&bytes);
-    let edited = String::from_utf8(ls[2].clone())
-        .unwrap()
-        .replace("act_", "ACT_");
+    let edited = String::from_utf8(ls[2].clone()).unwrap().replace("act_", "ACT_");
     ls[2] = edited.into_bytes();
     std::fs::write(&path, ls.concat()).unwrap();
     let f = verify(&path).unwrap().failure.unwrap();
@@ -216,14 +207,7 @@ fn verify_names_the_first_bad_line() {
 fn chain_continues_across_rotated_files() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ledger.jsonl");
-    let w = ChainWriter::open(
-        &path,
-        LogOptions {
-            rotate_bytes: 600,
-            fsync: false,
-        },
-    )
-    .unwrap();
+    let w = ChainWriter::open(&path, LogOptions { rotate_bytes: 600, fsync: false }).unwrap();
     for i in 0..40 {
         w.append(&json!({"i": i, "pad": "p".repeat(50)})).unwrap();
     }
@@ -233,14 +217,7 @@ fn chain_continues_across_rotated_files() {
     assert!(r.files.len() > 3, "expected rotation, got {:?}", r.files);
     assert_eq!(r.entries, 40);
     // Reopening continues the chain from the newest segment.
-    let w = ChainWriter::open(
-        &path,
-        LogOptions {
-            rotate_bytes: 600,
-            fsync: false,
-        },
-    )
-    .unwrap();
+    let w = ChainWriter::open(&path, LogOptions { rotate_bytes: 600, fsync: false }).unwrap();
     assert_eq!(w.append(&json!({"i": 40})).unwrap().seq, 41);
     drop(w);
     assert!(verify(&path).unwrap().ok());
@@ -266,23 +243,13 @@ fn parallel_verify_reports_the_exact_line() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ledger.jsonl");
     {
-        let w = ChainWriter::open(
-            &path,
-            LogOptions {
-                rotate_bytes: 1 << 40,
-                fsync: false,
-            },
-        )
-        .unwrap();
+        let w = ChainWriter::open(&path, LogOptions { rotate_bytes: 1 << 40, fsync: false }).unwrap();
         for i in 0..12_000 {
             w.append(&json!({"i": i, "pad": "x".repeat(200)})).unwrap();
         }
     }
     let original = std::fs::read(&path).unwrap();
-    assert!(
-        original.len() > 2 << 20,
-        "needs to be big enough to be split"
-    );
+    assert!(original.len() > 2 << 20, "needs to be big enough to be split");
     assert!(verify(&path).unwrap().ok());
     let lines = lines_of(&original);
     for target in [1usize, 2_999, 5_999, 6_000, 6_001, 9_000, 11_999] {
