@@ -1,0 +1,165 @@
+//! The `sentinel` binary as a user runs it: exit codes, what goes to stdout, and what it says.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+use sentinel_core::ledger::LogOptions;
+use sentinel_core::load::parse_yaml;
+use sentinel_core::{ActionRequest, Begun, CallOutcome, Engine, Guard, PolicySet};
+use serde_json::{Value, json};
+
+fn sentinel(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sentinel")).args(args).env("NO_COLOR", "1").output().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples")
+}
+
+fn write(dir: &Path, name: &str, body: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, body).unwrap();
+    p.display().to_string()
+}
+
+#[test]
+fn check_accepts_the_examples_and_lists_every_error_in_bad_files() {
+    let ex = examples();
+    let files: Vec<String> = ["callguard.yaml", "production.yaml", "rules.json"]
+        .iter()
+        .map(|f| ex.join(f).display().to_string())
+        .collect();
+    let mut args = vec!["policy", "check"];
+    args.extend(files.iter().map(String::as_str));
+    let o = sentinel(&args);
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout(&o).starts_with("ok: 3 file(s), 5 policies"), "{}", stdout(&o));
+
+    let dir = tempfile::tempdir().unwrap();
+    let a = write(dir.path(), "a.yaml", "budjets:\n  run: 1\n");
+    let b = write(dir.path(), "b.yaml", "budgets:\n  run: -1\n");
+    let o = sentinel(&["policy", "check", &a, &b]);
+    assert_eq!(o.status.code(), Some(1));
+    let out = stdout(&o);
+    assert!(out.contains("a.yaml:1:1: unknown key `budjets`"), "{out}");
+    assert!(out.contains("did you mean `budgets`?"), "{out}");
+    assert!(out.contains("b.yaml:2:8: amount must not be negative"), "{out}");
+    assert!(out.trim_end().ends_with("2 error(s)"), "{out}");
+
+    let o = sentinel(&["policy", "check", &a, "--format", "json"]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["valid"], false);
+    assert_eq!(v["errors"][0]["line"], 1);
+}
+
+#[test]
+fn explain_prints_the_decision_and_its_rationale() {
+    let p = examples().join("production.yaml").display().to_string();
+    let o = sentinel(&[
+        "policy", "explain", &p, "--action", "transfer_funds", "--cost", "0.5", "--args", r#"{"amount": 5000}"#,
+    ]);
+    assert_eq!(o.status.code(), Some(0));
+    let out = stdout(&o);
+    assert!(out.contains("verdict:        require_approval"), "{out}");
+    assert!(out.contains("rule:           large-transfer"), "{out}");
+    assert!(out.contains("approval:       timeout 600s"), "{out}");
+
+    let o = sentinel(&["policy", "explain", &p, "--action", "drop_table", "--format", "json"]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["verdict"], "deny");
+    assert_eq!(v["intervention"], "HARD_BLOCK");
+    assert_eq!(v["policy"], "global-safety");
+
+    let o = sentinel(&["policy", "explain", &p, "--action", "x", "--args", "[1]"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("`--args` must be a JSON object"));
+}
+
+/// Records some guarded calls under a permissive policy.
+fn make_ledger(dir: &Path) {
+    let set = PolicySet::compile(parse_yaml("p.yaml", "p", "budgets:\n  run: 100\n").unwrap()).unwrap();
+    let g = Guard::open(dir, Arc::new(Engine::new(set)), LogOptions::default()).unwrap();
+    for (action, amount) in [("search", 1), ("transfer_funds", 50), ("transfer_funds", 5000), ("delete_user", 0), ("search", 2)] {
+        let args = json!({"amount": amount});
+        let req = ActionRequest::new(action).args(&args).cost(0.25).agent("bot").run("r1");
+        match g.begin(&req, &args).unwrap() {
+            Begun::Proceed(p) => {
+                g.finish(*p, CallOutcome::Success(json!("ok")), None).unwrap();
+            }
+            Begun::Stop { .. } => {}
+        }
+    }
+}
+
+#[test]
+fn simulate_shows_what_a_candidate_policy_would_change() {
+    let dir = tempfile::tempdir().unwrap();
+    make_ledger(dir.path());
+    let ledger = dir.path().join("ledger.jsonl").display().to_string();
+    let candidate = write(
+        dir.path(),
+        "candidate.yaml",
+        "denied_actions: [delete_user]\nrules:\n  - { id: big, function_pattern: transfer_*, conditions: [{param: amount, operator: gt, value: 1000}], action: block }\n",
+    );
+    let o = sentinel(&["policy", "simulate", &candidate, "--ledger", &ledger]);
+    assert_eq!(o.status.code(), Some(0));
+    let out = stdout(&o);
+    assert!(out.starts_with("replayed 5 calls: 3 unchanged, 2 changed"), "{out}");
+    assert!(out.contains("allow -> deny: 2"), "{out}");
+    assert!(out.contains("RULE_BLOCK") && out.contains("DENIED_ACTION"), "{out}");
+
+    let o = sentinel(&["policy", "simulate", &candidate, "--ledger", &ledger, "--fail-on-change"]);
+    assert_eq!(o.status.code(), Some(2), "a CI gate fails when verdicts change");
+    let same = write(dir.path(), "same.yaml", "budgets:\n  run: 100\n");
+    let o = sentinel(&["policy", "simulate", &same, "--ledger", &ledger, "--fail-on-change"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+}
+
+#[test]
+fn ledger_verify_stats_and_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    make_ledger(dir.path());
+    let d = dir.path().display().to_string();
+    let o = sentinel(&["ledger", "verify", &d]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(stdout(&o).starts_with("ok: 5 entries in 1 file(s), chain intact, end anchored"), "{}", stdout(&o));
+
+    let o = sentinel(&["ledger", "stats", &d, "--format", "json"]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["entries"], 5);
+    assert_eq!(v["calls"], 5);
+    assert_eq!(v["total_cost_usd"], 1.25);
+    assert_eq!(v["by_action"]["transfer_funds"]["calls"], 2);
+
+    let o = sentinel(&["ledger", "tail", &d, "-n", "2", "--format", "json"]);
+    let lines: Vec<Value> = stdout(&o).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[1]["seq"], 5);
+
+    // Tamper with the third entry: verify names the line and exits 1.
+    let path = dir.path().join("ledger.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut ls: Vec<String> = text.lines().map(str::to_string).collect();
+    ls[2] = ls[2].replace("\"cost_usd\":0.25", "\"cost_usd\":0.01");
+    std::fs::write(&path, ls.join("\n") + "\n").unwrap();
+    let o = sentinel(&["ledger", "verify", &d]);
+    assert_eq!(o.status.code(), Some(1));
+    let out = stdout(&o);
+    assert!(out.contains("ledger.jsonl:3: `hash` does not match the line's contents"), "{out}");
+}
+
+#[test]
+fn missing_ledger_and_completions() {
+    let o = sentinel(&["ledger", "verify", "/nonexistent/dir/ledger.jsonl"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no ledger at `/nonexistent/dir/ledger.jsonl`"));
+    let o = sentinel(&["completions", "bash"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(stdout(&o).contains("sentinel"));
+}
