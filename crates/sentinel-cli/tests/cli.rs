@@ -31,10 +31,8 @@ fn write(dir: &Path, name: &str, body: &str) -> String {
 #[test]
 fn check_accepts_the_examples_and_lists_every_error_in_bad_files() {
     let ex = examples();
-    let files: Vec<String> = ["callguard.yaml", "production.yaml", "rules.json"]
-        .iter()
-        .map(|f| ex.join(f).display().to_string())
-        .collect();
+    let files: Vec<String> =
+        ["callguard.yaml", "production.yaml", "rules.json"].iter().map(|f| ex.join(f).display().to_string()).collect();
     let mut args = vec!["policy", "check"];
     args.extend(files.iter().map(String::as_str));
     let o = sentinel(&args);
@@ -62,7 +60,15 @@ fn check_accepts_the_examples_and_lists_every_error_in_bad_files() {
 fn explain_prints_the_decision_and_its_rationale() {
     let p = examples().join("production.yaml").display().to_string();
     let o = sentinel(&[
-        "policy", "explain", &p, "--action", "transfer_funds", "--cost", "0.5", "--args", r#"{"amount": 5000}"#,
+        "policy",
+        "explain",
+        &p,
+        "--action",
+        "transfer_funds",
+        "--cost",
+        "0.5",
+        "--args",
+        r#"{"amount": 5000}"#,
     ]);
     assert_eq!(o.status.code(), Some(0));
     let out = stdout(&o);
@@ -85,7 +91,9 @@ fn explain_prints_the_decision_and_its_rationale() {
 fn make_ledger(dir: &Path) {
     let set = PolicySet::compile(parse_yaml("p.yaml", "p", "budgets:\n  run: 100\n").unwrap()).unwrap();
     let g = Guard::open(dir, Arc::new(Engine::new(set)), LogOptions::default()).unwrap();
-    for (action, amount) in [("search", 1), ("transfer_funds", 50), ("transfer_funds", 5000), ("delete_user", 0), ("search", 2)] {
+    for (action, amount) in
+        [("search", 1), ("transfer_funds", 50), ("transfer_funds", 5000), ("delete_user", 0), ("search", 2)]
+    {
         let args = json!({"amount": amount});
         let req = ActionRequest::new(action).args(&args).cost(0.25).agent("bot").run("r1");
         match g.begin(&req, &args).unwrap() {

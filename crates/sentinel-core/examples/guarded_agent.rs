@@ -41,17 +41,28 @@ fn main() {
     ];
     println!("policy {} (version {}), ledger in {}", policy.display(), guard.engine().policy_version(), home.display());
     for (action, cost, args) in calls {
-        let req = ActionRequest::new(action).agent("trading-bot").run("run-1").session("session-1").cost(cost).args(&args);
+        let req =
+            ActionRequest::new(action).agent("trading-bot").run("run-1").session("session-1").cost(cost).args(&args);
         match guard.begin(&req, &args).expect("ledger writable") {
             Begun::Proceed(permit) => {
                 let verdict = permit.verdict().as_str();
-                let shadow: Vec<String> = permit.decision.shadow.iter().map(|f| format!("{} would {}", f.policy, f.verdict.as_str())).collect();
+                let shadow: Vec<String> = permit
+                    .decision
+                    .shadow
+                    .iter()
+                    .map(|f| format!("{} would {}", f.policy, f.verdict.as_str()))
+                    .collect();
                 // ... the real tool would run here ...
                 guard.finish(*permit, CallOutcome::Success(json!({"ok": true})), None).expect("ledger writable");
                 println!("{action:<28} {verdict:<16} {}", shadow.join("; "));
             }
             Begun::Stop { decision, .. } => {
-                println!("{action:<28} {:<16} {} ({})", decision.verdict.as_str(), decision.message, decision.reason.as_str());
+                println!(
+                    "{action:<28} {:<16} {} ({})",
+                    decision.verdict.as_str(),
+                    decision.message,
+                    decision.reason.as_str()
+                );
             }
         }
     }
