@@ -21,7 +21,7 @@ policies:
     scope: global
     fail_mode: secure
     budgets:
-      session: 50.0
+      session: 8.0
       run: 5.0
       actions:
         call_llm: 1.5
@@ -37,7 +37,7 @@ policies:
       window_seconds: 2
     approvals:
       actions: [modify_production_config]
-      cost_threshold_usd: 10.0
+      cost_threshold_usd: 2.0
       timeout_seconds: 600
       approvers: [manager@company.com]
     anomaly:
@@ -84,6 +84,13 @@ policies:
     rules:
       - { id: run-block, function_pattern: "write_*", action: block }
 
+  - name: locked-run
+    scope: run
+    run_id: locked
+    default_action: block
+    rules:
+      - { id: locked-read, function_pattern: "read_*", action: allow }
+
   - name: shadow-allowlist
     scope: global
     mode: shadow
@@ -129,7 +136,7 @@ const ACTIONS: &[&str] = &[
     "",
 ];
 
-const IDS: &[&str] = &["default", "trading-bot", "lenient", "run-7", "s1", ""];
+const IDS: &[&str] = &["default", "trading-bot", "lenient", "run-7", "locked", "s1", ""];
 
 struct Fixture {
     engine: Engine,

@@ -290,10 +290,7 @@ fn summary(cases: &[Case<'_>], quick: bool) {
     };
     println!();
     println!("== summary: median ns per decision (Instant, median of batch means) ==");
-    println!(
-        "{:<44} {:>12} {:>22} {:>22}",
-        "name", "median_ns", "ratio cedar/s_evaluate", "ratio cedar/s_decide"
-    );
+    println!("{:<44} {:>12} {:>22} {:>22}", "name", "median_ns", "ratio cedar/s_evaluate", "ratio cedar/s_decide");
     for (c, m) in cases.iter().zip(&medians) {
         let (r_eval, r_dec) = if c.engine.starts_with("cedar") {
             let e = find(c.group, c.input, "sentinel_evaluate").map_or(f64::NAN, |s| m / s);
