@@ -14,9 +14,10 @@ use crate::engine::Engine;
 use crate::ledger::{Appended, ChainWriter, LedgerError, LogOptions, now_rfc3339};
 use crate::money::Usd;
 use crate::records::{
-    ApprovalRecord, DecisionRecord, Intent, InterventionOutcome, InterventionRecord, LedgerEntry, Payload, assess_risk,
+    ApprovalRecord, DecisionRef, Intent, InterventionOutcome, InterventionRecord, LedgerEntry, LedgerLine, Payload,
+    PayloadRef, assess_risk,
 };
-use crate::redact::redacted;
+use crate::redact::{Redacted, redacted};
 
 /// The ledger's directory: `AGENT_SENTINEL_HOME`, or `.agent-sentinel` in the working directory.
 pub fn default_home() -> PathBuf {
@@ -205,10 +206,18 @@ impl Guard {
             escalation_id,
         );
         self.interventions.append(&rec)?;
-        let mut entry = self.entry(&OwnedRequest::of(req), inputs, decision, "rejected", 0.0, 0.0, Value::Null);
-        entry.approval = Some(approval);
-        entry.intervention_id = Some(rec.id.clone());
-        self.ledger.append(&entry)?;
+        let r = OwnedRequest::of(req);
+        self.write_line(
+            &r,
+            inputs,
+            Some(decision),
+            "rejected",
+            0.0,
+            0.0,
+            &Value::Null,
+            Some(&approval),
+            Some(&rec.id),
+        )?;
         Ok(rec.id)
     }
 
@@ -286,17 +295,9 @@ impl Guard {
                     None,
                 );
                 self.interventions.append(&rec)?;
-                let mut entry = self.entry(
-                    &OwnedRequest::of(req),
-                    inputs,
-                    &decision,
-                    if escalate { "escalated" } else { "blocked" },
-                    0.0,
-                    0.0,
-                    Value::Null,
-                );
-                entry.intervention_id = Some(rec.id.clone());
-                self.ledger.append(&entry)?;
+                let outcome = if escalate { "escalated" } else { "blocked" };
+                let r = OwnedRequest::of(req);
+                self.write_line(&r, inputs, Some(&decision), outcome, 0.0, 0.0, &Value::Null, None, Some(&rec.id))?;
                 Ok(Begun::Stop { decision, intervention_id: Some(rec.id) })
             }
         }
@@ -320,11 +321,17 @@ impl Guard {
             CallOutcome::Success(v) => ("success", v),
             CallOutcome::Error(msg) => ("error", Value::String(msg)),
         };
-        let mut entry =
-            self.entry(&permit.request, &permit.inputs, &permit.decision, name, actual.as_f64(), duration_ms, outputs);
-        entry.approval = permit.approval.take();
-        entry.intervention_id = permit.intervention_id.take();
-        self.ledger.append(&entry)
+        self.write_line(
+            &permit.request,
+            &permit.inputs,
+            Some(&permit.decision),
+            name,
+            actual.as_f64(),
+            duration_ms,
+            &outputs,
+            permit.approval.as_ref(),
+            permit.intervention_id.as_deref(),
+        )
     }
 
     /// The action never ran: release its reservation and record nothing as spent.
@@ -348,58 +355,57 @@ impl Guard {
         ids: (&str, &str, &str),
     ) -> Result<Appended, LedgerError> {
         let cost = Usd::from_f64(cost_usd).map_err(|e| LedgerError::Serialize(format!("`cost_usd`: {e}")))?;
-        let entry = LedgerEntry {
-            id: uuid::Uuid::now_v7().to_string(),
-            timestamp: now_rfc3339(),
+        let r = OwnedRequest {
             action: action.to_string(),
-            cost_usd: cost.as_f64(),
-            duration_ms: if duration_ms.is_finite() && duration_ms >= 0.0 { duration_ms } else { 0.0 },
-            outcome: outcome.to_string(),
-            tags: tags.to_vec(),
-            payload: Payload { inputs: redacted(inputs), outputs: redacted(outputs) },
             agent_id: ids.0.to_string(),
             run_id: ids.1.to_string(),
             session_id: ids.2.to_string(),
-            estimated_cost_usd: cost.as_f64(),
-            decision: None,
-            policy_version: self.engine.policy_version().to_string(),
-            approval: None,
-            intervention_id: None,
+            cost: cost.as_f64(),
+            tags: tags.to_vec(),
         };
-        self.ledger.append(&entry)
+        let duration_ms = if duration_ms.is_finite() && duration_ms >= 0.0 { duration_ms } else { 0.0 };
+        self.write_line(&r, inputs, None, outcome, cost.as_f64(), duration_ms, outputs, None, None)
     }
 
+    /// Writes one ledger line from borrowed parts; the payload is redacted as it is serialized.
     #[expect(clippy::too_many_arguments, reason = "internal record builder")]
-    fn entry(
+    fn write_line(
         &self,
         r: &OwnedRequest,
         inputs: &Value,
-        d: &Decision,
+        d: Option<&Decision>,
         outcome: &str,
         cost: f64,
         duration_ms: f64,
-        outputs: Value,
-    ) -> LedgerEntry {
-        let mut outputs = outputs;
-        crate::redact::redact(&mut outputs);
-        LedgerEntry {
-            id: uuid::Uuid::now_v7().to_string(),
-            timestamp: now_rfc3339(),
-            action: r.action.clone(),
+        outputs: &Value,
+        approval: Option<&ApprovalRecord>,
+        intervention_id: Option<&str>,
+    ) -> Result<Appended, LedgerError> {
+        let mut idbuf = uuid::Uuid::encode_buffer();
+        let id = uuid::Uuid::now_v7().hyphenated().encode_lower(&mut idbuf);
+        let timestamp = now_rfc3339();
+        let version = match d {
+            Some(d) => Arc::clone(&d.policy_version),
+            None => self.engine.policy_version(),
+        };
+        self.ledger.append(&LedgerLine {
+            id,
+            timestamp: &timestamp,
+            action: &r.action,
             cost_usd: cost,
             duration_ms,
-            outcome: outcome.to_string(),
-            tags: r.tags.clone(),
-            payload: Payload { inputs: redacted(inputs), outputs },
-            agent_id: r.agent_id.clone(),
-            run_id: r.run_id.clone(),
-            session_id: r.session_id.clone(),
+            outcome,
+            tags: &r.tags,
+            payload: PayloadRef { inputs: Redacted(inputs), outputs: Redacted(outputs) },
+            agent_id: &r.agent_id,
+            run_id: &r.run_id,
+            session_id: &r.session_id,
             estimated_cost_usd: r.cost,
-            decision: Some(DecisionRecord::from(d)),
-            policy_version: d.policy_version.to_string(),
-            approval: None,
-            intervention_id: None,
-        }
+            decision: d.map(DecisionRef::from),
+            policy_version: &version,
+            approval,
+            intervention_id,
+        })
     }
 
     #[expect(clippy::too_many_arguments, reason = "internal record builder")]

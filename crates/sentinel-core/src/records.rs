@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::decision::{Decision, InterventionType, Limit, ReasonCode, RiskLevel, Verdict};
+use crate::redact::Redacted;
 
 /// One decided (and possibly executed) call. The SDK's fields first, then ours.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -44,6 +45,70 @@ pub struct Payload {
     pub inputs: Value,
     #[serde(default)]
     pub outputs: Value,
+}
+
+/// A ledger line as written: borrows everything, and redacts the payload while serializing.
+/// Field for field the same as [`LedgerEntry`], which is how lines are read back.
+#[derive(Debug, Serialize)]
+pub struct LedgerLine<'a> {
+    pub id: &'a str,
+    pub timestamp: &'a str,
+    pub action: &'a str,
+    pub cost_usd: f64,
+    pub duration_ms: f64,
+    pub outcome: &'a str,
+    pub tags: &'a [String],
+    pub payload: PayloadRef<'a>,
+    pub agent_id: &'a str,
+    pub run_id: &'a str,
+    pub session_id: &'a str,
+    pub estimated_cost_usd: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decision: Option<DecisionRef<'a>>,
+    pub policy_version: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval: Option<&'a ApprovalRecord>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub intervention_id: Option<&'a str>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PayloadRef<'a> {
+    pub inputs: Redacted<'a>,
+    pub outputs: Redacted<'a>,
+}
+
+/// [`DecisionRecord`], borrowed from a [`Decision`].
+#[derive(Debug, Serialize)]
+pub struct DecisionRef<'a> {
+    pub verdict: Verdict,
+    pub reason: ReasonCode,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub intervention: Option<InterventionType>,
+    pub message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<&'a Limit>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after_seconds: Option<f64>,
+}
+
+impl<'a> From<&'a Decision> for DecisionRef<'a> {
+    fn from(d: &'a Decision) -> Self {
+        DecisionRef {
+            verdict: d.verdict,
+            reason: d.reason,
+            intervention: d.intervention,
+            message: &d.message,
+            policy: d.policy.as_deref(),
+            rule: d.rule.as_deref(),
+            limit: d.limit.as_ref(),
+            retry_after_seconds: d.retry_after_seconds,
+        }
+    }
 }
 
 /// The parts of a [`Decision`] worth keeping.

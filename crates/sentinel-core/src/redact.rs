@@ -1,5 +1,6 @@
 //! The one redaction function every record goes through before it is written or sent.
 
+use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 use serde_json::Value;
 
 pub const REDACTED: &str = "[REDACTED]";
@@ -162,30 +163,82 @@ pub fn secret_kind(s: &str) -> Option<&'static str> {
     None
 }
 
-/// Redacts in place: values under sensitive keys, and secret-shaped strings anywhere.
-pub fn redact(v: &mut Value) {
-    match v {
-        Value::Object(m) => {
-            for (k, val) in m.iter_mut() {
-                if is_sensitive_key(k) && !val.is_null() && !matches!(val, Value::Object(_) | Value::Array(_)) {
-                    *val = Value::String(REDACTED.to_string());
-                } else if is_sensitive_key(k) {
-                    redact_all(val);
+/// A JSON value that serializes redacted: values under sensitive keys become `[REDACTED]`, and
+/// secret-shaped strings anywhere become `[REDACTED:<kind>]`. This is the one redaction
+/// implementation; [`redact`] and [`redacted`] are built on it. Serializing through it copies nothing.
+#[derive(Debug, Clone, Copy)]
+pub struct Redacted<'a>(pub &'a Value);
+
+/// Everything under a sensitive key is redacted, however deep (nulls stay null).
+struct RedactAll<'a>(&'a Value);
+
+impl Serialize for Redacted<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Value::Object(m) => {
+                let mut map = s.serialize_map(Some(m.len()))?;
+                for (k, v) in m {
+                    if is_sensitive_key(k) {
+                        map.serialize_entry(k, &RedactAll(v))?;
+                    } else {
+                        map.serialize_entry(k, &Redacted(v))?;
+                    }
+                }
+                map.end()
+            }
+            Value::Array(a) => {
+                let mut seq = s.serialize_seq(Some(a.len()))?;
+                for v in a {
+                    seq.serialize_element(&Redacted(v))?;
+                }
+                seq.end()
+            }
+            Value::String(text) => {
+                if let Some(kind) = secret_kind(text) {
+                    s.serialize_str(&format!("[REDACTED:{kind}]"))
+                } else if text.len() >= 16 && text.contains(char::is_whitespace) {
+                    let mut c = text.clone();
+                    if redact_tokens(&mut c) { s.serialize_str(&c) } else { s.serialize_str(text) }
                 } else {
-                    redact(val);
+                    s.serialize_str(text)
                 }
             }
+            other => other.serialize(s),
         }
-        Value::Array(a) => a.iter_mut().for_each(redact),
-        Value::String(s) => {
-            if let Some(kind) = secret_kind(s) {
-                *s = format!("[REDACTED:{kind}]");
-            } else if s.len() >= 16 && s.contains(char::is_whitespace) {
-                redact_tokens(s);
-            }
-        }
-        _ => {}
     }
+}
+
+impl Serialize for RedactAll<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Value::Object(m) => {
+                let mut map = s.serialize_map(Some(m.len()))?;
+                for (k, v) in m {
+                    map.serialize_entry(k, &RedactAll(v))?;
+                }
+                map.end()
+            }
+            Value::Array(a) => {
+                let mut seq = s.serialize_seq(Some(a.len()))?;
+                for v in a {
+                    seq.serialize_element(&RedactAll(v))?;
+                }
+                seq.end()
+            }
+            Value::Null => s.serialize_unit(),
+            _ => s.serialize_str(REDACTED),
+        }
+    }
+}
+
+/// A redacted copy.
+pub fn redacted(v: &Value) -> Value {
+    serde_json::to_value(Redacted(v)).unwrap_or(Value::Null)
+}
+
+/// Redacts in place.
+pub fn redact(v: &mut Value) {
+    *v = redacted(v);
 }
 
 fn trim(w: &str) -> &str {
@@ -193,9 +246,9 @@ fn trim(w: &str) -> &str {
 }
 
 /// Replaces secret-shaped words inside free text ("my key is sk-...").
-fn redact_tokens(s: &mut String) {
+fn redact_tokens(s: &mut String) -> bool {
     if !s.split_whitespace().any(|w| secret_kind(trim(w)).is_some()) {
-        return;
+        return false;
     }
     let mut out = String::with_capacity(s.len());
     let mut rest = s.as_str();
@@ -213,23 +266,7 @@ fn redact_tokens(s: &mut String) {
         rest = tail;
     }
     *s = out;
-}
-
-/// Everything under a sensitive key is redacted, however deep.
-fn redact_all(v: &mut Value) {
-    match v {
-        Value::Object(m) => m.values_mut().for_each(redact_all),
-        Value::Array(a) => a.iter_mut().for_each(redact_all),
-        Value::Null => {}
-        other => *other = Value::String(REDACTED.to_string()),
-    }
-}
-
-/// A redacted copy.
-pub fn redacted(v: &Value) -> Value {
-    let mut c = v.clone();
-    redact(&mut c);
-    c
+    true
 }
 
 #[cfg(test)]
