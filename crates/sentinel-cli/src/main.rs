@@ -13,6 +13,19 @@ use sentinel_core::ledger;
 use sentinel_core::{ActionRequest, Engine, PolicyDoc, PolicyError, PolicySet, load, report};
 use serde_json::Value;
 
+/// Like `println!`, but a failed write (a closed pipe) is an error to return, not a panic.
+macro_rules! outln {
+    ($($t:tt)*) => {
+        writeln!(io::stdout().lock(), $($t)*)?
+    };
+}
+
+macro_rules! out {
+    ($($t:tt)*) => {
+        write!(io::stdout().lock(), $($t)*)?
+    };
+}
+
 #[derive(Parser)]
 #[command(name = "sentinel", version, about = "Agent Sentinel: decide whether an AI agent may act, before it acts")]
 struct Cli {
@@ -133,11 +146,19 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
+        // The reader went away (`sentinel ledger tail | head`): nothing left to say.
+        Err(e) if e.chain().any(is_broken_pipe) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
         }
     }
+}
+
+fn is_broken_pipe(e: &(dyn std::error::Error + 'static)) -> bool {
+    let pipe = Some(io::ErrorKind::BrokenPipe);
+    e.downcast_ref::<io::Error>().map(io::Error::kind) == pipe
+        || e.downcast_ref::<serde_json::Error>().and_then(serde_json::Error::io_error_kind) == pipe
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -207,12 +228,12 @@ fn policy(cmd: PolicyCmd) -> Result<ExitCode> {
                     .collect();
                 print_json(&serde_json::json!({"valid": errors.is_empty(), "policies": names, "errors": errs}))?;
             } else if errors.is_empty() {
-                println!("ok: {} file(s), {} policies: {}", files.len(), names.len(), names.join(", "));
+                outln!("ok: {} file(s), {} policies: {}", files.len(), names.len(), names.join(", "));
             } else {
                 for e in &errors {
-                    println!("error: {e}\n");
+                    outln!("error: {e}\n");
                 }
-                println!("{} error(s)", errors.len());
+                outln!("{} error(s)", errors.len());
             }
             Ok(if errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
@@ -232,7 +253,7 @@ fn policy(cmd: PolicyCmd) -> Result<ExitCode> {
                 print_json(&d)?;
             } else {
                 let set = engine.policies();
-                print!("{}", report::explain(&d, &set, &req));
+                out!("{}", report::explain(&d, &set, &req));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -246,7 +267,7 @@ fn policy(cmd: PolicyCmd) -> Result<ExitCode> {
             if fmt.format == Format::Json {
                 print_json(&sim)?;
             } else {
-                println!(
+                outln!(
                     "replayed {} calls: {} unchanged, {} changed, {} entries skipped",
                     sim.replayed,
                     sim.unchanged,
@@ -254,7 +275,7 @@ fn policy(cmd: PolicyCmd) -> Result<ExitCode> {
                     sim.skipped
                 );
                 for (t, n) in &sim.transitions {
-                    println!("  {t}: {n}");
+                    outln!("  {t}: {n}");
                 }
                 if !sim.changes.is_empty() {
                     let mut table = Table::new();
@@ -272,9 +293,9 @@ fn policy(cmd: PolicyCmd) -> Result<ExitCode> {
                             c.reason.clone(),
                         ]);
                     }
-                    println!("{table}");
+                    outln!("{table}");
                     if sim.changes.len() > limit {
-                        println!("... and {} more (use --limit)", sim.changes.len() - limit);
+                        outln!("... and {} more (use --limit)", sim.changes.len() - limit);
                     }
                 }
             }
@@ -310,10 +331,10 @@ fn ledger_cmd(cmd: LedgerCmd) -> Result<ExitCode> {
             } else if let Some(f) = &report.failure {
                 let loc =
                     if f.line > 0 { format!("{}:{}", f.file.display(), f.line) } else { f.file.display().to_string() };
-                println!("FAILED: {loc}: {}", f.problem);
-                println!("{} entries verified before the failure", report.entries);
+                outln!("FAILED: {loc}: {}", f.problem);
+                outln!("{} entries verified before the failure", report.entries);
             } else {
-                println!(
+                outln!(
                     "ok: {} entries in {} file(s), chain intact{}; last hash {}",
                     report.entries,
                     report.files.len(),
@@ -333,24 +354,24 @@ fn ledger_cmd(cmd: LedgerCmd) -> Result<ExitCode> {
                 print_json(&st)?;
                 return Ok(ExitCode::SUCCESS);
             }
-            println!("entries: {}  calls: {}  total cost: ${:.6}", st.entries, st.calls, st.total_cost_usd);
+            outln!("entries: {}  calls: {}  total cost: ${:.6}", st.entries, st.calls, st.total_cost_usd);
             let outcomes: Vec<String> = st.by_outcome.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            println!("outcomes: {}", outcomes.join(" "));
+            outln!("outcomes: {}", outcomes.join(" "));
             let mut t = Table::new();
             t.load_preset(UTF8_BORDERS_ONLY);
             t.set_header(["action", "calls", "cost (USD)", "blocked"]);
             for (a, s) in &st.by_action {
                 t.add_row([a.clone(), s.calls.to_string(), format!("{:.6}", s.cost_usd), s.blocked.to_string()]);
             }
-            println!("{t}");
-            println!("interventions: {}  cost prevented: ${:.6}", st.interventions, st.cost_prevented_usd);
+            outln!("{t}");
+            outln!("interventions: {}  cost prevented: ${:.6}", st.interventions, st.cost_prevented_usd);
             let mut t = Table::new();
             t.load_preset(UTF8_BORDERS_ONLY);
             t.set_header(["type", "count"]);
             for (k, v) in &st.interventions_by_type {
                 t.add_row([k.clone(), v.to_string()]);
             }
-            println!("{t}");
+            outln!("{t}");
             Ok(ExitCode::SUCCESS)
         }
         LedgerCmd::Tail { path, lines, follow, fmt } => {

@@ -171,3 +171,29 @@ fn missing_ledger_and_completions() {
     assert_eq!(o.status.code(), Some(0));
     assert!(stdout(&o).contains("sentinel"));
 }
+
+#[test]
+fn closed_pipe_does_not_panic() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let g = Guard::open(dir.path(), Arc::new(Engine::new(PolicySet::empty())), LogOptions::default()).unwrap();
+        for i in 0..5000 {
+            g.record("a", &json!({"i": i}), &json!(null), 0.0, 1.0, "success", &[], ("x", "y", "z")).unwrap();
+        }
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sentinel"))
+        .args(["ledger", "tail", &dir.path().display().to_string(), "-n", "5000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    // The reader goes away after one line, like `| head -1`.
+    let out = child.wait_with_output().unwrap();
+    assert!(first.contains("success"));
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stderr.is_empty(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+}
