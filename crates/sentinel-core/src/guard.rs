@@ -86,30 +86,21 @@ pub enum CallOutcome {
     Error(String),
 }
 
+/// The two logs of one directory: `ledger.jsonl` and `interventions.jsonl`. One per directory
+/// and process; several guards (with different engines) may share it.
 #[derive(Debug)]
-pub struct Guard {
-    engine: Arc<Engine>,
+pub struct Logs {
     ledger: ChainWriter,
     interventions: ChainWriter,
     home: PathBuf,
 }
 
-impl Guard {
-    /// Opens (creating if needed) `ledger.jsonl` and `interventions.jsonl` in `home`.
-    pub fn open(home: &Path, engine: Arc<Engine>, opts: LogOptions) -> Result<Self, LedgerError> {
+impl Logs {
+    /// Opens (creating if needed) both logs in `home`, recovering torn last lines.
+    pub fn open(home: &Path, opts: LogOptions) -> Result<Arc<Self>, LedgerError> {
         let ledger = ChainWriter::open(&home.join(LEDGER_FILE), opts.clone())?;
         let interventions = ChainWriter::open(&home.join(INTERVENTIONS_FILE), opts)?;
-        let g = Guard { engine, ledger, interventions, home: home.to_path_buf() };
-        for w in [&g.ledger, &g.interventions] {
-            if w.recovery().torn_bytes > 0 {
-                g.record_recovery(w)?;
-            }
-        }
-        Ok(g)
-    }
-
-    pub fn engine(&self) -> &Arc<Engine> {
-        &self.engine
+        Ok(Arc::new(Logs { ledger, interventions, home: home.to_path_buf() }))
     }
 
     pub fn home(&self) -> &Path {
@@ -122,6 +113,51 @@ impl Guard {
 
     pub fn interventions(&self) -> &ChainWriter {
         &self.interventions
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Guard {
+    engine: Arc<Engine>,
+    logs: Arc<Logs>,
+}
+
+impl Guard {
+    /// Opens (creating if needed) `ledger.jsonl` and `interventions.jsonl` in `home`.
+    pub fn open(home: &Path, engine: Arc<Engine>, opts: LogOptions) -> Result<Self, LedgerError> {
+        Self::with_logs(engine, Logs::open(home, opts)?)
+    }
+
+    /// A guard over logs that are already open (shared with other guards).
+    pub fn with_logs(engine: Arc<Engine>, logs: Arc<Logs>) -> Result<Self, LedgerError> {
+        let g = Guard { engine, logs };
+        for w in [&g.logs.ledger, &g.logs.interventions] {
+            // Each torn tail is recorded once, by the first guard over these logs.
+            if w.recovery().torn_bytes > 0 && w.take_recovery_note() {
+                g.record_recovery(w)?;
+            }
+        }
+        Ok(g)
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    pub fn logs(&self) -> &Arc<Logs> {
+        &self.logs
+    }
+
+    pub fn home(&self) -> &Path {
+        &self.logs.home
+    }
+
+    pub fn ledger(&self) -> &ChainWriter {
+        &self.logs.ledger
+    }
+
+    pub fn interventions(&self) -> &ChainWriter {
+        &self.logs.interventions
     }
 
     fn record_recovery(&self, w: &ChainWriter) -> Result<(), LedgerError> {
@@ -151,7 +187,7 @@ impl Guard {
             approval: None,
             intervention_id: None,
         };
-        self.ledger.append(&entry).map(|_| ())
+        self.logs.ledger.append(&entry).map(|_| ())
     }
 
     /// Decides `req` and records any intervention. `inputs` are what the ledger shows as the call's
@@ -181,7 +217,7 @@ impl Guard {
                 Some(approval.clone()),
                 escalation_id,
             );
-            self.interventions.append(&rec)?;
+            self.logs.interventions.append(&rec)?;
         }
         self.after_decision(req, inputs, decision, Some(approval))
     }
@@ -205,7 +241,7 @@ impl Guard {
             Some(approval.clone()),
             escalation_id,
         );
-        self.interventions.append(&rec)?;
+        self.logs.interventions.append(&rec)?;
         let r = OwnedRequest::of(req);
         self.write_line(
             &r,
@@ -245,7 +281,7 @@ impl Guard {
             rec.rationale = f.message.to_string();
             rec.limit = f.limit.clone();
             rec.cost_prevented_usd = 0.0;
-            self.interventions.append(&rec)?;
+            self.logs.interventions.append(&rec)?;
         }
         match decision.verdict {
             Verdict::Allow => Ok(Begun::Proceed(Box::new(Permit {
@@ -267,7 +303,7 @@ impl Guard {
                     None,
                     None,
                 );
-                if let Err(e) = self.interventions.append(&rec) {
+                if let Err(e) = self.logs.interventions.append(&rec) {
                     if let Some(r) = decision.take_reservation() {
                         r.release();
                     }
@@ -294,7 +330,7 @@ impl Guard {
                     None,
                     None,
                 );
-                self.interventions.append(&rec)?;
+                self.logs.interventions.append(&rec)?;
                 let outcome = if escalate { "escalated" } else { "blocked" };
                 let r = OwnedRequest::of(req);
                 self.write_line(&r, inputs, Some(&decision), outcome, 0.0, 0.0, &Value::Null, None, Some(&rec.id))?;
@@ -388,7 +424,7 @@ impl Guard {
             Some(d) => Arc::clone(&d.policy_version),
             None => self.engine.policy_version(),
         };
-        self.ledger.append(&LedgerLine {
+        self.logs.ledger.append(&LedgerLine {
             id,
             timestamp: &timestamp,
             action: &r.action,

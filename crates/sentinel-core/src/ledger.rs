@@ -85,6 +85,7 @@ pub struct ChainWriter {
     state: Mutex<WriterState>,
     _lock: File,
     recovery: Recovery,
+    recovery_noted: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for ChainWriter {
@@ -161,6 +162,7 @@ impl ChainWriter {
             state: Mutex::new(WriterState { file, head, size, seq, prev, line: Vec::with_capacity(1024) }),
             _lock: lock,
             recovery,
+            recovery_noted: std::sync::atomic::AtomicBool::new(false),
         };
         {
             let st = w.state.lock();
@@ -177,6 +179,11 @@ impl ChainWriter {
 
     pub fn recovery(&self) -> &Recovery {
         &self.recovery
+    }
+
+    /// True exactly once: whoever gets it records the recovery in the ledger.
+    pub fn take_recovery_note(&self) -> bool {
+        !self.recovery_noted.swap(true, std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The sequence number of the newest entry (0 when empty).

@@ -26,7 +26,7 @@ pub use compile::PolicySet;
 pub use counters::{ActionSpend, Reservation};
 pub use decision::{ActionRequest, Decision, InterventionType, Limit, LimitKind, ReasonCode, RiskLevel, Verdict};
 pub use engine::{Engine, HaltTarget, SpendSnapshot};
-pub use guard::{Begun, CallOutcome, Guard, Permit};
+pub use guard::{Begun, CallOutcome, Guard, Logs, Permit};
 pub use ledger::{ChainWriter, LedgerError, LogOptions};
 pub use load::PolicyError;
 pub use model::PolicyDoc;

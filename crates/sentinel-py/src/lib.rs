@@ -1,0 +1,527 @@
+//! PyO3 glue for `agent_sentinel`: converts Python values to the core's types and back, and maps
+//! errors. Decisions, counters and ledger writing all happen in `sentinel-core`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock, Weak};
+
+use parking_lot::Mutex;
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
+use sentinel_core::decision::{ApprovalSpec, Decision, RiskLevel};
+use sentinel_core::guard::{CallOutcome, Logs};
+use sentinel_core::ledger::LogOptions;
+use sentinel_core::records::ApprovalRecord;
+use sentinel_core::{ActionRequest, Begun, HaltTarget, PolicySet, Usd, load};
+use serde_json::{Map, Number, Value};
+
+/// Nesting deeper than this is recorded as the value's string form (it also stops cycles).
+const MAX_DEPTH: usize = 32;
+
+/// Converts a Python value to JSON. Anything JSON cannot hold is recorded as `str(value)`.
+fn to_json(obj: &Bound<'_, PyAny>, depth: usize) -> Value {
+    if obj.is_none() {
+        return Value::Null;
+    }
+    if depth > MAX_DEPTH {
+        return Value::String(stringify(obj));
+    }
+    if let Ok(s) = obj.cast::<PyString>() {
+        return Value::String(s.to_string_lossy().into_owned());
+    }
+    if let Ok(b) = obj.cast::<PyBool>() {
+        return Value::Bool(b.is_true());
+    }
+    if obj.is_instance_of::<PyInt>() {
+        if let Ok(i) = obj.extract::<i64>() {
+            return Value::Number(i.into());
+        }
+        if let Ok(u) = obj.extract::<u64>() {
+            return Value::Number(u.into());
+        }
+        return Value::String(stringify(obj));
+    }
+    if let Ok(f) = obj.cast::<PyFloat>() {
+        return Number::from_f64(f.value()).map_or_else(|| Value::String(stringify(obj)), Value::Number);
+    }
+    if let Ok(d) = obj.cast::<PyDict>() {
+        let mut m = Map::new();
+        for (k, v) in d.iter() {
+            let key = match k.cast::<PyString>() {
+                Ok(s) => s.to_string_lossy().into_owned(),
+                Err(_) => stringify(&k),
+            };
+            m.insert(key, to_json(&v, depth + 1));
+        }
+        return Value::Object(m);
+    }
+    if let Ok(l) = obj.cast::<PyList>() {
+        return Value::Array(l.iter().map(|v| to_json(&v, depth + 1)).collect());
+    }
+    if let Ok(t) = obj.cast::<PyTuple>() {
+        return Value::Array(t.iter().map(|v| to_json(&v, depth + 1)).collect());
+    }
+    Value::String(stringify(obj))
+}
+
+fn stringify(obj: &Bound<'_, PyAny>) -> String {
+    match obj.str() {
+        Ok(s) => s.to_string_lossy().into_owned(),
+        Err(_) => format!("<unprintable {}>", obj.get_type().name().map(|n| n.to_string()).unwrap_or_default()),
+    }
+}
+
+/// Converts JSON back to Python (for decisions, limits, replayed outputs).
+fn to_py<'py>(py: Python<'py>, v: &Value) -> PyResult<Bound<'py, PyAny>> {
+    Ok(match v {
+        Value::Null => py.None().into_bound(py),
+        Value::Bool(b) => PyBool::new(py, *b).to_owned().into_any(),
+        Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                i.into_pyobject(py)?.into_any()
+            } else if let Some(u) = n.as_u64() {
+                u.into_pyobject(py)?.into_any()
+            } else {
+                n.as_f64().unwrap_or(f64::NAN).into_pyobject(py)?.into_any()
+            }
+        }
+        Value::String(s) => PyString::new(py, s).into_any(),
+        Value::Array(a) => {
+            let items: Vec<Bound<'py, PyAny>> = a.iter().map(|x| to_py(py, x)).collect::<PyResult<_>>()?;
+            PyList::new(py, items)?.into_any()
+        }
+        Value::Object(m) => {
+            let d = PyDict::new(py);
+            for (k, x) in m {
+                d.set_item(k, to_py(py, x)?)?;
+            }
+            d.into_any()
+        }
+    })
+}
+
+/// A compiled policy set and its counters.
+#[pyclass(frozen, module = "agent_sentinel._native")]
+struct Engine {
+    inner: Arc<sentinel_core::Engine>,
+}
+
+fn policy_errors(errors: Vec<sentinel_core::PolicyError>) -> PyErr {
+    let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    PyValueError::new_err(text.join("\n"))
+}
+
+#[pymethods]
+impl Engine {
+    /// An engine over the policies in `texts`: `(text, filename, is_rules_json)` triples, merged.
+    #[new]
+    #[pyo3(signature = (sources=Vec::new()))]
+    fn new(sources: Vec<(String, String, bool)>) -> PyResult<Self> {
+        Ok(Engine { inner: Arc::new(sentinel_core::Engine::new(compile_all(&sources)?)) })
+    }
+
+    /// Replaces the policies; spend, windows and baselines are kept.
+    fn replace(&self, sources: Vec<(String, String, bool)>) -> PyResult<()> {
+        self.inner.replace_policies(compile_all(&sources)?);
+        Ok(())
+    }
+
+    fn policy_version(&self) -> String {
+        self.inner.policy_version().to_string()
+    }
+
+    /// The loaded policy documents, as JSON.
+    fn docs_json(&self) -> String {
+        serde_json::to_string(self.inner.policies().docs()).unwrap_or_else(|_| "[]".to_string())
+    }
+
+    /// `(session_total, run_total, {action: (count, spent)})` in dollars.
+    fn spend(&self, session_id: &str, run_id: &str) -> (f64, f64, HashMap<String, (u64, f64)>) {
+        let s = self.inner.spend(session_id, run_id);
+        let actions = s.actions.into_iter().map(|(k, v)| (k, (v.count, v.spent.as_f64()))).collect();
+        (s.session_total.as_f64(), s.run_total.as_f64(), actions)
+    }
+
+    fn reset_run(&self, session_id: &str, run_id: &str) {
+        self.inner.reset_run(session_id, run_id);
+    }
+
+    fn reset_counters(&self) {
+        self.inner.reset_counters();
+    }
+
+    /// `kind` is `agent` or `run`.
+    fn halt(&self, kind: &str, id: &str, reason: &str) -> PyResult<()> {
+        self.inner.halt(target(kind, id)?, reason);
+        Ok(())
+    }
+
+    fn resume(&self, kind: &str, id: &str) -> PyResult<()> {
+        self.inner.resume(&target(kind, id)?);
+        Ok(())
+    }
+}
+
+fn compile_all(sources: &[(String, String, bool)]) -> PyResult<PolicySet> {
+    let mut docs = Vec::new();
+    for (text, filename, rules_json) in sources {
+        let stem = Path::new(filename).file_stem().and_then(|s| s.to_str()).unwrap_or("policy");
+        let d = if *rules_json {
+            load::parse_rules_json(filename, stem, text)
+        } else {
+            load::parse_yaml(filename, stem, text)
+        };
+        docs.extend(d.map_err(policy_errors)?);
+    }
+    PolicySet::compile(docs).map_err(policy_errors)
+}
+
+fn target(kind: &str, id: &str) -> PyResult<HaltTarget> {
+    match kind {
+        "agent" => Ok(HaltTarget::Agent(id.to_string())),
+        "run" => Ok(HaltTarget::Run(id.to_string())),
+        other => Err(PyValueError::new_err(format!("halt target must be `agent` or `run`, got `{other}`"))),
+    }
+}
+
+/// Logs are opened once per directory per process and shared by every guard writing there.
+fn logs_for(home: &Path) -> PyResult<Arc<Logs>> {
+    static OPEN: OnceLock<Mutex<HashMap<PathBuf, Weak<Logs>>>> = OnceLock::new();
+    let key = std::fs::create_dir_all(home)
+        .and_then(|()| home.canonicalize())
+        .map_err(|e| PyRuntimeError::new_err(format!("cannot use `{}` for the ledger: {e}", home.display())))?;
+    let mut open = OPEN.get_or_init(Default::default).lock();
+    if let Some(l) = open.get(&key).and_then(Weak::upgrade) {
+        return Ok(l);
+    }
+    let logs = Logs::open(&key, LogOptions::default()).map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+    open.insert(key, Arc::downgrade(&logs));
+    Ok(logs)
+}
+
+/// An engine writing to the ledger and interventions log of one directory.
+#[pyclass(frozen, module = "agent_sentinel._native")]
+struct Guard {
+    inner: sentinel_core::Guard,
+}
+
+/// A call that may run. Pass it to `Guard.finish` (or `Guard.abandon`) exactly once.
+#[pyclass(module = "agent_sentinel._native")]
+struct Permit {
+    inner: Mutex<Option<sentinel_core::Permit>>,
+    #[pyo3(get)]
+    verdict: &'static str,
+    #[pyo3(get)]
+    message: String,
+    #[pyo3(get)]
+    reason: &'static str,
+}
+
+/// A call that must not run now: a denial, or a request for approval.
+#[pyclass(frozen, module = "agent_sentinel._native")]
+struct Stop {
+    decision: Decision,
+    #[pyo3(get)]
+    intervention_id: Option<String>,
+    #[pyo3(get)]
+    action: String,
+    inputs: Value,
+    args: Value,
+}
+
+#[pymethods]
+impl Stop {
+    #[getter]
+    fn verdict(&self) -> &'static str {
+        self.decision.verdict.as_str()
+    }
+    #[getter]
+    fn reason(&self) -> &'static str {
+        self.decision.reason.as_str()
+    }
+    #[getter]
+    fn intervention(&self) -> Option<&'static str> {
+        self.decision.intervention.map(|i| i.as_str())
+    }
+    #[getter]
+    fn message(&self) -> String {
+        self.decision.message.to_string()
+    }
+    #[getter]
+    fn policy(&self) -> Option<String> {
+        self.decision.policy.as_deref().map(str::to_string)
+    }
+    #[getter]
+    fn rule(&self) -> Option<String> {
+        self.decision.rule.as_deref().map(str::to_string)
+    }
+    #[getter]
+    fn retry_after_seconds(&self) -> Option<f64> {
+        self.decision.retry_after_seconds
+    }
+    #[getter]
+    fn policy_version(&self) -> String {
+        self.decision.policy_version.to_string()
+    }
+    #[getter]
+    fn limit<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        to_py(py, &serde_json::to_value(&self.decision.limit).unwrap_or(Value::Null))
+    }
+    /// `(timeout_seconds, approvers)` when approval is required.
+    #[getter]
+    fn approval(&self) -> Option<(Option<u64>, Vec<String>)> {
+        self.decision
+            .approval
+            .as_ref()
+            .map(|ApprovalSpec { timeout_seconds, approvers }| (*timeout_seconds, approvers.clone()))
+    }
+    /// The call's arguments, by parameter name (as the rules saw them).
+    #[getter]
+    fn arguments<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        to_py(py, &self.args)
+    }
+    /// The whole decision as a dict.
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        to_py(py, &serde_json::to_value(&self.decision).unwrap_or(Value::Null))
+    }
+}
+
+/// Binds a call's arguments by parameter name: positional, then keyword, then defaults.
+fn bind(
+    args: &[Value],
+    kwargs: &Map<String, Value>,
+    names: &Bound<'_, PyTuple>,
+    defaults: Option<&Bound<'_, PyDict>>,
+) -> Value {
+    let mut m = Map::new();
+    let mut extra = Vec::new();
+    for (i, a) in args.iter().enumerate() {
+        match names.get_item(i).ok().and_then(|n| n.cast::<PyString>().ok().map(|s| s.to_string_lossy().into_owned())) {
+            Some(name) => {
+                m.insert(name, a.clone());
+            }
+            None => extra.push(a.clone()),
+        }
+    }
+    if !extra.is_empty() {
+        m.insert("args".to_string(), Value::Array(extra));
+    }
+    for (k, v) in kwargs {
+        m.insert(k.clone(), v.clone());
+    }
+    if let Some(d) = defaults {
+        for (k, v) in d.iter() {
+            if let Ok(k) = k.cast::<PyString>() {
+                let k = k.to_string_lossy();
+                if !m.contains_key(k.as_ref()) {
+                    m.insert(k.into_owned(), to_json(&v, 0));
+                }
+            }
+        }
+    }
+    Value::Object(m)
+}
+
+#[pymethods]
+impl Guard {
+    #[new]
+    fn new(engine: &Engine, home: PathBuf) -> PyResult<Self> {
+        let logs = logs_for(&home)?;
+        let inner = sentinel_core::Guard::with_logs(Arc::clone(&engine.inner), logs)
+            .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+        Ok(Guard { inner })
+    }
+
+    #[getter]
+    fn home(&self) -> PathBuf {
+        self.inner.home().to_path_buf()
+    }
+
+    /// Decides one call. Returns a `Permit` (run it, then `finish`) or a `Stop`.
+    /// `names`/`defaults` describe the function's parameters, so rules see arguments by name.
+    #[pyo3(signature = (action, cost, tags, args, kwargs, names, defaults, agent_id, run_id, session_id, approval=None, escalation_id=None))]
+    #[expect(clippy::too_many_arguments, reason = "one crossing of the language boundary per call")]
+    fn begin<'py>(
+        &self,
+        py: Python<'py>,
+        action: &str,
+        cost: f64,
+        tags: Vec<String>,
+        args: &Bound<'py, PyTuple>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+        names: &Bound<'py, PyTuple>,
+        defaults: Option<&Bound<'py, PyDict>>,
+        agent_id: &str,
+        run_id: &str,
+        session_id: &str,
+        approval: Option<(bool, String, String)>,
+        escalation_id: Option<String>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let positional: Vec<Value> = args.iter().map(|a| to_json(&a, 0)).collect();
+        let keyword: Map<String, Value> = match kwargs {
+            Some(k) => k
+                .iter()
+                .map(|(k, v)| {
+                    let key = k
+                        .cast::<PyString>()
+                        .map(|s| s.to_string_lossy().into_owned())
+                        .unwrap_or_else(|_| stringify(&k));
+                    (key, to_json(&v, 0))
+                })
+                .collect(),
+            None => Map::new(),
+        };
+        let bound = bind(&positional, &keyword, names, defaults);
+        let mut inputs = Map::new();
+        inputs.insert("args".into(), Value::Array(positional));
+        inputs.insert("kwargs".into(), Value::Object(keyword));
+        let inputs = Value::Object(inputs);
+        let req = ActionRequest::new(action)
+            .agent(agent_id)
+            .run(run_id)
+            .session(session_id)
+            .cost(cost)
+            .args(&bound)
+            .tags(&tags);
+        let begun = match approval {
+            Some((approved, approver, reason)) => {
+                let record =
+                    ApprovalRecord { approved, approver, reason, decided_at: sentinel_core::ledger::now_rfc3339() };
+                self.inner.begin_approved(&req, &inputs, record, escalation_id.as_deref())
+            }
+            None => self.inner.begin(&req, &inputs),
+        }
+        .map_err(|e| PyRuntimeError::new_err(format!("cannot record the decision: {e}")))?;
+        match begun {
+            Begun::Proceed(p) => {
+                let verdict = p.decision.verdict.as_str();
+                let reason = p.decision.reason.as_str();
+                let message = if p.decision.verdict == sentinel_core::Verdict::Allow {
+                    String::new()
+                } else {
+                    p.decision.message.to_string()
+                };
+                Ok(Bound::new(py, Permit { inner: Mutex::new(Some(*p)), verdict, message, reason })?.into_any())
+            }
+            Begun::Stop { decision, intervention_id } => {
+                Ok(Bound::new(py, Stop { decision, intervention_id, action: action.to_string(), inputs, args: bound })?
+                    .into_any())
+            }
+        }
+    }
+
+    /// The call ran. `ok` says whether it returned (`output` is its result) or raised
+    /// (`output` is the error text). Writes the ledger entry before returning.
+    #[pyo3(signature = (permit, ok, output, actual_cost=None))]
+    fn finish(
+        &self,
+        permit: &Bound<'_, Permit>,
+        ok: bool,
+        output: &Bound<'_, PyAny>,
+        actual_cost: Option<f64>,
+    ) -> PyResult<u64> {
+        let Some(p) = permit.borrow().inner.lock().take() else {
+            return Err(PyRuntimeError::new_err("this permit was already finished"));
+        };
+        let outcome = if ok { CallOutcome::Success(to_json(output, 0)) } else { CallOutcome::Error(stringify(output)) };
+        let appended = self
+            .inner
+            .finish(p, outcome, actual_cost)
+            .map_err(|e| PyRuntimeError::new_err(format!("cannot write the ledger: {e}")))?;
+        Ok(appended.seq)
+    }
+
+    /// The call never ran: give back its reservation.
+    fn abandon(&self, permit: &Bound<'_, Permit>) {
+        if let Some(p) = permit.borrow().inner.lock().take() {
+            self.inner.abandon(p);
+        }
+    }
+
+    /// Records that a human rejected (or did not answer) an escalated call.
+    fn reject(
+        &self,
+        stop: &Stop,
+        approver: String,
+        reason: String,
+        agent_id: &str,
+        run_id: &str,
+        session_id: &str,
+    ) -> PyResult<String> {
+        let record =
+            ApprovalRecord { approved: false, approver, reason, decided_at: sentinel_core::ledger::now_rfc3339() };
+        let req = ActionRequest::new(&stop.action).agent(agent_id).run(run_id).session(session_id).args(&stop.args);
+        self.inner
+            .record_rejection(&req, &stop.inputs, &stop.decision, record, stop.intervention_id.as_deref())
+            .map_err(|e| PyRuntimeError::new_err(format!("cannot record the rejection: {e}")))
+    }
+
+    /// Writes a ledger entry directly (`Ledger.record`).
+    #[pyo3(signature = (action, inputs, outputs, cost_usd, duration_ms, outcome, tags, agent_id, run_id, session_id))]
+    #[expect(clippy::too_many_arguments, reason = "mirrors Ledger.record")]
+    fn record(
+        &self,
+        action: &str,
+        inputs: &Bound<'_, PyAny>,
+        outputs: &Bound<'_, PyAny>,
+        cost_usd: f64,
+        duration_ms: f64,
+        outcome: &str,
+        tags: Vec<String>,
+        agent_id: &str,
+        run_id: &str,
+        session_id: &str,
+    ) -> PyResult<u64> {
+        if Usd::from_f64(cost_usd).is_err() {
+            return Err(PyValueError::new_err(format!("`cost_usd` must be a non-negative number, got {cost_usd}")));
+        }
+        self.inner
+            .record(
+                action,
+                &to_json(inputs, 0),
+                &to_json(outputs, 0),
+                cost_usd,
+                duration_ms,
+                outcome,
+                &tags,
+                (agent_id, run_id, session_id),
+            )
+            .map(|a| a.seq)
+            .map_err(|e| PyRuntimeError::new_err(format!("cannot write the ledger: {e}")))
+    }
+}
+
+/// Converts a Python value to the JSON the ledger records (for replay comparisons).
+#[pyfunction]
+fn to_record(py: Python<'_>, value: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+    let v = sentinel_core::redact::redacted(&to_json(value, 0));
+    Ok(to_py(py, &v)?.unbind())
+}
+
+/// The risk level names, for stubs and docs.
+#[pyfunction]
+fn risk_levels() -> Vec<&'static str> {
+    [RiskLevel::Low, RiskLevel::Medium, RiskLevel::High, RiskLevel::Critical]
+        .iter()
+        .map(|r| match r {
+            RiskLevel::Low => "LOW",
+            RiskLevel::Medium => "MEDIUM",
+            RiskLevel::High => "HIGH",
+            RiskLevel::Critical => "CRITICAL",
+        })
+        .collect()
+}
+
+#[pymodule]
+#[pyo3(name = "_native")]
+fn agent_sentinel_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Engine>()?;
+    m.add_class::<Guard>()?;
+    m.add_class::<Permit>()?;
+    m.add_class::<Stop>()?;
+    m.add_function(wrap_pyfunction!(to_record, m)?)?;
+    m.add_function(wrap_pyfunction!(risk_levels, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

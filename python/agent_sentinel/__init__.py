@@ -1,0 +1,54 @@
+"""Agent Sentinel: decide whether an AI agent may act, before it acts.
+
+Both earlier Python APIs are here, decided by the Rust core:
+
+- ``guarded_action``, ``PolicyEngine``, ``CostTracker``, ``Ledger`` (the SDK);
+- ``protect``, ``SentinelConfig`` (the rules-and-approvals decorator).
+"""
+
+from ._native import __version__
+from .approvals import Approval, ApprovalRequest
+from ._context import Context, context, get_context, set_context
+from .decorators import guarded_action
+from .errors import (
+    AgentHaltedError,
+    AgentSentinelError,
+    ApprovalRejectedError,
+    ApprovalTimeoutError,
+    BudgetExceededError,
+    PolicyConfigError,
+    PolicyViolationError,
+    RateLimitError,
+    ReplayDivergenceError,
+)
+from .policy import CostTracker, Ledger, PolicyConfig, PolicyEngine
+from .protect import SentinelConfig, protect
+from .replay import ReplayedCallError, replay_mode
+
+__all__ = [
+    "AgentHaltedError",
+    "AgentSentinelError",
+    "Approval",
+    "ApprovalRejectedError",
+    "ApprovalRequest",
+    "ApprovalTimeoutError",
+    "BudgetExceededError",
+    "Context",
+    "CostTracker",
+    "Ledger",
+    "PolicyConfig",
+    "PolicyConfigError",
+    "PolicyEngine",
+    "PolicyViolationError",
+    "RateLimitError",
+    "ReplayDivergenceError",
+    "ReplayedCallError",
+    "SentinelConfig",
+    "__version__",
+    "context",
+    "get_context",
+    "guarded_action",
+    "protect",
+    "replay_mode",
+    "set_context",
+]

@@ -1,0 +1,207 @@
+"""The wrapper every guarded call goes through (``guarded_action`` and ``protect`` alike).
+
+Per call it makes one crossing into Rust to decide (and reserve), runs the function, and one more
+to settle and write the ledger entry. Everything else is prepared when the function is decorated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import threading
+from typing import Any, Callable, Optional
+
+from . import _native
+from . import _context
+from .approvals import Approval, ApprovalRequest, ask_terminal, normalize
+from .errors import ApprovalRejectedError, ApprovalTimeoutError, error_for
+from .replay import active_replay
+
+_Permit = _native.Permit
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+class CallSpec:
+    """Everything about a decorated function that does not change between calls."""
+
+    __slots__ = (
+        "fn", "action", "cost", "tags", "names", "defaults", "guard", "approver", "context_fn", "context_arity", "current",
+    )
+
+    def __init__(
+        self,
+        fn: Callable,
+        action: str,
+        cost: float,
+        tags: list,
+        guard: Callable[[], Any],
+        approver: Callable[[], tuple],
+        context_fn: Optional[Callable] = None,
+        current: Optional[Callable[[], Any]] = None,
+    ) -> None:
+        self.current = current or _context.current
+        try:
+            params = list(inspect.signature(fn).parameters.values())
+        except (TypeError, ValueError):
+            params = []
+        self.fn = fn
+        self.action = action
+        self.cost = cost
+        self.tags = tags
+        self.names = tuple(p.name for p in params if p.kind in _POSITIONAL)
+        defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+        self.defaults = defaults or None
+        self.guard = guard
+        self.approver = approver
+        self.context_fn = context_fn
+        self.context_arity = 0
+        if context_fn is not None:
+            try:
+                self.context_arity = len(inspect.signature(context_fn).parameters)
+            except (TypeError, ValueError):
+                self.context_arity = 1
+
+
+def _request(spec: CallSpec, stop: Any, ctx: Any, args: tuple, kwargs: dict, timeout: Optional[float], approvers: list) -> ApprovalRequest:
+    extra: dict = {}
+    if spec.context_fn is not None:
+        got = spec.context_fn(*args, **kwargs) if spec.context_arity else spec.context_fn()
+        extra = dict(got or {})
+    return ApprovalRequest(
+        agent_id=ctx.agent_id,
+        action=spec.action,
+        arguments=_native.to_record(stop.arguments),
+        reason=stop.message,
+        rule=stop.rule,
+        policy=stop.policy,
+        cost_usd=spec.cost,
+        context=_native.to_record(extra),
+        timeout_seconds=timeout,
+        approvers=approvers,
+    )
+
+
+def _ask_blocking(handler: Any, req: ApprovalRequest) -> Optional[Approval]:
+    """Returns the approval, or None when nobody answered in time."""
+    if handler is None:
+        return Approval(False, "agent-sentinel", "no approver is configured (PolicyEngine.set_approval_handler)")
+    if handler == "terminal":
+        try:
+            return ask_terminal(req)
+        except OSError as e:
+            return Approval(False, "agent-sentinel", f"no terminal to ask ({e.strerror or e})")
+    # A callable: wait for it at most the timeout; a late answer is ignored.
+    result: list = []
+    error: list = []
+
+    def run() -> None:
+        try:
+            result.append(normalize(handler(req), getattr(handler, "__name__", "callable")))
+        except BaseException as e:  # noqa: BLE001 - re-raised below in the caller's thread
+            error.append(e)
+
+    t = threading.Thread(target=run, name="agent-sentinel-approval", daemon=True)
+    t.start()
+    t.join(req.timeout_seconds)
+    if error:
+        raise error[0]
+    return result[0] if result else None
+
+
+def _resolve(spec: CallSpec, guard: Any, stop: Any, ctx: Any, answer: Optional[Approval], timeout: Optional[float], args: tuple, kwargs: dict) -> Any:
+    """Turns the approver's answer into a permit, or raises (recording the rejection)."""
+    if answer is None:
+        guard.reject(stop, "timeout", f"no decision within {timeout:g}s" if timeout else "no decision", ctx.agent_id, ctx.run_id, ctx.session_id)
+        raise ApprovalTimeoutError(
+            f"approval for `{spec.action}` timed out after {timeout:g}s; the action did not run" if timeout else f"approval for `{spec.action}` got no answer",
+            reason="APPROVAL_TIMEOUT", action=spec.action, policy=stop.policy, rule=stop.rule,
+            intervention_id=stop.intervention_id, decision=stop.to_dict(),
+        )
+    if not answer.approved:
+        guard.reject(stop, answer.approver, answer.reason, ctx.agent_id, ctx.run_id, ctx.session_id)
+        err = ApprovalRejectedError(
+            f"`{spec.action}` was rejected by {answer.approver}" + (f": {answer.reason}" if answer.reason else ""),
+            reason="APPROVAL_REJECTED", action=spec.action, policy=stop.policy, rule=stop.rule,
+            intervention_id=stop.intervention_id, decision=stop.to_dict(),
+        )
+        err.approver = answer.approver
+        err.rejection_reason = answer.reason
+        raise err
+    r = guard.begin(
+        spec.action, spec.cost, spec.tags, args, kwargs or None, spec.names, spec.defaults,
+        ctx.agent_id, ctx.run_id, ctx.session_id, (True, answer.approver, answer.reason), stop.intervention_id,
+    )
+    if type(r) is not _Permit:
+        raise error_for(r)
+    return r
+
+
+def _timeouts(spec: CallSpec, stop: Any) -> tuple:
+    handler, default_timeout = spec.approver()
+    policy_timeout, approvers = stop.approval or (None, [])
+    timeout = policy_timeout if policy_timeout is not None else default_timeout
+    return handler, timeout, list(approvers)
+
+
+def wrap(spec: CallSpec) -> Callable:
+    fn = spec.fn
+    action, cost, tags, names, defaults, get_guard = spec.action, spec.cost, spec.tags, spec.names, spec.defaults, spec.guard
+    current = spec.current
+
+    if inspect.iscoroutinefunction(fn):
+
+        @functools.wraps(fn)
+        async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+            replay = active_replay()
+            if replay is not None:
+                return replay.next(action, args, kwargs, names, defaults)
+            ctx = current()
+            guard = get_guard()
+            r = guard.begin(action, cost, tags, args, kwargs or None, names, defaults, ctx.agent_id, ctx.run_id, ctx.session_id)
+            if type(r) is not _Permit:
+                if r.verdict != "require_approval":
+                    raise error_for(r)
+                handler, timeout, approvers = _timeouts(spec, r)
+                req = _request(spec, r, ctx, args, kwargs, timeout, approvers)
+                if handler is not None and handler != "terminal" and inspect.iscoroutinefunction(handler):
+                    try:
+                        answer = normalize(await asyncio.wait_for(handler(req), timeout), handler.__name__)
+                    except asyncio.TimeoutError:
+                        answer = None
+                else:
+                    answer = await asyncio.to_thread(_ask_blocking, handler, req)
+                r = _resolve(spec, guard, r, ctx, answer, timeout, args, kwargs)
+            try:
+                result = await fn(*args, **kwargs)
+            except BaseException as e:
+                guard.finish(r, False, f"{type(e).__name__}: {e}")
+                raise
+            guard.finish(r, True, result)
+            return result
+
+        return async_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        replay = active_replay()
+        if replay is not None:
+            return replay.next(action, args, kwargs, names, defaults)
+        ctx = current()
+        guard = get_guard()
+        r = guard.begin(action, cost, tags, args, kwargs or None, names, defaults, ctx.agent_id, ctx.run_id, ctx.session_id)
+        if type(r) is not _Permit:
+            if r.verdict != "require_approval":
+                raise error_for(r)
+            handler, timeout, approvers = _timeouts(spec, r)
+            answer = _ask_blocking(handler, _request(spec, r, ctx, args, kwargs, timeout, approvers))
+            r = _resolve(spec, guard, r, ctx, answer, timeout, args, kwargs)
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as e:
+            guard.finish(r, False, f"{type(e).__name__}: {e}")
+            raise
+        guard.finish(r, True, result)
+        return result
+
+    return wrapper
