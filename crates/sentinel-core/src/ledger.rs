@@ -193,37 +193,34 @@ impl ChainWriter {
 
     /// Appends one record (it must serialize to a JSON object). Returns once the line is with the OS.
     pub fn append<T: Serialize + ?Sized>(&self, record: &T) -> Result<Appended, LedgerError> {
-        let mut body = serde_json::to_vec(record).map_err(|e| LedgerError::Serialize(e.to_string()))?;
-        if body.last() != Some(&b'}') || body.first() != Some(&b'{') {
-            return Err(LedgerError::Serialize("a ledger record must be a JSON object".into()));
-        }
-        body.pop();
-        self.append_body(&body)
-    }
-
-    /// Appends a pre-serialized JSON object with its closing `}` removed.
-    fn append_body(&self, body: &[u8]) -> Result<Appended, LedgerError> {
         let mut guard = self.state.lock();
         let st = &mut *guard;
         if st.size >= self.opts.rotate_bytes && st.seq > 0 {
             self.rotate(st)?;
         }
-        let seq = st.seq + 1;
+        // Serialized straight into the reused line buffer: no allocation per entry.
         let line = &mut st.line;
         line.clear();
-        line.extend_from_slice(body);
-        if body.len() > 1 {
+        serde_json::to_writer(&mut *line, record).map_err(|e| LedgerError::Serialize(e.to_string()))?;
+        if line.last() != Some(&b'}') || line.first() != Some(&b'{') {
+            return Err(LedgerError::Serialize("a ledger record must be a JSON object".into()));
+        }
+        line.pop();
+        let seq = st.seq + 1;
+        if line.len() > 1 {
             line.extend_from_slice(SEQ_KEY);
         } else {
             line.extend_from_slice(SEQ_KEY.get(1..).unwrap_or_default());
         }
-        line.extend_from_slice(itoa(seq).as_bytes());
+        let mut digits = [0u8; 20];
+        line.extend_from_slice(format_u64(seq, &mut digits));
         line.extend_from_slice(PREV_KEY);
         line.extend_from_slice(&st.prev);
         line.push(b'"');
-        let hash = sha_hex(line);
+        let mut hash = [0u8; 64];
+        let _ = hex::encode_to_slice(Sha256::digest(&line[..]), &mut hash);
         line.extend_from_slice(HASH_TAIL);
-        line.extend_from_slice(hash.as_bytes());
+        line.extend_from_slice(&hash);
         line.extend_from_slice(b"\"}\n");
         st.file.write_all(line).map_err(io_err("append to", &self.path))?;
         if self.opts.fsync {
@@ -231,9 +228,9 @@ impl ChainWriter {
         }
         st.size += line.len() as u64;
         st.seq = seq;
-        st.prev.copy_from_slice(hash.as_bytes());
+        st.prev = hash;
         write_head(&st.head, seq, &st.prev).map_err(io_err("write", &sidecar(&self.path, "head")))?;
-        Ok(Appended { seq, hash })
+        Ok(Appended { seq, hash: String::from_utf8_lossy(&hash).into_owned() })
     }
 
     fn rotate(&self, st: &mut WriterState) -> Result<(), LedgerError> {
@@ -252,8 +249,20 @@ impl ChainWriter {
     }
 }
 
-fn itoa(n: u64) -> String {
-    n.to_string()
+/// Decimal digits of `n`, written into `buf`.
+fn format_u64(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        if let Some(b) = buf.get_mut(i) {
+            *b = b'0' + (n % 10) as u8;
+        }
+        n /= 10;
+        if n == 0 || i == 0 {
+            break;
+        }
+    }
+    buf.get(i..).unwrap_or_default()
 }
 
 fn sha_hex(bytes: &[u8]) -> String {
@@ -264,10 +273,18 @@ fn sha_hex(bytes: &[u8]) -> String {
 }
 
 fn write_head(head: &File, seq: u64, hash: &[u8; 64]) -> io::Result<()> {
-    let mut buf = Vec::with_capacity(HEAD_LEN);
-    buf.extend_from_slice(format!("{seq:020} ").as_bytes());
-    buf.extend_from_slice(hash);
-    buf.push(b'\n');
+    let mut buf = [b'0'; HEAD_LEN];
+    let mut digits = [0u8; 20];
+    let d = format_u64(seq, &mut digits);
+    let (num, rest) = buf.split_at_mut(20);
+    if let Some(tail) = num.get_mut(20 - d.len()..) {
+        tail.copy_from_slice(d);
+    }
+    let (space, rest) = rest.split_at_mut(1);
+    space.fill(b' ');
+    let (h, nl) = rest.split_at_mut(64);
+    h.copy_from_slice(hash);
+    nl.fill(b'\n');
     head.write_all_at(&buf, 0)
 }
 
@@ -744,7 +761,23 @@ pub fn read_all(path: &Path) -> Result<Vec<serde_json::Value>, LedgerError> {
     Ok(out)
 }
 
-/// The current time as RFC 3339 with microseconds, in UTC.
+/// The current time as RFC 3339 with microseconds, in UTC (`2026-11-21T14:30:00.123456Z`).
 pub fn now_rfc3339() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+    use chrono::{Datelike, Timelike};
+    let t = chrono::Utc::now();
+    let mut s = String::with_capacity(27);
+    let _ = std::fmt::Write::write_fmt(
+        &mut s,
+        format_args!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+            t.year(),
+            t.month(),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second(),
+            t.nanosecond().min(999_999_999) / 1000
+        ),
+    );
+    s
 }
