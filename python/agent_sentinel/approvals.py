@@ -110,7 +110,7 @@ def _render(req: ApprovalRequest) -> str:
     if req.timeout_seconds:
         lines.append(f"Timeout:  {req.timeout_seconds:g}s (no answer means reject)")
     lines.append("-" * 60)
-    return "\r\n".join(lines) + "\r\n"
+    return "\n".join(lines) + "\n"
 
 
 def ask_terminal(req: ApprovalRequest, tty_path: str = "/dev/tty") -> Optional[Approval]:
@@ -124,14 +124,14 @@ def ask_terminal(req: ApprovalRequest, tty_path: str = "/dev/tty") -> Optional[A
             os.write(fd, b"Approve? [y/n]: ")
             line = _read_line(fd, deadline)
             if line is None:
-                os.write(fd, b"\r\n(no answer in time: rejected)\r\n")
+                os.write(fd, b"\n(no answer in time: rejected)\n")
                 return None
             answer = line.strip().lower()
             if answer in ("y", "yes"):
                 return Approval(True, who, "approved at the terminal")
             if answer in ("n", "no"):
                 return Approval(False, who, "rejected at the terminal")
-            os.write(fd, b"Please answer y or n.\r\n")
+            os.write(fd, b"Please answer y or n.\n")
     finally:
         os.close(fd)
 

@@ -1,0 +1,324 @@
+"""The SDK's decorator, engine, tracker and ledger, as its README documents them."""
+
+import asyncio
+import socket
+import threading
+from dataclasses import dataclass
+
+import pytest
+
+import agent_sentinel
+from agent_sentinel import (
+    AgentHaltedError,
+    AgentSentinelError,
+    BudgetExceededError,
+    CostTracker,
+    Ledger,
+    PolicyEngine,
+    PolicyViolationError,
+    RateLimitError,
+    guarded_action,
+)
+from conftest import read_jsonl, verify
+
+
+def test_sync_call_is_recorded_with_the_sdk_fields(home):
+    @guarded_action(name="search_tool", cost_usd=0.01, tags=["search", "api"])
+    def search_web(query: str) -> dict:
+        """Search the web for a query"""
+        return {"results": [query], "count": 1}
+
+    assert search_web("Python best practices") == {"results": ["Python best practices"], "count": 1}
+    assert search_web.__name__ == "search_web"
+    assert search_web.__doc__ == "Search the web for a query"
+    [e] = read_jsonl(home / "ledger.jsonl")
+    for field in ("id", "timestamp", "action", "cost_usd", "duration_ms", "outcome", "tags", "payload"):
+        assert field in e
+    assert e["action"] == "search_tool"
+    assert e["cost_usd"] == 0.01
+    assert e["outcome"] == "success"
+    assert e["tags"] == ["search", "api"]
+    assert e["payload"]["inputs"] == {"args": ["Python best practices"], "kwargs": {}}
+    assert e["payload"]["outputs"] == {"results": ["Python best practices"], "count": 1}
+    assert e["decision"]["verdict"] == "allow"
+    assert e["policy_version"]
+    assert verify(home / "ledger.jsonl")["entries"] == 1
+
+
+async def test_async_call(home):
+    @guarded_action(name="generate_text", cost_usd=0.05, tags=["llm"])
+    async def generate_text(prompt: str) -> str:
+        """Generate text"""
+        await asyncio.sleep(0)
+        return prompt.upper()
+
+    assert await generate_text("haiku") == "HAIKU"
+    assert generate_text.__name__ == "generate_text"
+    assert asyncio.iscoroutinefunction(generate_text)
+    assert CostTracker.get_run_total() == pytest.approx(0.05)
+
+
+def test_default_name_is_the_function_name(home):
+    @guarded_action(cost_usd=0.01)
+    def my_function():
+        pass
+
+    my_function()
+    assert read_jsonl(home / "ledger.jsonl")[0]["action"] == "my_function"
+
+
+def test_exceptions_propagate_unchanged_and_are_recorded(home):
+    class Oops(ValueError):
+        pass
+
+    @guarded_action(name="might_fail", cost_usd=0.01)
+    def risky():
+        raise Oops("Oops!")
+
+    with pytest.raises(Oops, match="Oops!"):
+        risky()
+    [e] = read_jsonl(home / "ledger.jsonl")
+    assert e["outcome"] == "error"
+    assert "Oops!" in e["payload"]["outputs"]
+    assert e["cost_usd"] == 0.01, "a call that raised still costs"
+
+
+def test_arguments_json_cannot_hold_are_recorded_as_their_string_form(home):
+    @dataclass
+    class Context:
+        user_id: int
+        session: str
+        connection: socket.socket
+
+    @guarded_action(name="process_data", cost_usd=0.001)
+    def process_data(ctx, data):
+        return {"processed": True, "user": ctx.user_id, "at": object()}
+
+    with socket.socket() as s:
+        out = process_data(Context(123, "abc", s), {"value": 42, "when": {1, 2}})
+    assert out["processed"] is True
+    [e] = read_jsonl(home / "ledger.jsonl")
+    recorded_ctx = e["payload"]["inputs"]["args"][0]
+    assert isinstance(recorded_ctx, str) and "user_id=123" in recorded_ctx
+    assert e["payload"]["inputs"]["args"][1]["when"] in ("{1, 2}", "{2, 1}")
+    assert e["payload"]["outputs"]["at"].startswith("<object object at")
+
+
+def test_budgets(home):
+    PolicyEngine.configure(session_budget=5.0, run_budget=1.0, action_budgets={"expensive_llm": 0.50})
+
+    @guarded_action(name="expensive_llm", cost_usd=0.30)
+    def call_gpt4(prompt):
+        return "ok"
+
+    call_gpt4("a")
+    with pytest.raises(BudgetExceededError) as err:
+        call_gpt4("b")
+    e = err.value
+    assert isinstance(e, AgentSentinelError)
+    assert e.reason == "ACTION_BUDGET_EXCEEDED"
+    assert e.limit == {"kind": "action_budget", "limit": 0.5, "used": 0.3, "requested": 0.3}
+    assert e.policy == "PolicyEngine"
+    assert CostTracker.get_run_total() == pytest.approx(0.30)
+    assert CostTracker.get_action_stats("expensive_llm") == {"count": 1, "total_cost": pytest.approx(0.30)}
+    blocked = read_jsonl(home / "ledger.jsonl")[-1]
+    assert blocked["outcome"] == "blocked" and blocked["cost_usd"] == 0.0
+    [i] = read_jsonl(home / "interventions.jsonl")
+    assert (i["type"], i["outcome"]) == ("BUDGET_EXCEEDED", "BLOCKED")
+    assert i["cost_prevented_usd"] == 0.30
+
+
+def test_hundred_cents_fill_a_dollar(home):
+    PolicyEngine.configure(run_budget=1.0)
+
+    @guarded_action(cost_usd=0.01)
+    def cent():
+        pass
+
+    for _ in range(100):
+        cent()
+    with pytest.raises(BudgetExceededError):
+        cent()
+    assert CostTracker.get_run_total() == 1.0
+
+
+def test_reset_run_keeps_session_totals_and_action_stats(home):
+    PolicyEngine.configure(run_budget=1.0)
+
+    @guarded_action(name="step", cost_usd=0.6)
+    def step():
+        pass
+
+    step()
+    with pytest.raises(BudgetExceededError):
+        step()
+    CostTracker.reset_run()
+    step()
+    snap = CostTracker.get_snapshot()
+    assert snap["session_total"] == pytest.approx(1.2)
+    assert snap["run_total"] == pytest.approx(0.6)
+    assert snap["action_counts"] == {"step": 2}
+    all_stats = CostTracker.get_action_stats()
+    assert all_stats["counts"] == {"step": 2}
+    assert all_stats["costs"]["step"] == pytest.approx(1.2)
+
+
+def test_deny_and_allow_lists(home):
+    PolicyEngine.configure(denied_actions=["delete_database", "send_money"])
+
+    @guarded_action(name="delete_database")
+    def delete_database():
+        raise AssertionError("must not run")
+
+    with pytest.raises(PolicyViolationError) as err:
+        delete_database()
+    assert isinstance(err.value, PermissionError)
+    assert err.value.reason == "DENIED_ACTION"
+
+    PolicyEngine.configure(allowed_actions=["read_file", "search_web"])
+
+    @guarded_action(name="search_web")
+    def search():
+        return 1
+
+    @guarded_action(name="write_file")
+    def write():
+        raise AssertionError("must not run")
+
+    assert search() == 1
+    with pytest.raises(PolicyViolationError, match="not in the allowlist"):
+        write()
+
+
+def test_rate_limit_carries_retry_after(home):
+    PolicyEngine.configure(rate_limits={"search": {"max_count": 2, "window_seconds": 60}})
+
+    @guarded_action(name="search")
+    def search():
+        return "ok"
+
+    search()
+    search()
+    with pytest.raises(RateLimitError) as err:
+        search()
+    assert isinstance(err.value, PolicyViolationError)
+    assert err.value.reason == "RATE_LIMITED"
+    assert 59 < err.value.retry_after_seconds <= 60
+
+
+def test_halt_is_a_kill_switch(home):
+    @guarded_action(name="act")
+    def act():
+        return 1
+
+    PolicyEngine.halt(agent_id="default", reason="runaway spend")
+    with pytest.raises(AgentHaltedError, match="runaway spend"):
+        act()
+    PolicyEngine.resume(agent_id="default")
+    assert act() == 1
+
+
+def test_ledger_record(home):
+    seq = Ledger.record(
+        action="manual_entry",
+        inputs={"key": "value", "password": "hunter2"},
+        outputs={"result": 42},
+        cost_usd=0.01,
+        duration_ms=100.0,
+        outcome="success",
+        tags=["manual"],
+    )
+    assert seq == 1
+    [e] = read_jsonl(home / "ledger.jsonl")
+    assert e["payload"]["inputs"] == {"key": "value", "password": "[REDACTED]"}
+    assert e["tags"] == ["manual"]
+    with pytest.raises(ValueError, match="cost_usd"):
+        Ledger.record(action="x", cost_usd=-1)
+    verify(home)
+
+
+def test_agent_sentinel_home_is_honoured(tmp_path, monkeypatch):
+    target = tmp_path / "my-agent-logs"
+    monkeypatch.setenv("AGENT_SENTINEL_HOME", str(target))
+    PolicyEngine.reset()
+
+    @guarded_action(name="x")
+    def x():
+        return 1
+
+    x()
+    assert (target / "ledger.jsonl").exists()
+    assert (target / "interventions.jsonl").exists()
+
+
+def test_secrets_are_redacted_in_every_record(home):
+    PolicyEngine.configure(denied_actions=["leak"])
+
+    @guarded_action(name="leak")
+    def leak(api_key, note):
+        pass
+
+    @guarded_action(name="fetch")
+    def fetch(url, headers):
+        return {"token": "tok_abcdef123456", "body": "ok"}
+
+    with pytest.raises(PolicyViolationError):
+        leak("sk-live-abcdefghijklmnopqrst", note="my key is sk-live-zyxwvutsrqponmlk")
+    fetch("https://admin:s3cret-pass@db.internal/x", headers={"Authorization": "Bearer abcdefghijklmnopq"})
+    text = (home / "ledger.jsonl").read_text() + (home / "interventions.jsonl").read_text()
+    for secret in ("sk-live-abcdefghijklmnopqrst", "sk-live-zyxwvutsrqponmlk", "s3cret-pass", "abcdefghijklmnopq", "tok_abcdef123456"):
+        assert secret not in text
+
+
+def test_threads_racing_a_budget_never_overspend(home):
+    PolicyEngine.configure(run_budget=1.0)
+    allowed = []
+    lock = threading.Lock()
+
+    @guarded_action(name="work", cost_usd=0.03)
+    def work():
+        with lock:
+            allowed.append(1)
+
+    def worker():
+        for _ in range(50):
+            try:
+                work()
+            except BudgetExceededError:
+                pass
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(allowed) == 33  # floor(1.00 / 0.03)
+    assert CostTracker.get_run_total() == pytest.approx(0.99)
+    assert verify(home)["entries"] == 400
+
+
+async def test_concurrent_asyncio_tasks_with_their_own_runs_are_accounted_separately(home):
+    PolicyEngine.configure(run_budget=0.10)
+
+    @guarded_action(name="think", cost_usd=0.04)
+    async def think(i):
+        await asyncio.sleep(0.001)
+        return i
+
+    async def run(run_id):
+        with agent_sentinel.context(run_id=run_id):
+            done = 0
+            for i in range(5):
+                try:
+                    await think(i)
+                    done += 1
+                except BudgetExceededError:
+                    pass
+            return run_id, done, CostTracker.get_run_total()
+
+    results = await asyncio.gather(*(run(f"run-{n}") for n in range(6)))
+    for run_id, done, total in results:
+        assert done == 2, run_id
+        assert total == pytest.approx(0.08)
+    runs = {e["run_id"] for e in read_jsonl(home / "ledger.jsonl")}
+    assert runs == {f"run-{n}" for n in range(6)}
