@@ -191,7 +191,12 @@ impl Ring {
         self.entries.iter().rev().take(limit).take_while(|e| e.0.saturating_add(window_ns) > now).count()
     }
 
-    pub(crate) fn push(&mut self, now: u64, id: u64) {
+    /// Records an allowed call. Entries older than `window_ns` can never count again and are dropped,
+    /// so memory is bounded by the calls in one window as well as by the capacity.
+    pub(crate) fn push(&mut self, now: u64, id: u64, window_ns: u64) {
+        while self.entries.front().is_some_and(|e| e.0.saturating_add(window_ns) <= now) {
+            self.entries.pop_front();
+        }
         if self.entries.len() >= self.capacity {
             self.entries.pop_front();
         }
@@ -347,7 +352,7 @@ mod tests {
     fn ring_is_full_only_when_the_nth_newest_is_inside_the_window() {
         let mut r = Ring::new(3);
         for (i, t) in [10, 20, 30].into_iter().enumerate() {
-            r.push(t, i as u64);
+            r.push(t, i as u64, 1000);
         }
         assert_eq!(r.full_for(3, 100, 50), Some(60));
         assert_eq!(r.full_for(3, 100, 110), None);

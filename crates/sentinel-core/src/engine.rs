@@ -346,6 +346,7 @@ impl Engine {
         // 4-5. Counters, under their locks, so the check and the reservation are one step.
         let now = self.clock.now_nanos();
         let mut rate_cells: SmallVec<[Arc<Mutex<Ring>>; 2]> = SmallVec::new();
+        let mut windows: SmallVec<[u64; 2]> = SmallVec::new();
         let mut rate_limits: SmallVec<[(&CompiledRateLimit, &Arc<str>, usize); 2]> = SmallVec::new();
         for p in applicable.clone() {
             if let Some(rl) = p.rate_limits.get(req.action) {
@@ -359,6 +360,7 @@ impl Engine {
                     Some(i) => i,
                     None => {
                         rate_cells.push(cell);
+                        windows.push(rl.window_ns);
                         rate_cells.len() - 1
                     }
                 };
@@ -546,11 +548,11 @@ impl Engine {
         if commit {
             let id = self.state.next_id();
             sess.add(run_idx, action_idx, cost, 1);
-            for (_, g) in guards.iter_mut() {
-                g.push(now, id);
+            for (i, g) in guards.iter_mut() {
+                g.push(now, id, windows.get(*i).copied().unwrap_or(u64::MAX));
             }
             if let Some(g) = loop_guard.as_mut() {
-                g.push(now, id);
+                g.push(now, id, set.max_loop_window_ns);
             }
             drop(sess);
             drop(guards);

@@ -418,6 +418,9 @@ pub struct Approvals {
 #[serde(deny_unknown_fields, try_from = "RuleRepr")]
 pub struct Rule {
     pub id: String,
+    /// A display name (the rules decorator's files carry one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
     /// Glob on the action name: `*`, `?`, `[abc]`, `{a,b}`.
@@ -438,6 +441,9 @@ pub struct Rule {
 #[serde(deny_unknown_fields)]
 struct RuleRepr {
     id: String,
+    /// A display name (the rules decorator's files carry one).
+    #[serde(default)]
+    name: Option<String>,
     #[serde(default)]
     description: Option<String>,
     /// Glob on the action name: `*`, `?`, `[abc]`, `{a,b}`.
@@ -468,6 +474,7 @@ impl TryFrom<RuleRepr> for Rule {
         })?;
         Ok(Rule {
             id: r.id,
+            name: r.name,
             description: r.description,
             function_pattern: r.function_pattern,
             conditions: r.conditions,
