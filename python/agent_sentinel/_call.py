@@ -16,7 +16,7 @@ from . import _native
 from . import _context
 from .approvals import Approval, ApprovalRequest, ask_terminal, normalize
 from .errors import ApprovalRejectedError, ApprovalTimeoutError, error_for
-from .replay import active_replay
+from .replay import _active as _replay_var
 
 _Permit = _native.Permit
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
@@ -130,7 +130,7 @@ def _resolve(spec: CallSpec, guard: Any, stop: Any, ctx: Any, answer: Optional[A
         raise err
     r = guard.begin(
         spec.action, spec.cost, spec.tags, args, kwargs or None, spec.names, spec.defaults,
-        ctx.agent_id, ctx.run_id, ctx.session_id, (True, answer.approver, answer.reason), stop.intervention_id,
+        ctx, (True, answer.approver, answer.reason), stop.intervention_id,
     )
     if type(r) is not _Permit:
         raise error_for(r)
@@ -148,6 +148,7 @@ def wrap(spec: CallSpec) -> Callable:
     fn = spec.fn
     action, cost, tags, names, defaults, get_guard = spec.action, spec.cost, spec.tags, spec.names, spec.defaults, spec.guard
     current = spec.current
+    active_replay = _replay_var.get
 
     if inspect.iscoroutinefunction(fn):
 
@@ -158,7 +159,7 @@ def wrap(spec: CallSpec) -> Callable:
                 return replay.next(action, args, kwargs, names, defaults)
             ctx = current()
             guard = get_guard()
-            r = guard.begin(action, cost, tags, args, kwargs or None, names, defaults, ctx.agent_id, ctx.run_id, ctx.session_id)
+            r = guard.begin(action, cost, tags, args, kwargs or None, names, defaults, ctx)
             if type(r) is not _Permit:
                 if r.verdict != "require_approval":
                     raise error_for(r)
@@ -189,7 +190,7 @@ def wrap(spec: CallSpec) -> Callable:
             return replay.next(action, args, kwargs, names, defaults)
         ctx = current()
         guard = get_guard()
-        r = guard.begin(action, cost, tags, args, kwargs or None, names, defaults, ctx.agent_id, ctx.run_id, ctx.session_id)
+        r = guard.begin(action, cost, tags, args, kwargs or None, names, defaults, ctx)
         if type(r) is not _Permit:
             if r.verdict != "require_approval":
                 raise error_for(r)

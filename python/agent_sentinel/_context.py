@@ -28,9 +28,12 @@ _process = Context(
 _task: contextvars.ContextVar[Optional[Context]] = contextvars.ContextVar("agent_sentinel_context", default=None)
 
 
+_task_get = _task.get
+
+
 def current() -> Context:
     """The context that applies here: this task's, else the process's."""
-    return _task.get() or _process
+    return _task_get() or _process
 
 
 def set_context(agent_id: Optional[str] = None, run_id: Optional[str] = None, session_id: Optional[str] = None) -> Context:

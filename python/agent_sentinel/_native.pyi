@@ -48,9 +48,7 @@ class Guard:
         kwargs: Optional[dict[str, Any]],
         names: tuple[str, ...],
         defaults: Optional[dict[str, Any]],
-        agent_id: str,
-        run_id: str,
-        session_id: str,
+        ctx: tuple[str, str, str],
         approval: Optional[tuple[bool, str, str]] = None,
         escalation_id: Optional[str] = None,
     ) -> Permit | Stop: ...

@@ -31,12 +31,15 @@ class Runtime:
     def guard(self) -> _native.Guard:
         g = self._guard
         if g is None:
-            with self.lock:
-                if self._guard is None:
-                    self.home = home_from_env()
-                    self._guard = _native.Guard(self.engine, str(self.home))
-                g = self._guard
+            g = self._open()
         return g
+
+    def _open(self) -> _native.Guard:
+        with self.lock:
+            if self._guard is None:
+                self.home = home_from_env()
+                self._guard = _native.Guard(self.engine, str(self.home))
+            return self._guard
 
     def reopen(self) -> None:
         """Re-reads ``AGENT_SENTINEL_HOME`` at the next call."""

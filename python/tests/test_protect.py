@@ -147,24 +147,30 @@ def test_approval_timeout_means_reject(home, rules, tmp_path):
 
 
 def test_no_terminal_rejects(home, rules, tmp_path):
-    @protect(config(rules, tmp_path, approval_interface="terminal"))
-    def transfer_y(amount):
-        raise AssertionError("must not run")
+    """A process with no controlling terminal cannot ask anyone: the call is rejected, not run."""
+    import subprocess
+    import sys
+    import textwrap
 
-    # pytest runs without a controlling terminal here only sometimes; force the missing-tty path.
-    import agent_sentinel.approvals as ap
-
-    orig = ap.ask_terminal
-    ap.ask_terminal = lambda req, tty_path="/nonexistent/tty": orig(req, "/nonexistent/tty")
-    import agent_sentinel._call as call
-
-    call.ask_terminal = ap.ask_terminal
-    try:
-        with pytest.raises(ApprovalRejectedError, match="no terminal"):
+    script = textwrap.dedent(
+        f"""
+        from agent_sentinel import protect, SentinelConfig, ApprovalRejectedError
+        @protect(SentinelConfig(rules_path={rules!r}, audit_log_dir={str(tmp_path / "logs")!r}))
+        def transfer_y(amount):
+            print("RAN")
+        try:
             transfer_y(1000)
-    finally:
-        ap.ask_terminal = orig
-        call.ask_terminal = orig
+        except ApprovalRejectedError as e:
+            print("REJECTED", e)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                         start_new_session=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "REJECTED" in out.stdout and "no terminal to ask" in out.stdout
+    assert "RAN" not in out.stdout
+    [rejected] = [e for e in read_jsonl(tmp_path / "logs" / "ledger.jsonl") if e["outcome"] == "rejected"]
+    assert rejected["cost_usd"] == 0.0
 
 
 def test_unknown_operator_is_rejected_at_load(home, tmp_path):

@@ -340,7 +340,7 @@ impl Guard {
 
     /// Decides one call. Returns a `Permit` (run it, then `finish`) or a `Stop`.
     /// `names`/`defaults` describe the function's parameters, so rules see arguments by name.
-    #[pyo3(signature = (action, cost, tags, args, kwargs, names, defaults, agent_id, run_id, session_id, approval=None, escalation_id=None))]
+    #[pyo3(signature = (action, cost, tags, args, kwargs, names, defaults, ctx, approval=None, escalation_id=None))]
     #[expect(clippy::too_many_arguments, reason = "one crossing of the language boundary per call")]
     fn begin<'py>(
         &self,
@@ -352,12 +352,11 @@ impl Guard {
         kwargs: Option<&Bound<'py, PyDict>>,
         names: &Bound<'py, PyTuple>,
         defaults: Option<&Bound<'py, PyDict>>,
-        agent_id: &str,
-        run_id: &str,
-        session_id: &str,
+        ctx: (Bound<'py, PyString>, Bound<'py, PyString>, Bound<'py, PyString>),
         approval: Option<(bool, String, String)>,
         escalation_id: Option<String>,
     ) -> PyResult<Bound<'py, PyAny>> {
+        let (agent_id, run_id, session_id) = (ctx.0.to_str()?, ctx.1.to_str()?, ctx.2.to_str()?);
         let positional: Vec<Value> = args.iter().map(|a| to_json(&a, 0)).collect();
         let keyword: Map<String, Value> = match kwargs {
             Some(k) => k
