@@ -96,7 +96,7 @@ fn make_ledger(dir: &Path) {
     {
         let args = json!({"amount": amount});
         let req = ActionRequest::new(action).args(&args).cost(0.25).agent("bot").run("r1");
-        match g.begin(&req, &args).unwrap() {
+        match g.begin(&req, args.clone()).unwrap() {
             Begun::Proceed(p) => {
                 g.finish(*p, CallOutcome::Success(json!("ok")), None).unwrap();
             }

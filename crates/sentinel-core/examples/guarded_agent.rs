@@ -43,7 +43,7 @@ fn main() {
     for (action, cost, args) in calls {
         let req =
             ActionRequest::new(action).agent("trading-bot").run("run-1").session("session-1").cost(cost).args(&args);
-        match guard.begin(&req, &args).expect("ledger writable") {
+        match guard.begin(&req, args.clone()).expect("ledger writable") {
             Begun::Proceed(permit) => {
                 let verdict = permit.verdict().as_str();
                 let shadow: Vec<String> = permit

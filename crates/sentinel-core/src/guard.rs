@@ -75,7 +75,7 @@ pub enum Begun {
     Proceed(Box<Permit>),
     /// Do not run the action. For `RequireApproval`, ask a human, then call
     /// [`Guard::begin_approved`] or [`Guard::record_rejection`].
-    Stop { decision: Decision, intervention_id: Option<String> },
+    Stop { decision: Decision, intervention_id: Option<String>, inputs: Value },
 }
 
 /// How the action ended.
@@ -191,8 +191,9 @@ impl Guard {
     }
 
     /// Decides `req` and records any intervention. `inputs` are what the ledger shows as the call's
-    /// inputs (redacted); pass `req.args` when there is nothing better.
-    pub fn begin(&self, req: &ActionRequest<'_>, inputs: &Value) -> Result<Begun, LedgerError> {
+    /// inputs (redacted); pass a copy of `req.args` when there is nothing better. They are kept in the
+    /// permit (or handed back in `Begun::Stop`), never copied.
+    pub fn begin(&self, req: &ActionRequest<'_>, inputs: Value) -> Result<Begun, LedgerError> {
         let decision = self.engine.decide(req);
         self.after_decision(req, inputs, decision, None)
     }
@@ -201,7 +202,7 @@ impl Guard {
     pub fn begin_approved(
         &self,
         req: &ActionRequest<'_>,
-        inputs: &Value,
+        inputs: Value,
         approval: ApprovalRecord,
         escalation_id: Option<&str>,
     ) -> Result<Begun, LedgerError> {
@@ -209,7 +210,7 @@ impl Guard {
         if decision.permits() {
             let rec = self.intervention(
                 req,
-                inputs,
+                &inputs,
                 &decision,
                 InterventionType::ApprovalRequired,
                 InterventionOutcome::ApprovedAfterReview,
@@ -260,14 +261,14 @@ impl Guard {
     fn after_decision(
         &self,
         req: &ActionRequest<'_>,
-        inputs: &Value,
+        inputs: Value,
         mut decision: Decision,
         approval: Option<ApprovalRecord>,
     ) -> Result<Begun, LedgerError> {
         for f in &decision.shadow {
             let mut rec = self.intervention(
                 req,
-                inputs,
+                &inputs,
                 &decision,
                 f.intervention.unwrap_or(InterventionType::Warning),
                 InterventionOutcome::Warned,
@@ -287,7 +288,7 @@ impl Guard {
             Verdict::Allow => Ok(Begun::Proceed(Box::new(Permit {
                 decision,
                 request: OwnedRequest::of(req),
-                inputs: inputs.clone(),
+                inputs,
                 started: Instant::now(),
                 approval,
                 intervention_id: None,
@@ -295,7 +296,7 @@ impl Guard {
             Verdict::Warn => {
                 let rec = self.intervention(
                     req,
-                    inputs,
+                    &inputs,
                     &decision,
                     decision.intervention.unwrap_or(InterventionType::Warning),
                     InterventionOutcome::Warned,
@@ -312,7 +313,7 @@ impl Guard {
                 Ok(Begun::Proceed(Box::new(Permit {
                     decision,
                     request: OwnedRequest::of(req),
-                    inputs: inputs.clone(),
+                    inputs,
                     started: Instant::now(),
                     approval,
                     intervention_id: Some(rec.id),
@@ -322,7 +323,7 @@ impl Guard {
                 let escalate = decision.verdict == Verdict::RequireApproval;
                 let rec = self.intervention(
                     req,
-                    inputs,
+                    &inputs,
                     &decision,
                     decision.intervention.unwrap_or(InterventionType::HardBlock),
                     if escalate { InterventionOutcome::Escalated } else { InterventionOutcome::Blocked },
@@ -333,8 +334,8 @@ impl Guard {
                 self.logs.interventions.append(&rec)?;
                 let outcome = if escalate { "escalated" } else { "blocked" };
                 let r = OwnedRequest::of(req);
-                self.write_line(&r, inputs, Some(&decision), outcome, 0.0, 0.0, &Value::Null, None, Some(&rec.id))?;
-                Ok(Begun::Stop { decision, intervention_id: Some(rec.id) })
+                self.write_line(&r, &inputs, Some(&decision), outcome, 0.0, 0.0, &Value::Null, None, Some(&rec.id))?;
+                Ok(Begun::Stop { decision, intervention_id: Some(rec.id), inputs })
             }
         }
     }

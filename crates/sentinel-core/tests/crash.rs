@@ -28,7 +28,7 @@ fn crash_child() {
     for i in 0u64.. {
         let args = json!({"i": i, "text": "x".repeat((i % 200) as usize)});
         let req = ActionRequest::new("work").args(&args).cost(0.001);
-        let Begun::Proceed(permit) = guard.begin(&req, &args).unwrap() else { panic!("denied") };
+        let Begun::Proceed(permit) = guard.begin(&req, args.clone()).unwrap() else { panic!("denied") };
         let appended = guard.finish(*permit, CallOutcome::Success(json!({"ok": i})), None).unwrap();
         // The call has returned: acknowledge it.
         writeln!(out, "{}", appended.seq).unwrap();
@@ -90,7 +90,9 @@ fn torn_last_line_is_set_aside_and_recorded() {
         let g = Guard::open(dir.path(), Arc::clone(&engine), LogOptions::default()).unwrap();
         for i in 0..3 {
             let args = json!({"i": i});
-            let Begun::Proceed(p) = g.begin(&ActionRequest::new("a").args(&args), &args).unwrap() else { panic!() };
+            let Begun::Proceed(p) = g.begin(&ActionRequest::new("a").args(&args), args.clone()).unwrap() else {
+                panic!()
+            };
             g.finish(*p, CallOutcome::Success(json!(null)), None).unwrap();
         }
     }
@@ -133,15 +135,17 @@ policies:
     let g = Guard::open(dir.path(), Arc::new(Engine::new(set)), LogOptions::default()).unwrap();
     let args = json!({"table": "users", "api_key": "sk-live-abcdefghijklmnop"});
     let req = ActionRequest::new("drop_table").args(&args).cost(2.5).agent("bot").run("r1");
-    let Begun::Stop { decision, .. } = g.begin(&req, &args).unwrap() else { panic!("should stop") };
+    let Begun::Stop { decision, .. } = g.begin(&req, args.clone()).unwrap() else { panic!("should stop") };
     assert_eq!(decision.reason.as_str(), "DENIED_ACTION");
 
     let args = json!({"to": "x@evil.com", "password": "hunter2"});
-    let Begun::Proceed(p) = g.begin(&ActionRequest::new("send_email").args(&args), &args).unwrap() else { panic!() };
+    let Begun::Proceed(p) = g.begin(&ActionRequest::new("send_email").args(&args), args.clone()).unwrap() else {
+        panic!()
+    };
     g.finish(*p, CallOutcome::Error("smtp down".into()), None).unwrap();
 
     let args = json!({"q": "Bearer abcdefghijklmnopqrstuvwxyz"});
-    let Begun::Proceed(p) = g.begin(&ActionRequest::new("search").args(&args), &args).unwrap() else { panic!() };
+    let Begun::Proceed(p) = g.begin(&ActionRequest::new("search").args(&args), args.clone()).unwrap() else { panic!() };
     g.finish(*p, CallOutcome::Success(json!({"token": "t-123456789"})), Some(0.02)).unwrap();
     drop(g);
 

@@ -387,9 +387,9 @@ impl Guard {
             Some((approved, approver, reason)) => {
                 let record =
                     ApprovalRecord { approved, approver, reason, decided_at: sentinel_core::ledger::now_rfc3339() };
-                self.inner.begin_approved(&req, &inputs, record, escalation_id.as_deref())
+                self.inner.begin_approved(&req, inputs, record, escalation_id.as_deref())
             }
-            None => self.inner.begin(&req, &inputs),
+            None => self.inner.begin(&req, inputs),
         }
         .map_err(|e| PyRuntimeError::new_err(format!("cannot record the decision: {e}")))?;
         match begun {
@@ -403,7 +403,7 @@ impl Guard {
                 };
                 Ok(Bound::new(py, Permit { inner: Mutex::new(Some(*p)), verdict, message, reason })?.into_any())
             }
-            Begun::Stop { decision, intervention_id } => {
+            Begun::Stop { decision, intervention_id, inputs } => {
                 Ok(Bound::new(py, Stop { decision, intervention_id, action: action.to_string(), inputs, args: bound })?
                     .into_any())
             }
