@@ -1,0 +1,734 @@
+//! Persistence for the server: one [`Store`] over SQLite (the embedded default) or PostgreSQL
+//! (several servers, one database), chosen by URL. SQL is written per backend where the dialects
+//! differ; migrations are embedded per backend and applied by [`Store::open`].
+//!
+//! Timestamps are milliseconds since the Unix epoch and ids are UUIDv7 strings on both backends.
+
+use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, postgres::PgRow, sqlite::SqliteRow};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("cannot apply migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Which database a store talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Debug, Clone)]
+enum Pool {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// The server's database.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: Pool,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)).unwrap_or(0)
+}
+
+fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// A unique-constraint violation becomes a conflict the caller can explain; anything else stays a database error.
+fn conflict_or(e: sqlx::Error, what: impl FnOnce() -> String) -> StoreError {
+    match &e {
+        sqlx::Error::Database(d) if d.is_unique_violation() => StoreError::Conflict(what()),
+        _ => StoreError::Database(e),
+    }
+}
+
+impl Store {
+    /// Connects (`sqlite://path`, `sqlite::memory:`, or `postgres://…`) and applies the embedded migrations.
+    pub async fn open(url: &str) -> Result<Self> {
+        let pool = if url.starts_with("sqlite:") {
+            let opts = SqliteConnectOptions::from_str(url)?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .busy_timeout(Duration::from_secs(5))
+                .foreign_keys(true);
+            let pool = SqlitePoolOptions::new().max_connections(8).connect_with(opts).await?;
+            sqlx::migrate!("migrations/sqlite").run(&pool).await?;
+            Pool::Sqlite(pool)
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            let pool =
+                PgPoolOptions::new().max_connections(16).acquire_timeout(Duration::from_secs(10)).connect(url).await?;
+            sqlx::migrate!("migrations/postgres").run(&pool).await?;
+            Pool::Postgres(pool)
+        } else {
+            return Err(StoreError::Invalid(format!(
+                "unsupported database URL `{url}`; use sqlite://PATH or postgres://USER@HOST/DB"
+            )));
+        };
+        Ok(Store { pool })
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self.pool {
+            Pool::Sqlite(_) => Backend::Sqlite,
+            Pool::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    /// A cheap round trip, for readiness checks.
+    pub async fn ping(&self) -> Result<()> {
+        match &self.pool {
+            Pool::Sqlite(p) => sqlx::query("SELECT 1").execute(p).await.map(|_| ())?,
+            Pool::Postgres(p) => sqlx::query("SELECT 1").execute(p).await.map(|_| ())?,
+        }
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        match &self.pool {
+            Pool::Sqlite(p) => p.close().await,
+            Pool::Postgres(p) => p.close().await,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// API keys
+
+/// What a key may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    Admin,
+    Agent,
+    Readonly,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Admin => "admin",
+            Scope::Agent => "agent",
+            Scope::Readonly => "readonly",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self> {
+        match s {
+            "admin" => Ok(Scope::Admin),
+            "agent" => Ok(Scope::Agent),
+            "readonly" => Ok(Scope::Readonly),
+            other => Err(StoreError::Invalid(format!("unknown key scope `{other}` in the database"))),
+        }
+    }
+}
+
+/// A stored key. The plaintext is never stored: only its keyed hash and a display prefix.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ApiKey {
+    pub id: String,
+    pub prefix: String,
+    pub name: String,
+    pub scope: Scope,
+    pub agent_id: Option<String>,
+    pub active: bool,
+    pub created_at: i64,
+    pub last_used_at: Option<i64>,
+}
+
+/// A key to store; `hash` is the HMAC of the plaintext under the server secret.
+#[derive(Debug, Clone)]
+pub struct NewApiKey {
+    pub prefix: String,
+    pub hash: Vec<u8>,
+    pub name: String,
+    pub scope: Scope,
+    pub agent_id: Option<String>,
+}
+
+fn key_from_sqlite(r: &SqliteRow) -> Result<ApiKey> {
+    Ok(ApiKey {
+        id: r.try_get("id")?,
+        prefix: r.try_get("prefix")?,
+        name: r.try_get("name")?,
+        scope: Scope::parse(r.try_get::<&str, _>("scope")?)?,
+        agent_id: r.try_get("agent_id")?,
+        active: r.try_get::<i64, _>("active")? != 0,
+        created_at: r.try_get("created_at")?,
+        last_used_at: r.try_get("last_used_at")?,
+    })
+}
+
+fn key_from_pg(r: &PgRow) -> Result<ApiKey> {
+    Ok(ApiKey {
+        id: r.try_get("id")?,
+        prefix: r.try_get("prefix")?,
+        name: r.try_get("name")?,
+        scope: Scope::parse(r.try_get::<&str, _>("scope")?)?,
+        agent_id: r.try_get("agent_id")?,
+        active: r.try_get("active")?,
+        created_at: r.try_get("created_at")?,
+        last_used_at: r.try_get("last_used_at")?,
+    })
+}
+
+impl Store {
+    pub async fn create_key(&self, k: NewApiKey) -> Result<ApiKey> {
+        if (k.scope == Scope::Agent) != k.agent_id.is_some() {
+            return Err(StoreError::Invalid("`agent_id` is required for agent keys and only for them".into()));
+        }
+        let id = new_id();
+        let now = now_ms();
+        let res = match &self.pool {
+            Pool::Sqlite(p) => sqlx::query(
+                "INSERT INTO api_keys (id, prefix, key_hash, name, scope, agent_id, active, created_at) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1, ?7)",
+            )
+            .bind(&id)
+            .bind(&k.prefix)
+            .bind(&k.hash)
+            .bind(&k.name)
+            .bind(k.scope.as_str())
+            .bind(&k.agent_id)
+            .bind(now)
+            .execute(p)
+            .await
+            .map(|_| ()),
+            Pool::Postgres(p) => sqlx::query(
+                "INSERT INTO api_keys (id, prefix, key_hash, name, scope, agent_id, active, created_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, TRUE, $7)",
+            )
+            .bind(&id)
+            .bind(&k.prefix)
+            .bind(&k.hash)
+            .bind(&k.name)
+            .bind(k.scope.as_str())
+            .bind(&k.agent_id)
+            .bind(now)
+            .execute(p)
+            .await
+            .map(|_| ()),
+        };
+        res.map_err(|e| conflict_or(e, || "a key with this hash already exists".into()))?;
+        Ok(ApiKey {
+            id,
+            prefix: k.prefix,
+            name: k.name,
+            scope: k.scope,
+            agent_id: k.agent_id,
+            active: true,
+            created_at: now,
+            last_used_at: None,
+        })
+    }
+
+    /// The key with this hash, active or not (the caller decides what an inactive key means).
+    pub async fn key_by_hash(&self, hash: &[u8]) -> Result<Option<ApiKey>> {
+        match &self.pool {
+            Pool::Sqlite(p) => {
+                let row = sqlx::query("SELECT id, prefix, name, scope, agent_id, active, created_at, last_used_at FROM api_keys WHERE key_hash = ?1")
+                    .bind(hash)
+                    .fetch_optional(p)
+                    .await?;
+                row.as_ref().map(key_from_sqlite).transpose()
+            }
+            Pool::Postgres(p) => {
+                let row = sqlx::query("SELECT id, prefix, name, scope, agent_id, active, created_at, last_used_at FROM api_keys WHERE key_hash = $1")
+                    .bind(hash)
+                    .fetch_optional(p)
+                    .await?;
+                row.as_ref().map(key_from_pg).transpose()
+            }
+        }
+    }
+
+    pub async fn list_keys(&self) -> Result<Vec<ApiKey>> {
+        match &self.pool {
+            Pool::Sqlite(p) => {
+                let rows = sqlx::query("SELECT id, prefix, name, scope, agent_id, active, created_at, last_used_at FROM api_keys ORDER BY created_at, id")
+                    .fetch_all(p)
+                    .await?;
+                rows.iter().map(key_from_sqlite).collect()
+            }
+            Pool::Postgres(p) => {
+                let rows = sqlx::query("SELECT id, prefix, name, scope, agent_id, active, created_at, last_used_at FROM api_keys ORDER BY created_at, id")
+                    .fetch_all(p)
+                    .await?;
+                rows.iter().map(key_from_pg).collect()
+            }
+        }
+    }
+
+    /// Activates or deactivates a key. Errors with `NotFound` for an unknown id.
+    pub async fn set_key_active(&self, id: &str, active: bool) -> Result<()> {
+        let n = match &self.pool {
+            Pool::Sqlite(p) => sqlx::query("UPDATE api_keys SET active = ?1 WHERE id = ?2")
+                .bind(i64::from(active))
+                .bind(id)
+                .execute(p)
+                .await?
+                .rows_affected(),
+            Pool::Postgres(p) => sqlx::query("UPDATE api_keys SET active = $1 WHERE id = $2")
+                .bind(active)
+                .bind(id)
+                .execute(p)
+                .await?
+                .rows_affected(),
+        };
+        if n == 0 { Err(StoreError::NotFound(format!("key `{id}`"))) } else { Ok(()) }
+    }
+
+    pub async fn delete_key(&self, id: &str) -> Result<()> {
+        let n = match &self.pool {
+            Pool::Sqlite(p) => {
+                sqlx::query("DELETE FROM api_keys WHERE id = ?1").bind(id).execute(p).await?.rows_affected()
+            }
+            Pool::Postgres(p) => {
+                sqlx::query("DELETE FROM api_keys WHERE id = $1").bind(id).execute(p).await?.rows_affected()
+            }
+        };
+        if n == 0 { Err(StoreError::NotFound(format!("key `{id}`"))) } else { Ok(()) }
+    }
+
+    /// Records "last used" for many keys in one transaction, so authentication costs no write per request.
+    /// A time never moves backwards.
+    pub async fn touch_keys(&self, used: &[(String, i64)]) -> Result<()> {
+        if used.is_empty() {
+            return Ok(());
+        }
+        match &self.pool {
+            Pool::Sqlite(p) => {
+                let mut tx = p.begin().await?;
+                for (id, at) in used {
+                    sqlx::query("UPDATE api_keys SET last_used_at = MAX(COALESCE(last_used_at, 0), ?1) WHERE id = ?2")
+                        .bind(at)
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
+            }
+            Pool::Postgres(p) => {
+                let ids: Vec<&str> = used.iter().map(|(id, _)| id.as_str()).collect();
+                let ats: Vec<i64> = used.iter().map(|(_, at)| *at).collect();
+                sqlx::query(
+                    "UPDATE api_keys k SET last_used_at = GREATEST(COALESCE(k.last_used_at, 0), u.at) \
+                     FROM UNNEST($1::text[], $2::bigint[]) AS u(id, at) WHERE k.id = u.id",
+                )
+                .bind(&ids)
+                .bind(&ats)
+                .execute(p)
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Raw hashes as stored, for tests that prove no plaintext is kept.
+    pub async fn all_key_material(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        match &self.pool {
+            Pool::Sqlite(p) => {
+                let rows = sqlx::query("SELECT prefix, key_hash FROM api_keys").fetch_all(p).await?;
+                rows.iter().map(|r| Ok((r.try_get("prefix")?, r.try_get("key_hash")?))).collect()
+            }
+            Pool::Postgres(p) => {
+                let rows = sqlx::query("SELECT prefix, key_hash FROM api_keys").fetch_all(p).await?;
+                rows.iter().map(|r| Ok((r.try_get("prefix")?, r.try_get("key_hash")?))).collect()
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Policies, versioned
+
+/// A stored policy: its unique name, current version and body (the policy document as JSON).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StoredPolicy {
+    pub id: String,
+    pub name: String,
+    pub version: i64,
+    pub body: Value,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub updated_by: String,
+}
+
+/// One entry of a policy's history.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PolicyVersion {
+    pub policy_id: String,
+    pub version: i64,
+    pub name: String,
+    pub change: String,
+    pub body: Option<Value>,
+    pub diff: Vec<Change>,
+    pub actor: String,
+    pub at: i64,
+}
+
+/// One changed field between two versions of a policy body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Change {
+    /// JSON pointer to the field, e.g. `/budgets/run`.
+    pub path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new: Option<Value>,
+}
+
+/// The fields that differ between two JSON values, by JSON pointer (objects recurse; anything else is compared whole).
+pub fn diff(old: &Value, new: &Value) -> Vec<Change> {
+    fn walk(path: &str, old: Option<&Value>, new: Option<&Value>, out: &mut Vec<Change>) {
+        match (old, new) {
+            (Some(Value::Object(a)), Some(Value::Object(b))) => {
+                let mut keys: Vec<&String> = a.keys().chain(b.keys().filter(|k| !a.contains_key(*k))).collect();
+                keys.sort();
+                for k in keys {
+                    let p = format!("{path}/{}", k.replace('~', "~0").replace('/', "~1"));
+                    walk(&p, a.get(k), b.get(k), out);
+                }
+            }
+            (a, b) if a == b => {}
+            (a, b) => out.push(Change {
+                path: if path.is_empty() { "/".into() } else { path.into() },
+                old: a.cloned(),
+                new: b.cloned(),
+            }),
+        }
+    }
+    let mut out = Vec::new();
+    walk("", Some(old), Some(new), &mut out);
+    out
+}
+
+fn parse_body(text: &str) -> Result<Value> {
+    serde_json::from_str(text).map_err(|e| StoreError::Invalid(format!("a stored policy body is not valid JSON: {e}")))
+}
+
+fn to_text(v: &Value) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+}
+
+fn policy_from_sqlite(r: &SqliteRow) -> Result<StoredPolicy> {
+    Ok(StoredPolicy {
+        id: r.try_get("id")?,
+        name: r.try_get("name")?,
+        version: r.try_get("version")?,
+        body: parse_body(r.try_get("body")?)?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+        updated_by: r.try_get("updated_by")?,
+    })
+}
+
+fn policy_from_pg(r: &PgRow) -> Result<StoredPolicy> {
+    Ok(StoredPolicy {
+        id: r.try_get("id")?,
+        name: r.try_get("name")?,
+        version: r.try_get("version")?,
+        body: parse_body(r.try_get("body")?)?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+        updated_by: r.try_get("updated_by")?,
+    })
+}
+
+#[expect(clippy::too_many_arguments, reason = "one column each, shared by both backends")]
+fn version_from_row(
+    policy_id: String,
+    version: i64,
+    name: String,
+    change: String,
+    body: Option<String>,
+    diff: String,
+    actor: String,
+    at: i64,
+) -> Result<PolicyVersion> {
+    Ok(PolicyVersion {
+        policy_id,
+        version,
+        name,
+        change,
+        body: body.as_deref().map(parse_body).transpose()?,
+        diff: serde_json::from_str(&diff)
+            .map_err(|e| StoreError::Invalid(format!("a stored diff is not valid JSON: {e}")))?,
+        actor,
+        at,
+    })
+}
+
+impl Store {
+    /// Creates a policy (version 1). A duplicate name is a conflict.
+    pub async fn create_policy(&self, name: &str, body: &Value, actor: &str) -> Result<StoredPolicy> {
+        let id = new_id();
+        let now = now_ms();
+        let d = to_text(&serde_json::to_value(diff(&Value::Null, body)).unwrap_or(Value::Null));
+        let text = to_text(body);
+        let dup = || format!("a policy named `{name}` already exists");
+        match &self.pool {
+            Pool::Sqlite(p) => {
+                let mut tx = p.begin().await?;
+                sqlx::query("INSERT INTO policies (id, name, version, body, created_at, updated_at, updated_by) VALUES (?1, ?2, 1, ?3, ?4, ?4, ?5)")
+                    .bind(&id).bind(name).bind(&text).bind(now).bind(actor)
+                    .execute(&mut *tx).await.map_err(|e| conflict_or(e, dup))?;
+                sqlx::query("INSERT INTO policy_versions (policy_id, version, name, change, body, diff, actor, at) VALUES (?1, 1, ?2, 'create', ?3, ?4, ?5, ?6)")
+                    .bind(&id).bind(name).bind(&text).bind(&d).bind(actor).bind(now)
+                    .execute(&mut *tx).await?;
+                tx.commit().await?;
+            }
+            Pool::Postgres(p) => {
+                let mut tx = p.begin().await?;
+                sqlx::query("INSERT INTO policies (id, name, version, body, created_at, updated_at, updated_by) VALUES ($1, $2, 1, $3, $4, $4, $5)")
+                    .bind(&id).bind(name).bind(&text).bind(now).bind(actor)
+                    .execute(&mut *tx).await.map_err(|e| conflict_or(e, dup))?;
+                sqlx::query("INSERT INTO policy_versions (policy_id, version, name, change, body, diff, actor, at) VALUES ($1, 1, $2, 'create', $3, $4, $5, $6)")
+                    .bind(&id).bind(name).bind(&text).bind(&d).bind(actor).bind(now)
+                    .execute(&mut *tx).await?;
+                tx.commit().await?;
+            }
+        }
+        Ok(StoredPolicy {
+            id,
+            name: name.into(),
+            version: 1,
+            body: body.clone(),
+            created_at: now,
+            updated_at: now,
+            updated_by: actor.into(),
+        })
+    }
+
+    pub async fn get_policy(&self, id: &str) -> Result<StoredPolicy> {
+        let found = match &self.pool {
+            Pool::Sqlite(p) => {
+                let sql =
+                    "SELECT id, name, version, body, created_at, updated_at, updated_by FROM policies WHERE id = ?1";
+                sqlx::query(sql).bind(id).fetch_optional(p).await?.as_ref().map(policy_from_sqlite).transpose()?
+            }
+            Pool::Postgres(p) => {
+                let sql =
+                    "SELECT id, name, version, body, created_at, updated_at, updated_by FROM policies WHERE id = $1";
+                sqlx::query(sql).bind(id).fetch_optional(p).await?.as_ref().map(policy_from_pg).transpose()?
+            }
+        };
+        found.ok_or_else(|| StoreError::NotFound(format!("policy `{id}`")))
+    }
+
+    pub async fn list_policies(&self) -> Result<Vec<StoredPolicy>> {
+        match &self.pool {
+            Pool::Sqlite(p) => {
+                let rows = sqlx::query(
+                    "SELECT id, name, version, body, created_at, updated_at, updated_by FROM policies ORDER BY name",
+                )
+                .fetch_all(p)
+                .await?;
+                rows.iter().map(policy_from_sqlite).collect()
+            }
+            Pool::Postgres(p) => {
+                let rows = sqlx::query(
+                    "SELECT id, name, version, body, created_at, updated_at, updated_by FROM policies ORDER BY name",
+                )
+                .fetch_all(p)
+                .await?;
+                rows.iter().map(policy_from_pg).collect()
+            }
+        }
+    }
+
+    /// Replaces a policy's name and body as a new version. With `expected_version`, a concurrent
+    /// change in between is a conflict (optimistic locking) instead of a lost update.
+    pub async fn update_policy(
+        &self,
+        id: &str,
+        name: &str,
+        body: &Value,
+        actor: &str,
+        expected_version: Option<i64>,
+    ) -> Result<StoredPolicy> {
+        let now = now_ms();
+        let text = to_text(body);
+        let dup = || format!("a policy named `{name}` already exists");
+        let current = self.get_policy(id).await?;
+        if let Some(v) = expected_version
+            && v != current.version
+        {
+            return Err(StoreError::Conflict(format!(
+                "policy `{}` is at version {}, not {v}; reload it and apply your change again",
+                current.name, current.version
+            )));
+        }
+        let mut d = diff(&current.body, body);
+        if current.name != name {
+            d.insert(
+                0,
+                Change {
+                    path: "/name".into(),
+                    old: Some(Value::String(current.name.clone())),
+                    new: Some(Value::String(name.into())),
+                },
+            );
+        }
+        let d = to_text(&serde_json::to_value(&d).unwrap_or(Value::Null));
+        let next = current.version + 1;
+        let stale =
+            || StoreError::Conflict(format!("policy `{}` changed while it was being updated; try again", current.name));
+        match &self.pool {
+            Pool::Sqlite(p) => {
+                let mut tx = p.begin().await?;
+                let n = sqlx::query("UPDATE policies SET name = ?1, body = ?2, version = ?3, updated_at = ?4, updated_by = ?5 WHERE id = ?6 AND version = ?7")
+                    .bind(name).bind(&text).bind(next).bind(now).bind(actor).bind(id).bind(current.version)
+                    .execute(&mut *tx).await.map_err(|e| conflict_or(e, dup))?.rows_affected();
+                if n == 0 {
+                    return Err(stale());
+                }
+                sqlx::query("INSERT INTO policy_versions (policy_id, version, name, change, body, diff, actor, at) VALUES (?1, ?2, ?3, 'update', ?4, ?5, ?6, ?7)")
+                    .bind(id).bind(next).bind(name).bind(&text).bind(&d).bind(actor).bind(now)
+                    .execute(&mut *tx).await?;
+                tx.commit().await?;
+            }
+            Pool::Postgres(p) => {
+                let mut tx = p.begin().await?;
+                let n = sqlx::query("UPDATE policies SET name = $1, body = $2, version = $3, updated_at = $4, updated_by = $5 WHERE id = $6 AND version = $7")
+                    .bind(name).bind(&text).bind(next).bind(now).bind(actor).bind(id).bind(current.version)
+                    .execute(&mut *tx).await.map_err(|e| conflict_or(e, dup))?.rows_affected();
+                if n == 0 {
+                    return Err(stale());
+                }
+                sqlx::query("INSERT INTO policy_versions (policy_id, version, name, change, body, diff, actor, at) VALUES ($1, $2, $3, 'update', $4, $5, $6, $7)")
+                    .bind(id).bind(next).bind(name).bind(&text).bind(&d).bind(actor).bind(now)
+                    .execute(&mut *tx).await?;
+                tx.commit().await?;
+            }
+        }
+        Ok(StoredPolicy {
+            id: id.into(),
+            name: name.into(),
+            version: next,
+            body: body.clone(),
+            created_at: current.created_at,
+            updated_at: now,
+            updated_by: actor.into(),
+        })
+    }
+
+    /// Deletes a policy; its history is kept, ending with a `delete` entry.
+    pub async fn delete_policy(&self, id: &str, actor: &str) -> Result<()> {
+        let current = self.get_policy(id).await?;
+        let now = now_ms();
+        let next = current.version + 1;
+        let d = to_text(&serde_json::to_value(diff(&current.body, &Value::Null)).unwrap_or(Value::Null));
+        match &self.pool {
+            Pool::Sqlite(p) => {
+                let mut tx = p.begin().await?;
+                let n = sqlx::query("DELETE FROM policies WHERE id = ?1 AND version = ?2")
+                    .bind(id)
+                    .bind(current.version)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if n == 0 {
+                    return Err(StoreError::Conflict(format!(
+                        "policy `{}` changed while it was being deleted; try again",
+                        current.name
+                    )));
+                }
+                sqlx::query("INSERT INTO policy_versions (policy_id, version, name, change, body, diff, actor, at) VALUES (?1, ?2, ?3, 'delete', NULL, ?4, ?5, ?6)")
+                    .bind(id).bind(next).bind(&current.name).bind(&d).bind(actor).bind(now)
+                    .execute(&mut *tx).await?;
+                tx.commit().await?;
+            }
+            Pool::Postgres(p) => {
+                let mut tx = p.begin().await?;
+                let n = sqlx::query("DELETE FROM policies WHERE id = $1 AND version = $2")
+                    .bind(id)
+                    .bind(current.version)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if n == 0 {
+                    return Err(StoreError::Conflict(format!(
+                        "policy `{}` changed while it was being deleted; try again",
+                        current.name
+                    )));
+                }
+                sqlx::query("INSERT INTO policy_versions (policy_id, version, name, change, body, diff, actor, at) VALUES ($1, $2, $3, 'delete', NULL, $4, $5, $6)")
+                    .bind(id).bind(next).bind(&current.name).bind(&d).bind(actor).bind(now)
+                    .execute(&mut *tx).await?;
+                tx.commit().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every version of a policy, oldest first (also after it was deleted).
+    pub async fn policy_history(&self, id: &str) -> Result<Vec<PolicyVersion>> {
+        let rows: Vec<PolicyVersion> = match &self.pool {
+            Pool::Sqlite(p) => {
+                let rows = sqlx::query("SELECT policy_id, version, name, change, body, diff, actor, at FROM policy_versions WHERE policy_id = ?1 ORDER BY version")
+                    .bind(id).fetch_all(p).await?;
+                rows.iter()
+                    .map(|r| {
+                        version_from_row(
+                            r.try_get("policy_id")?,
+                            r.try_get("version")?,
+                            r.try_get("name")?,
+                            r.try_get("change")?,
+                            r.try_get("body")?,
+                            r.try_get("diff")?,
+                            r.try_get("actor")?,
+                            r.try_get("at")?,
+                        )
+                    })
+                    .collect::<Result<_>>()?
+            }
+            Pool::Postgres(p) => {
+                let rows = sqlx::query("SELECT policy_id, version, name, change, body, diff, actor, at FROM policy_versions WHERE policy_id = $1 ORDER BY version")
+                    .bind(id).fetch_all(p).await?;
+                rows.iter()
+                    .map(|r| {
+                        version_from_row(
+                            r.try_get("policy_id")?,
+                            r.try_get("version")?,
+                            r.try_get("name")?,
+                            r.try_get("change")?,
+                            r.try_get("body")?,
+                            r.try_get("diff")?,
+                            r.try_get("actor")?,
+                            r.try_get("at")?,
+                        )
+                    })
+                    .collect::<Result<_>>()?
+            }
+        };
+        if rows.is_empty() {
+            return Err(StoreError::NotFound(format!("policy `{id}`")));
+        }
+        Ok(rows)
+    }
+}
