@@ -41,11 +41,38 @@ enum Command {
     /// Verify and inspect a hash-chained ledger
     #[command(subcommand)]
     Ledger(LedgerCmd),
+    /// Run the platform server (SQLite in the data directory by default)
+    Serve(ServeArgs),
     /// Print shell completions
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Where the SQLite database, the server secret and the bootstrap key live
+    #[arg(long, env = "SENTINEL_DATA_DIR", default_value = "sentinel-data")]
+    data_dir: PathBuf,
+    /// `postgres://USER@HOST/DB` to share one database between servers [default: SQLite in the data directory]
+    #[arg(long, env = "SENTINEL_DATABASE_URL")]
+    database_url: Option<String>,
+    /// Address to listen on
+    #[arg(long, env = "SENTINEL_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: std::net::SocketAddr,
+    /// Seconds before a request is cut off
+    #[arg(long, default_value_t = 30)]
+    request_timeout: u64,
+    /// Log format on stderr
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Clone, Copy, Default, ValueEnum, PartialEq, Eq)]
@@ -165,6 +192,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Policy(p) => policy(p),
         Command::Ledger(l) => ledger_cmd(l),
+        Command::Serve(a) => serve(a),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "sentinel", &mut io::stdout());
             Ok(ExitCode::SUCCESS)
@@ -306,6 +334,27 @@ fn policy(cmd: PolicyCmd) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn serve(a: ServeArgs) -> Result<ExitCode> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tower_http=warn,sqlx=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(io::stderr).with_ansi(false);
+    if a.log_format == LogFormat::Json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    let config = sentinel_server::Config {
+        data_dir: a.data_dir,
+        database_url: a.database_url,
+        listen: a.listen,
+        request_timeout: Duration::from_secs(a.request_timeout.max(1)),
+    };
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
+    rt.block_on(sentinel_server::run(config))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// A file path as given, a directory's `ledger.jsonl`, or the default home's.

@@ -197,3 +197,102 @@ fn closed_pipe_does_not_panic() {
     assert_eq!(out.status.code(), Some(0), "stderr: {}", String::from_utf8_lossy(&out.stderr));
     assert!(out.stderr.is_empty(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// `sentinel serve` as an operator runs it: first start writes the bootstrap key (0600), the key
+/// works over real HTTP, and SIGTERM stops the server gracefully.
+#[test]
+fn serve_bootstraps_answers_and_stops_gracefully() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpStream;
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sentinel"))
+        .args(["serve", "--data-dir", &dir.path().display().to_string(), "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut printed = String::new();
+    let started = Instant::now();
+    while !printed.contains("listening on") && started.elapsed() < Duration::from_secs(30) {
+        if let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
+            printed.push_str(&l);
+            printed.push('\n');
+        }
+    }
+    let key_file = dir.path().join("bootstrap-admin-key");
+    let key = std::fs::read_to_string(&key_file).unwrap().trim().to_string();
+    assert_eq!(std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777, 0o600);
+    assert!(
+        printed.contains(&key) && printed.contains("bootstrap-admin-key"),
+        "printed once with where it is stored: {printed}"
+    );
+
+    let get = |path: &str, key: &str| -> String {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    let me = get("/api/v1/users/me", &key);
+    assert!(me.starts_with("HTTP/1.1 200"), "{me}");
+    assert!(me.contains("\"scope\":\"admin\""), "{me}");
+    assert!(get("/api/v1/users/me", "as_nope").starts_with("HTTP/1.1 401"));
+    assert!(get("/readyz", "").starts_with("HTTP/1.1 200"));
+
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(15), "server did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "graceful shutdown exits 0: {status:?}");
+
+    // Restart: no new bootstrap key is made or printed, and the old one still works.
+    let port2 = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut again = Command::new(env!("CARGO_BIN_EXE_sentinel"))
+        .args(["serve", "--data-dir", &dir.path().display().to_string(), "--listen", &format!("127.0.0.1:{port2}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(again.stderr.take().unwrap());
+    let mut seen = String::new();
+    while !seen.contains("listening on") {
+        let mut line = String::new();
+        if err.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        seen.push_str(&line);
+    }
+    assert!(!seen.contains("BOOTSTRAP"), "the key is printed only on first start: {seen}");
+    assert_eq!(std::fs::read_to_string(&key_file).unwrap().trim(), key);
+    let me = {
+        let mut s = TcpStream::connect(("127.0.0.1", port2)).unwrap();
+        write!(s, "GET /api/v1/users/me HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {key}\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    assert!(me.starts_with("HTTP/1.1 200"), "{me}");
+    Command::new("kill").args(["-TERM", &again.id().to_string()]).status().unwrap();
+    assert!(again.wait().unwrap().success());
+}

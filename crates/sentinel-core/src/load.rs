@@ -241,7 +241,7 @@ fn locate_hint(msg: &str, src: &str) -> Option<u64> {
 }
 
 /// Rewrites serde's messages into ours: user input in backticks, and the nearest valid key suggested.
-pub(crate) fn improve_message(msg: &str) -> String {
+pub fn improve_message(msg: &str) -> String {
     for (prefix, noun) in [("unknown field `", "key"), ("unknown variant `", "value")] {
         let Some(rest) = msg.strip_prefix(prefix) else {
             continue;

@@ -1,0 +1,273 @@
+//! The HTTP API in-process (`app(state).oneshot(...)`), on SQLite and on PostgreSQL.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use std::future::Future;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use sentinel_server::{AppState, app, bootstrap};
+use sentinel_store::Store;
+use serde_json::{Value, json};
+use sqlx::Connection;
+use tower::ServiceExt;
+
+struct Env {
+    state: AppState,
+    admin: String,
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    async fn call(
+        &self,
+        method: &str,
+        uri: &str,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value, String) {
+        let mut req = Request::builder().method(method).uri(uri);
+        if let Some(k) = key {
+            req = req.header("authorization", format!("Bearer {k}"));
+        }
+        let req = match body {
+            Some(b) => req.header("content-type", "application/json").body(Body::from(b.to_string())).unwrap(),
+            None => req.body(Body::empty()).unwrap(),
+        };
+        let resp = app(self.state.clone()).oneshot(req).await.unwrap();
+        let status = resp.status();
+        let ctype = resp.headers().get("content-type").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let v = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()))
+        };
+        (status, v, ctype)
+    }
+}
+
+async fn env_on(url: &str) -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(url).await.unwrap();
+    let state = AppState::new(store, b"test-secret-test-secret-test-secret".to_vec());
+    let path = bootstrap(&state, dir.path()).await.unwrap().expect("first start creates a key");
+    let admin = std::fs::read_to_string(&path).unwrap().trim().to_string();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    assert!(bootstrap(&state, dir.path()).await.unwrap().is_none(), "only on first start");
+    Env { state, admin, dir }
+}
+
+async fn on_both<F, Fut>(body: F)
+where
+    F: Fn(Env) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let tmp = tempfile::tempdir().unwrap();
+    body(env_on(&format!("sqlite://{}", tmp.path().join("s.db").display())).await).await;
+    let admin =
+        std::env::var("SENTINEL_TEST_PG_URL").unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/postgres".into());
+    let name = format!("sentinel_test_{}", uuid::Uuid::now_v7().simple());
+    let mut conn =
+        sqlx::PgConnection::connect(&admin).await.unwrap_or_else(|e| panic!("PostgreSQL is needed ({admin}): {e}"));
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await.unwrap();
+    let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b).to_string();
+    let env = env_on(&format!("{base}/{name}")).await;
+    let store = env.state.store.clone();
+    body(env).await;
+    store.close().await;
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {name} WITH (FORCE)"))).execute(&mut conn).await.unwrap();
+}
+
+#[tokio::test]
+async fn auth_matrix() {
+    on_both(|e| async move {
+        let (s, me, _) = e.call("GET", "/api/v1/users/me", Some(&e.admin), None).await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(me["scope"], "admin");
+        assert_eq!(me["prefix"], e.admin[..12]);
+
+        // Missing, invalid: 401 problem+json.
+        let (s, body, ctype) = e.call("GET", "/api/v1/users/me", None, None).await;
+        assert_eq!((s, ctype.as_str()), (StatusCode::UNAUTHORIZED, "application/problem+json"));
+        assert_eq!(body["status"], 401);
+        let (s, ..) = e.call("GET", "/api/v1/users/me", Some("as_00000000000000000000000000000000"), None).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+
+        // X-API-Key works too.
+        let req = Request::builder().uri("/api/v1/users/me").header("x-api-key", &e.admin).body(Body::empty()).unwrap();
+        assert_eq!(app(e.state.clone()).oneshot(req).await.unwrap().status(), StatusCode::OK);
+
+        // Create readonly and agent keys; the plaintext is shown once.
+        let (s, ro, _) =
+            e.call("POST", "/api/v1/keys", Some(&e.admin), Some(json!({"name": "dash", "scope": "readonly"}))).await;
+        assert_eq!(s, StatusCode::CREATED);
+        let ro_key = ro["key"].as_str().unwrap().to_string();
+        assert!(
+            ro_key.starts_with("as_")
+                && ro_key.len() == 35
+                && ro_key[3..].chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        );
+        let (_, ag, _) = e
+            .call(
+                "POST",
+                "/api/v1/keys",
+                Some(&e.admin),
+                Some(json!({"name": "bot", "scope": "agent", "agent_id": "bot-1"})),
+            )
+            .await;
+        let ag_key = ag["key"].as_str().unwrap().to_string();
+
+        // Wrong scope: 403.
+        let (s, body, _) = e.call("POST", "/api/v1/keys", Some(&ro_key), Some(json!({"scope": "admin"}))).await;
+        assert_eq!(s, StatusCode::FORBIDDEN);
+        assert!(body["detail"].as_str().unwrap().contains("`readonly` key"));
+        let (s, ..) = e.call("GET", "/api/v1/keys", Some(&ag_key), None).await;
+        assert_eq!(s, StatusCode::FORBIDDEN);
+        let (s, ..) = e.call("GET", "/api/v1/policies", Some(&ro_key), None).await;
+        assert_eq!(s, StatusCode::OK);
+
+        // The list never shows plaintext; last used is recorded (in a batch).
+        let (_, list, _) = e.call("GET", "/api/v1/keys", Some(&e.admin), None).await;
+        let list = list.as_array().unwrap();
+        assert_eq!(list.len(), 3);
+        assert!(list.iter().all(|k| k.get("key").is_none() && k["prefix"].as_str().unwrap().len() == 12));
+        assert!(list.iter().any(|k| k["name"] == "dash" && k["last_used_at"].is_i64()));
+
+        // Deactivated, then deleted: 401.
+        let ro_id = ro["id"].as_str().unwrap();
+        let (s, ..) = e.call("POST", &format!("/api/v1/keys/{ro_id}/deactivate"), Some(&e.admin), None).await;
+        assert_eq!(s, StatusCode::OK);
+        let (s, body, _) = e.call("GET", "/api/v1/users/me", Some(&ro_key), None).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        assert!(body["detail"].as_str().unwrap().contains("deactivated"));
+        e.call("POST", &format!("/api/v1/keys/{ro_id}/activate"), Some(&e.admin), None).await;
+        assert_eq!(e.call("GET", "/api/v1/users/me", Some(&ro_key), None).await.0, StatusCode::OK);
+        let (s, ..) = e.call("DELETE", &format!("/api/v1/keys/{ro_id}"), Some(&e.admin), None).await;
+        assert_eq!(s, StatusCode::NO_CONTENT);
+        assert_eq!(e.call("GET", "/api/v1/users/me", Some(&ro_key), None).await.0, StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            e.call("DELETE", &format!("/api/v1/keys/{ro_id}"), Some(&e.admin), None).await.0,
+            StatusCode::NOT_FOUND
+        );
+
+        // Bad key requests name the field.
+        let (s, body, _) = e.call("POST", "/api/v1/keys", Some(&e.admin), Some(json!({"scope": "agent"}))).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(body["errors"][0]["path"], "agent_id");
+        let (s, body, _) = e.call("POST", "/api/v1/keys", Some(&e.admin), Some(json!({"scope": "superuser"}))).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(body["errors"][0]["path"], "scope");
+
+        // No plaintext key anywhere in the database.
+        let material = e.state.store.all_key_material().await.unwrap();
+        for (_, hash) in &material {
+            for k in [&e.admin, &ag_key] {
+                assert!(!hash.windows(k.len()).any(|w| w == k.as_bytes()));
+                assert_ne!(hash.as_slice(), k.as_bytes());
+            }
+            assert_eq!(hash.len(), 32, "HMAC-SHA256");
+        }
+        let _ = &e.dir;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn policies_crud_validation_and_history() {
+    on_both(|e| async move {
+        let k = Some(e.admin.as_str());
+        let policy = json!({
+            "name": "Production Safety",
+            "description": "Strict limits for production agents",
+            "scope": "agent",
+            "agent_id": "production-agent",
+            "budgets": {"session": 50.0, "run": 5.0, "actions": {"call_llm": 0.5}},
+            "denied_actions": ["delete_database", "drop_table"],
+            "rate_limits": {"api_call": {"max_count": 100, "window_seconds": 60}},
+            "approvals": {"actions": ["transfer_funds"], "cost_threshold_usd": 100.0, "timeout_seconds": 600, "approvers": ["manager@company.com"]},
+            "alerts": {"emails": ["ops@company.com"], "threshold_percent": 80, "alert_on_failure": true},
+            "rules": [{"id": "big", "function_pattern": "transfer_*", "conditions": [{"param": "amount", "operator": "gt", "value": 1000}], "action": "block"}]
+        });
+        let (s, created, _) = e.call("POST", "/api/v1/policies", k, Some(policy.clone())).await;
+        assert_eq!(s, StatusCode::CREATED, "{created}");
+        let id = created["id"].as_str().unwrap().to_string();
+        assert_eq!(created["version"], 1);
+        assert_eq!(created["alerts"]["threshold_percent"], 80);
+        assert_eq!(created["budgets"]["run"], 5.0);
+
+        let (s, body, _) = e.call("POST", "/api/v1/policies", k, Some(policy.clone())).await;
+        assert_eq!(s, StatusCode::CONFLICT);
+        assert!(body["detail"].as_str().unwrap().contains("Production Safety"));
+
+        let mut v2 = policy.clone();
+        v2["budgets"]["run"] = json!(2.0);
+        let (s, updated, _) = e.call("PUT", &format!("/api/v1/policies/{id}?expected_version=1"), k, Some(v2.clone())).await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(updated["version"], 2);
+        let (s, ..) = e.call("PUT", &format!("/api/v1/policies/{id}?expected_version=1"), k, Some(v2.clone())).await;
+        assert_eq!(s, StatusCode::CONFLICT, "a stale update is refused");
+
+        let (_, h, _) = e.call("GET", &format!("/api/v1/policies/{id}/history"), k, None).await;
+        let h = h.as_array().unwrap();
+        assert_eq!(h.len(), 2);
+        assert_eq!(h[1]["diff"], json!([{"path": "/budgets/run", "old": 5.0, "new": 2.0}]));
+        assert!(h[1]["actor"].as_str().unwrap().starts_with("key:as_"));
+
+        // Validation errors name the field; nothing is written.
+        let cases = [
+            (json!({"name": "x", "budjets": {}}), "budjets", "did you mean `budgets`?"),
+            (json!({"name": "x", "budgets": {"run": -1}}), "budgets.run", "must not be negative"),
+            (json!({"name": "x", "rate_limits": {"a": {"max_count": "many", "window_seconds": 1}}}), "rate_limits.a.max_count", ""),
+            (json!({"name": "x", "rules": [{"id": "r", "function_pattern": "x", "conditions": [{"param": "p", "operator": "greater", "value": 1}], "action": "block"}]}), "rules[0].conditions[0].operator", "did you mean `gt`?"),
+            (json!({"name": "x", "scope": "agent"}), "", "agent_id"),
+            (json!({"name": "x", "alerts": {"threshold_percent": 150}}), "alerts.threshold_percent", "(0, 100]"),
+            (json!({"name": "x", "alerts": {"emails": ["nope"]}}), "alerts.emails", "not an email"),
+            (json!({"description": "no name"}), "name", "unique"),
+            (json!([1, 2]), "", "object"),
+        ];
+        for (body, path, needle) in cases {
+            let (s, err, ctype) = e.call("POST", "/api/v1/policies", k, Some(body.clone())).await;
+            assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{body} -> {err}");
+            assert_eq!(ctype, "application/problem+json");
+            assert_eq!(err["errors"][0]["path"], path, "{body} -> {err}");
+            assert!(err.to_string().contains(needle), "{body} -> {err}");
+        }
+        let (_, list, _) = e.call("GET", "/api/v1/policies", k, None).await;
+        assert_eq!(list.as_array().unwrap().len(), 1, "rejected policies wrote nothing");
+
+        // Malformed JSON, wrong content type, huge bodies.
+        let req = Request::builder().method("POST").uri("/api/v1/policies").header("authorization", format!("Bearer {}", e.admin))
+            .header("content-type", "application/json").body(Body::from("{\"name\": ")).unwrap();
+        assert_eq!(app(e.state.clone()).oneshot(req).await.unwrap().status(), StatusCode::BAD_REQUEST);
+        let req = Request::builder().method("POST").uri("/api/v1/policies").header("authorization", format!("Bearer {}", e.admin))
+            .header("content-type", "text/plain").body(Body::from("{}")).unwrap();
+        assert_eq!(app(e.state.clone()).oneshot(req).await.unwrap().status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        let huge = format!("{{\"name\": \"big\", \"description\": \"{}\"}}", "x".repeat(2 * 1024 * 1024));
+        let req = Request::builder().method("POST").uri("/api/v1/policies").header("authorization", format!("Bearer {}", e.admin))
+            .header("content-type", "application/json").body(Body::from(huge)).unwrap();
+        assert_eq!(app(e.state.clone()).oneshot(req).await.unwrap().status(), StatusCode::PAYLOAD_TOO_LARGE);
+
+        let (s, ..) = e.call("DELETE", &format!("/api/v1/policies/{id}"), k, None).await;
+        assert_eq!(s, StatusCode::NO_CONTENT);
+        let (s, ..) = e.call("GET", &format!("/api/v1/policies/{id}"), k, None).await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        let (_, h, _) = e.call("GET", &format!("/api/v1/policies/{id}/history"), k, None).await;
+        assert_eq!(h.as_array().unwrap().last().unwrap()["change"], "delete");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn health_and_unknown_routes() {
+    on_both(|e| async move {
+        assert_eq!(e.call("GET", "/healthz", None, None).await.0, StatusCode::OK);
+        let (s, body, _) = e.call("GET", "/readyz", None, None).await;
+        assert_eq!(s, StatusCode::OK);
+        assert!(body["database"].is_string());
+        let (s, _, ctype) = e.call("GET", "/api/v1/nope", None, None).await;
+        assert_eq!((s, ctype.as_str()), (StatusCode::NOT_FOUND, "application/problem+json"));
+    })
+    .await;
+}
