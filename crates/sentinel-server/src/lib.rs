@@ -513,6 +513,71 @@ async fn policy_history(
     Ok(Json(serde_json::to_value(s.store.policy_history(&id).await?).unwrap_or_default()))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SyncQuery {
+    agent_id: Option<String>,
+    run_id: Option<String>,
+}
+
+/// The enabled policies that apply to an agent and run (global, the agent's, the run's), with an
+/// ETag over their content; `If-None-Match` with the same tag gets 304. An agent key reads only its own.
+async fn policy_sync(
+    State(s): State<AppState>,
+    caller: Caller,
+    axum::extract::Query(q): axum::extract::Query<SyncQuery>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    caller.require(&[Scope::Admin, Scope::Readonly, Scope::Agent])?;
+    let agent = match (&caller.0.agent_id, q.agent_id) {
+        (Some(own), Some(asked)) if *own != asked => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                format!("this key is bound to agent `{own}`, not `{asked}`"),
+            ));
+        }
+        (Some(own), _) => Some(own.clone()),
+        (None, asked) => asked,
+    };
+    let mut docs = Vec::new();
+    for p in s.store.list_policies().await? {
+        let mut body = p.body;
+        if let Value::Object(m) = &mut body {
+            m.remove("alerts");
+        }
+        let doc: PolicyDoc = serde_json::from_value(body)
+            .map_err(|e| ApiError::internal(format!("stored policy `{}` no longer parses: {e}", p.name)))?;
+        let applies = doc.enabled
+            && match doc.scope {
+                sentinel_core::model::Scope::Global => true,
+                sentinel_core::model::Scope::Agent => doc.agent_id.is_some() && doc.agent_id == agent,
+                sentinel_core::model::Scope::Run => doc.run_id.is_some() && doc.run_id == q.run_id,
+            };
+        if applies {
+            docs.push(doc);
+        }
+    }
+    let set = PolicySet::compile(docs.clone()).map_err(|e| {
+        ApiError::internal(format!(
+            "stored policies do not compile together: {}",
+            e.first().map(|x| x.message.clone()).unwrap_or_default()
+        ))
+    })?;
+    let etag = format!("\"{}\"", set.version());
+    let not_modified = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+    let tag = HeaderValue::from_str(&etag).map_err(|e| ApiError::internal(e.to_string()))?;
+    if not_modified {
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, tag)]).into_response());
+    }
+    let body = json!({"version": set.version(), "agent_id": agent, "run_id": q.run_id, "policies": docs});
+    Ok(([(header::ETAG, tag), (header::CACHE_CONTROL, HeaderValue::from_static("no-cache"))], Json(body))
+        .into_response())
+}
+
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "Not found", "no such endpoint")
 }
@@ -530,6 +595,7 @@ pub fn app_with_timeout(state: AppState, timeout: Duration) -> Router {
         .route("/keys/{id}/activate", post(activate_key))
         .route("/keys/{id}/deactivate", post(deactivate_key))
         .route("/policies", post(create_policy).get(list_policies))
+        .route("/policies/sync", get(policy_sync))
         .route("/policies/{id}", get(get_policy).put(update_policy).delete(delete_policy))
         .route("/policies/{id}/history", get(policy_history));
     Router::new()

@@ -271,3 +271,67 @@ async fn health_and_unknown_routes() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn policy_sync_returns_what_applies_with_an_etag() {
+    on_both(|e| async move {
+        let k = Some(e.admin.as_str());
+        for body in [
+            json!({"name": "global", "budgets": {"run": 5}}),
+            json!({"name": "bot-1 only", "scope": "agent", "agent_id": "bot-1", "denied_actions": ["x"]}),
+            json!({"name": "bot-2 only", "scope": "agent", "agent_id": "bot-2", "denied_actions": ["y"]}),
+            json!({"name": "run r9", "scope": "run", "run_id": "r9", "allowed_actions": ["read"]}),
+            json!({"name": "disabled", "enabled": false, "denied_actions": ["z"]}),
+        ] {
+            assert_eq!(e.call("POST", "/api/v1/policies", k, Some(body)).await.0, StatusCode::CREATED);
+        }
+        let names = |v: &Value| -> Vec<String> {
+            v["policies"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap().to_string()).collect()
+        };
+        let (s, v, _) = e.call("GET", "/api/v1/policies/sync?agent_id=bot-1&run_id=r9", k, None).await;
+        assert_eq!(s, StatusCode::OK);
+        let mut got = names(&v);
+        got.sort();
+        assert_eq!(got, ["bot-1 only", "global", "run r9"]);
+
+        // ETag and 304.
+        let req = |tag: Option<&str>| {
+            let mut r = Request::builder()
+                .uri("/api/v1/policies/sync?agent_id=bot-1")
+                .header("authorization", format!("Bearer {}", e.admin));
+            if let Some(t) = tag {
+                r = r.header("if-none-match", t);
+            }
+            r.body(Body::empty()).unwrap()
+        };
+        let first = app(e.state.clone()).oneshot(req(None)).await.unwrap();
+        let tag = first.headers().get("etag").unwrap().to_str().unwrap().to_string();
+        assert_eq!(app(e.state.clone()).oneshot(req(Some(&tag))).await.unwrap().status(), StatusCode::NOT_MODIFIED);
+        // A change to an applicable policy changes the tag.
+        let (_, list, _) = e.call("GET", "/api/v1/policies", k, None).await;
+        let global = list.as_array().unwrap().iter().find(|p| p["name"] == "global").unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        e.call("PUT", &format!("/api/v1/policies/{global}"), k, Some(json!({"name": "global", "budgets": {"run": 4}})))
+            .await;
+        assert_eq!(app(e.state.clone()).oneshot(req(Some(&tag))).await.unwrap().status(), StatusCode::OK);
+
+        // An agent key reads its own agent's policies only.
+        let (_, ag, _) = e
+            .call("POST", "/api/v1/keys", k, Some(json!({"name": "bot", "scope": "agent", "agent_id": "bot-2"})))
+            .await;
+        let ag = ag["key"].as_str().unwrap().to_string();
+        let (s, v, _) = e.call("GET", "/api/v1/policies/sync", Some(&ag), None).await;
+        assert_eq!(s, StatusCode::OK);
+        let mut got = names(&v);
+        got.sort();
+        assert_eq!(got, ["bot-2 only", "global"]);
+        assert_eq!(
+            e.call("GET", "/api/v1/policies/sync?agent_id=bot-1", Some(&ag), None).await.0,
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(e.call("GET", "/api/v1/policies", Some(&ag), None).await.0, StatusCode::FORBIDDEN);
+    })
+    .await;
+}
