@@ -9,7 +9,7 @@ use parking_lot::Mutex;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
-use sentinel_core::decision::{ApprovalSpec, Decision, RiskLevel};
+use sentinel_core::decision::{ApprovalSpec, Decision};
 use sentinel_core::guard::{CallOutcome, Logs};
 use sentinel_core::ledger::LogOptions;
 use sentinel_core::records::ApprovalRecord;
@@ -498,20 +498,6 @@ fn to_record(py: Python<'_>, value: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
     Ok(to_py(py, &v)?.unbind())
 }
 
-/// The risk level names, for stubs and docs.
-#[pyfunction]
-fn risk_levels() -> Vec<&'static str> {
-    [RiskLevel::Low, RiskLevel::Medium, RiskLevel::High, RiskLevel::Critical]
-        .iter()
-        .map(|r| match r {
-            RiskLevel::Low => "LOW",
-            RiskLevel::Medium => "MEDIUM",
-            RiskLevel::High => "HIGH",
-            RiskLevel::Critical => "CRITICAL",
-        })
-        .collect()
-}
-
 #[pymodule]
 #[pyo3(name = "_native")]
 fn agent_sentinel_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -520,7 +506,6 @@ fn agent_sentinel_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Permit>()?;
     m.add_class::<Stop>()?;
     m.add_function(wrap_pyfunction!(to_record, m)?)?;
-    m.add_function(wrap_pyfunction!(risk_levels, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
