@@ -127,17 +127,19 @@ impl ChainWriter {
             OpenOptions::new().create(true).read(true).append(true).open(path).map_err(io_err("open", path))?;
         let recovery = recover_tail(path, &mut file)?;
         let (seq, prev) = match last_line(path, &mut file)? {
-            Some((line_no, line)) => {
-                let parsed = parse_tail(&line).ok_or_else(|| LedgerError::Corrupt {
-                    path: path.to_path_buf(),
-                    line: line_no,
-                    problem: "the last line does not end with `seq`, `prev_hash` and `hash`".into(),
-                })?;
+            Some((offset, line)) => {
+                let Some(parsed) = parse_tail(&line) else {
+                    return Err(LedgerError::Corrupt {
+                        path: path.to_path_buf(),
+                        line: line_number(&mut file, offset),
+                        problem: "the last line does not end with `seq`, `prev_hash` and `hash`".into(),
+                    });
+                };
                 let computed = sha_hex(parsed.hashed);
                 if computed.as_bytes() != parsed.hash {
                     return Err(LedgerError::Corrupt {
                         path: path.to_path_buf(),
-                        line: line_no,
+                        line: line_number(&mut file, offset),
                         problem: "the last line's hash does not match its contents".into(),
                     });
                 }
@@ -355,12 +357,14 @@ fn previous_segment_head(path: &Path) -> Result<(u64, [u8; 64]), LedgerError> {
     };
     let mut f = File::open(last).map_err(io_err("open", last))?;
     match last_line(last, &mut f)? {
-        Some((line_no, line)) => {
-            let t = parse_tail(&line).ok_or_else(|| LedgerError::Corrupt {
-                path: last.clone(),
-                line: line_no,
-                problem: "the last line has no hash chain fields".into(),
-            })?;
+        Some((offset, line)) => {
+            let Some(t) = parse_tail(&line) else {
+                return Err(LedgerError::Corrupt {
+                    path: last.clone(),
+                    line: line_number(&mut f, offset),
+                    problem: "the last line has no hash chain fields".into(),
+                });
+            };
             prev.copy_from_slice(t.hash);
             Ok((t.seq, prev))
         }
@@ -415,7 +419,7 @@ fn recover_tail(path: &Path, file: &mut File) -> Result<Recovery, LedgerError> {
     Ok(Recovery { torn_bytes: torn.len() as u64, quarantine: Some(q) })
 }
 
-/// The last complete line of a file, with its 1-based line number (counted only when needed).
+/// The last complete line of a file, with the byte offset where it starts. Only the tail is read.
 fn last_line(path: &Path, file: &mut File) -> Result<Option<(u64, Vec<u8>)>, LedgerError> {
     let len = file.metadata().map_err(io_err("stat", path))?.len();
     if len == 0 {
@@ -432,18 +436,22 @@ fn last_line(path: &Path, file: &mut File) -> Result<Option<(u64, Vec<u8>)>, Led
         if let Some(i) = chunk.iter().rposition(|b| *b == b'\n') {
             let mut line = chunk.get(i + 1..).unwrap_or_default().to_vec();
             line.extend_from_slice(&collected);
-            // The line number is only used in messages; count it lazily.
-            let line_no = count_lines(file, start + i as u64 + 1).unwrap_or(0) + 1;
-            return Ok(Some((line_no, line)));
+            return Ok(Some((start + i as u64 + 1, line)));
         }
         let mut c = chunk.to_vec();
         c.extend_from_slice(&collected);
         collected = c;
         if start == 0 {
-            return Ok(Some((1, collected)));
+            return Ok(Some((0, collected)));
         }
         pos = start;
     }
+}
+
+/// The 1-based number of the line starting at byte `offset`: reads the file up to there, so it is
+/// only called to name a line in an error.
+fn line_number(file: &mut File, offset: u64) -> u64 {
+    count_lines(file, offset).unwrap_or(0) + 1
 }
 
 fn count_lines(file: &mut File, upto: u64) -> io::Result<u64> {

@@ -269,3 +269,15 @@ fn parallel_verify_reports_the_exact_line() {
         assert_eq!(f.line, first as u64 + 1, "swap at line {}", first + 1);
     }
 }
+
+#[test]
+fn opening_a_ledger_with_an_edited_last_line_names_that_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.jsonl");
+    let bytes = write_ledger(dir.path(), 4, 3);
+    let mut ls = lines_of(&bytes);
+    ls[3] = String::from_utf8(ls[3].clone()).unwrap().replace("act_", "ACT_").into_bytes();
+    std::fs::write(&path, ls.concat()).unwrap();
+    let e = ChainWriter::open(&path, LogOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("line 4") && e.contains("hash does not match"), "{e}");
+}
