@@ -496,17 +496,8 @@ impl Engine {
         // 8. Allow, or warn.
         let mut outcome = if let Some((o, _)) = anomaly.as_ref() {
             clone_outcome(o)
-        } else if let Some((p, rule, msg)) = pending.warn_rule {
-            Outcome {
-                verdict: Verdict::Warn,
-                intervention: Some(InterventionType::Warning),
-                reason: ReasonCode::RuleWarn,
-                message: Cow::Owned(rule_message(msg, rule, req.action, "warns about")),
-                policy: Some(Arc::clone(&p.name)),
-                rule: rule.map(Arc::clone),
-                limit: None,
-                retry_after: None,
-            }
+        } else if let Some(hit) = pending.warn_rule {
+            warn_outcome(hit, req.action)
         } else {
             Outcome {
                 verdict: Verdict::Allow,
@@ -623,19 +614,7 @@ impl Engine {
             })
             .or_else(|| budget_check(one.clone(), req, cost, sess, run_idx, action_idx))
             .or_else(|| if approved { None } else { approval_check(one.clone(), req, cost, &pending) })
-            .or_else(|| {
-                let (p, rule, msg) = pending.warn_rule?;
-                Some(Outcome {
-                    verdict: Verdict::Warn,
-                    intervention: Some(InterventionType::Warning),
-                    reason: ReasonCode::RuleWarn,
-                    message: Cow::Owned(rule_message(msg, rule, req.action, "warns about")),
-                    policy: Some(Arc::clone(&p.name)),
-                    rule: rule.map(Arc::clone),
-                    limit: None,
-                    retry_after: None,
-                })
-            })?;
+            .or_else(|| Some(warn_outcome(pending.warn_rule?, req.action)))?;
         Some(ShadowFinding {
             policy: Arc::clone(&p.name),
             verdict: o.verdict,
@@ -848,6 +827,20 @@ fn static_checks<'p>(
         }
     }
     None
+}
+
+/// A rule (or a default action) said `warn`: the call runs, flagged.
+fn warn_outcome((p, rule, msg): RuleHit<'_>, action: &str) -> Outcome {
+    Outcome {
+        verdict: Verdict::Warn,
+        intervention: Some(InterventionType::Warning),
+        reason: ReasonCode::RuleWarn,
+        message: Cow::Owned(rule_message(msg, rule, action, "warns about")),
+        policy: Some(Arc::clone(&p.name)),
+        rule: rule.map(Arc::clone),
+        limit: None,
+        retry_after: None,
+    }
 }
 
 fn rule_message(msg: Option<&Arc<str>>, rule: Option<&Arc<str>>, action: &str, verb: &str) -> String {
