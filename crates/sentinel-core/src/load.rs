@@ -72,9 +72,15 @@ pub fn load_file(path: &Path) -> Result<Vec<PolicyDoc>, Vec<PolicyError>> {
             return Err(vec![PolicyError::whole_file(&display, format!("cannot read file: {e}"))]);
         }
     };
-    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("policy");
     let is_json = path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("json"));
-    if is_json { parse_rules_json(&display, stem, &text) } else { parse_yaml(&display, stem, &text) }
+    parse_source(&display, &text, is_json)
+}
+
+/// Parses policy text from `file` (a path or a label): the rules-file JSON format when `rules_json`,
+/// YAML otherwise. The file's stem names a top-level policy that has no `name`.
+pub fn parse_source(file: &str, text: &str, rules_json: bool) -> Result<Vec<PolicyDoc>, Vec<PolicyError>> {
+    let stem = Path::new(file).file_stem().and_then(|s| s.to_str()).unwrap_or("policy");
+    if rules_json { parse_rules_json(file, stem, text) } else { parse_yaml(file, stem, text) }
 }
 
 /// Largest policy file accepted, so a mistaken path to a huge file fails fast and clearly.

@@ -166,13 +166,7 @@ impl Engine {
 fn compile_all(sources: &[(String, String, bool)]) -> PyResult<PolicySet> {
     let mut docs = Vec::new();
     for (text, filename, rules_json) in sources {
-        let stem = Path::new(filename).file_stem().and_then(|s| s.to_str()).unwrap_or("policy");
-        let d = if *rules_json {
-            load::parse_rules_json(filename, stem, text)
-        } else {
-            load::parse_yaml(filename, stem, text)
-        };
-        docs.extend(d.map_err(policy_errors)?);
+        docs.extend(load::parse_source(filename, text, *rules_json).map_err(policy_errors)?);
     }
     PolicySet::compile(docs).map_err(policy_errors)
 }
