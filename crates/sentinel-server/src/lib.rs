@@ -178,6 +178,24 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A deserialization error as a 422 that names the field (`prefix` is prepended to its path) and
+/// suggests the nearest valid key.
+fn field_error(prefix: &str, path: &serde_path_to_error::Path, err: &impl std::fmt::Display) -> ApiError {
+    let p = path.to_string();
+    let p = if p == "." { String::new() } else { p };
+    let full = match (prefix.is_empty(), p.is_empty()) {
+        (true, _) => p,
+        (false, true) => prefix.to_string(),
+        (false, false) => format!("{prefix}.{p}"),
+    };
+    let message = sentinel_core::load::improve_message(&err.to_string());
+    if full.is_empty() {
+        ApiError::invalid(message.clone(), vec![FieldError { path: full, message }])
+    } else {
+        ApiError::field(&full, message)
+    }
+}
+
 /// A JSON body whose errors (syntax, wrong types, unknown fields) come back as problem+json with the field path.
 pub struct ApiJson<T>(pub T);
 
@@ -211,19 +229,12 @@ impl<S: Send + Sync, T: DeserializeOwned> axum::extract::FromRequest<S> for ApiJ
         let de = &mut serde_json::Deserializer::from_slice(&bytes);
         match serde_path_to_error::deserialize::<_, T>(de) {
             Ok(v) => Ok(ApiJson(v)),
-            Err(e) => {
-                let path = e.path().to_string();
-                let inner = e.into_inner();
-                let message = sentinel_core::load::improve_message(&inner.to_string());
-                let path = if path == "." { String::new() } else { path };
-                if inner.is_syntax() || inner.is_eof() {
-                    return Err(ApiError::new(StatusCode::BAD_REQUEST, "Malformed JSON", message));
-                }
-                Err(ApiError::invalid(
-                    if path.is_empty() { message.clone() } else { format!("`{path}`: {message}") },
-                    vec![FieldError { path, message }],
-                ))
-            }
+            Err(e) if e.inner().is_syntax() || e.inner().is_eof() => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "Malformed JSON",
+                sentinel_core::load::improve_message(&e.into_inner().to_string()),
+            )),
+            Err(e) => Err(field_error("", e.path(), e.inner())),
         }
     }
 }
@@ -399,15 +410,8 @@ fn validate_policy(mut body: Value) -> Result<(String, Value), ApiError> {
         ));
     };
     let alerts = map.remove("alerts");
-    let doc: PolicyDoc = serde_path_to_error::deserialize(body.clone()).map_err(|e| {
-        let path = e.path().to_string();
-        let message = sentinel_core::load::improve_message(&e.into_inner().to_string());
-        let path = if path == "." { String::new() } else { path };
-        ApiError::invalid(
-            if path.is_empty() { message.clone() } else { format!("`{path}`: {message}") },
-            vec![FieldError { path, message }],
-        )
-    })?;
+    let doc: PolicyDoc =
+        serde_path_to_error::deserialize(body.clone()).map_err(|e| field_error("", e.path(), e.inner()))?;
     let Some(name) = doc.name.clone().filter(|n| !n.trim().is_empty()) else {
         return Err(ApiError::field("name", "a policy needs a unique, non-empty `name`"));
     };
@@ -415,10 +419,8 @@ fn validate_policy(mut body: Value) -> Result<(String, Value), ApiError> {
         return Err(ApiError::field("policies", "store each policy separately; a stored policy cannot hold others"));
     }
     if let Some(a) = &alerts {
-        let parsed: Alerts = serde_path_to_error::deserialize(a.clone()).map_err(|e| {
-            let p = format!("alerts.{}", e.path());
-            ApiError::field(p.trim_end_matches('.'), sentinel_core::load::improve_message(&e.into_inner().to_string()))
-        })?;
+        let parsed: Alerts =
+            serde_path_to_error::deserialize(a.clone()).map_err(|e| field_error("alerts", e.path(), e.inner()))?;
         if let Some(t) = parsed.threshold_percent
             && !(t > 0.0 && t <= 100.0)
         {
