@@ -105,6 +105,16 @@ def _doc_from_kwargs(kwargs: Mapping[str, Any]) -> tuple:
     return cfg, doc
 
 
+def _halt_target(agent_id: Optional[str], run_id: Optional[str]) -> tuple:
+    """`("agent", id)` or `("run", id)`; exactly one of the two must be given, as a non-empty string."""
+    if (agent_id is None) == (run_id is None):
+        raise TypeError("give exactly one of `agent_id` or `run_id`")
+    kind, target = ("agent", agent_id) if agent_id is not None else ("run", run_id)
+    if not isinstance(target, str) or not target:
+        raise TypeError(f"`{kind}_id` must be a non-empty string, got {target!r}")
+    return kind, target
+
+
 class PolicyEngine:
     """The process's policy. Decisions are made by the Rust core."""
 
@@ -205,15 +215,11 @@ class PolicyEngine:
     @classmethod
     def halt(cls, agent_id: Optional[str] = None, run_id: Optional[str] = None, reason: str = "halted") -> None:
         """Kill switch: every decision for this agent or run is denied until ``resume``."""
-        if (agent_id is None) == (run_id is None):
-            raise TypeError("give exactly one of `agent_id` or `run_id`")
-        RUNTIME.engine.halt("agent" if agent_id else "run", agent_id or run_id, reason)
+        RUNTIME.engine.halt(*_halt_target(agent_id, run_id), reason)
 
     @classmethod
     def resume(cls, agent_id: Optional[str] = None, run_id: Optional[str] = None) -> None:
-        if (agent_id is None) == (run_id is None):
-            raise TypeError("give exactly one of `agent_id` or `run_id`")
-        RUNTIME.engine.resume("agent" if agent_id else "run", agent_id or run_id)
+        RUNTIME.engine.resume(*_halt_target(agent_id, run_id))
 
 
 class CostTracker:
