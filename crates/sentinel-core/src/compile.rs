@@ -109,19 +109,21 @@ impl std::fmt::Debug for PolicySet {
 impl PolicySet {
     /// An empty set: every well-formed call is allowed.
     pub fn empty() -> Self {
-        match Self::compile(Vec::new()) {
-            Ok(s) => s,
-            Err(_) => PolicySet {
-                version: Arc::from(version_of(&[])),
-                docs: Vec::new(),
-                global: Vec::new(),
-                by_agent: HashMap::new(),
-                by_run: HashMap::new(),
-                loop_capacity: 0,
-                max_loop_window_ns: 0,
-                any_anomaly: false,
-                hasher: Default::default(),
-            },
+        Self::with_version(&[])
+    }
+
+    /// A set with no compiled policies yet, versioned by `docs`.
+    fn with_version(docs: &[PolicyDoc]) -> Self {
+        PolicySet {
+            version: Arc::from(version_of(docs)),
+            docs: Vec::new(),
+            global: Vec::new(),
+            by_agent: HashMap::new(),
+            by_run: HashMap::new(),
+            loop_capacity: 0,
+            max_loop_window_ns: 0,
+            any_anomaly: false,
+            hasher: Default::default(),
         }
     }
 
@@ -141,18 +143,7 @@ impl PolicySet {
                 });
             }
         }
-        let hasher = hashbrown::DefaultHashBuilder::default();
-        let mut set = PolicySet {
-            version: Arc::from(version_of(&docs)),
-            docs: Vec::new(),
-            global: Vec::new(),
-            by_agent: HashMap::new(),
-            by_run: HashMap::new(),
-            loop_capacity: 0,
-            max_loop_window_ns: 0,
-            any_anomaly: false,
-            hasher,
-        };
+        let mut set = Self::with_version(&docs);
         for d in &docs {
             if !d.enabled {
                 continue;

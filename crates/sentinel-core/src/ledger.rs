@@ -98,7 +98,14 @@ impl std::fmt::Debug for ChainWriter {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Appended {
     pub seq: u64,
-    pub hash: String,
+    hash: [u8; 64],
+}
+
+impl Appended {
+    /// The line's hash, as 64 lowercase hex digits.
+    pub fn hash(&self) -> &str {
+        std::str::from_utf8(&self.hash).unwrap_or_default()
+    }
 }
 
 impl ChainWriter {
@@ -232,7 +239,7 @@ impl ChainWriter {
         st.seq = seq;
         st.prev = hash;
         write_head(&st.head, seq, &st.prev).map_err(io_err("write", &sidecar(&self.path, "head")))?;
-        Ok(Appended { seq, hash: String::from_utf8_lossy(&hash).into_owned() })
+        Ok(Appended { seq, hash })
     }
 
     fn rotate(&self, st: &mut WriterState) -> Result<(), LedgerError> {
