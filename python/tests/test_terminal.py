@@ -57,8 +57,6 @@ def run_on_pty(tmp_path, answer, timeout=10.0, destination="vendor@example.com")
         if not answered and b"Approve? [y/n]:" in out and answer is not None:
             os.write(fd, answer.encode() + b"\r")
             answered = True
-        if b"RESULT" in out and out.rstrip().endswith((b"SENT", b"rejected", b"timeout")) or b"RESULT" in out.split(b"\n")[-1]:
-            pass
     os.waitpid(pid, 0)
     return out.decode("utf-8", "replace")
 
