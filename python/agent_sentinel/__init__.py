@@ -3,7 +3,9 @@
 Both earlier Python APIs are here, decided by the Rust core:
 
 - ``guarded_action``, ``PolicyEngine``, ``CostTracker``, ``Ledger`` (the SDK);
-- ``protect``, ``SentinelConfig`` (the rules-and-approvals decorator).
+- ``protect``, ``SentinelConfig`` (the rules-and-approvals decorator);
+- ``enable_remote_sync``, ``BackgroundSync``, ``SyncConfig``, ``flush_and_stop`` (sync with a
+  ``sentinel serve`` platform: ledger uploads, policy sync, central decisions).
 """
 
 from ._native import __version__
@@ -24,6 +26,7 @@ from .errors import (
 from .policy import CostTracker, Ledger, PolicyConfig, PolicyEngine
 from .protect import SentinelConfig, protect
 from .replay import ReplayedCallError, replay_mode
+from .sync import AuthorityUnavailableError, BackgroundSync, SyncConfig, enable_remote_sync, flush_and_stop
 
 __all__ = [
     "AgentHaltedError",
@@ -32,6 +35,8 @@ __all__ = [
     "ApprovalRejectedError",
     "ApprovalRequest",
     "ApprovalTimeoutError",
+    "AuthorityUnavailableError",
+    "BackgroundSync",
     "BudgetExceededError",
     "Context",
     "CostTracker",
@@ -44,8 +49,11 @@ __all__ = [
     "ReplayDivergenceError",
     "ReplayedCallError",
     "SentinelConfig",
+    "SyncConfig",
     "__version__",
     "context",
+    "enable_remote_sync",
+    "flush_and_stop",
     "get_context",
     "guarded_action",
     "protect",

@@ -21,6 +21,22 @@ from .replay import _active as _replay_var
 _Permit = _native.Permit
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
+# The central authority (``sync.py``, ``authority="server"``): when set, every call the local
+# policy allows is also decided by the server before it runs, and settled there afterwards.
+_authority: Any = None
+
+
+def set_authority(authority: Any) -> None:
+    global _authority
+    _authority = authority
+
+
+def clear_authority(authority: Any) -> None:
+    """Removes `authority` if it is still the one in effect."""
+    global _authority
+    if _authority is authority:
+        _authority = None
+
 
 class CallSpec:
     """Everything about a decorated function that does not change between calls."""
@@ -63,11 +79,16 @@ class CallSpec:
                 self.context_arity = 1
 
 
+def context_of(spec: CallSpec, args: tuple, kwargs: dict) -> dict:
+    """The application's context for this call (``protect``'s ``context_fn``), or ``{}``."""
+    if spec.context_fn is None:
+        return {}
+    got = spec.context_fn(*args, **kwargs) if spec.context_arity else spec.context_fn()
+    return dict(got or {})
+
+
 def _request(spec: CallSpec, stop: Any, ctx: Any, args: tuple, kwargs: dict, timeout: Optional[float], approvers: list) -> ApprovalRequest:
-    extra: dict = {}
-    if spec.context_fn is not None:
-        got = spec.context_fn(*args, **kwargs) if spec.context_arity else spec.context_fn()
-        extra = dict(got or {})
+    extra = context_of(spec, args, kwargs)
     return ApprovalRequest(
         agent_id=ctx.agent_id,
         action=spec.action,
@@ -173,11 +194,17 @@ def wrap(spec: CallSpec) -> Callable:
                 else:
                     answer = await asyncio.to_thread(_ask_blocking, handler, req)
                 r = _resolve(spec, guard, r, ctx, answer, timeout, args, kwargs)
+            central = _authority
+            ticket = None if central is None else await central.decide_async(spec, guard, r, ctx, args, kwargs)
             try:
                 result = await fn(*args, **kwargs)
             except BaseException as e:
+                if ticket is not None:
+                    central.settle_later(ticket, cost)
                 guard.finish(r, False, f"{type(e).__name__}: {e}")
                 raise
+            if ticket is not None:
+                central.settle_later(ticket, cost)
             guard.finish(r, True, result)
             return result
 
@@ -197,11 +224,17 @@ def wrap(spec: CallSpec) -> Callable:
             handler, timeout, approvers = _timeouts(spec, r)
             answer = _ask_blocking(handler, _request(spec, r, ctx, args, kwargs, timeout, approvers))
             r = _resolve(spec, guard, r, ctx, answer, timeout, args, kwargs)
+        central = _authority
+        ticket = None if central is None else central.decide(spec, guard, r, ctx, args, kwargs)
         try:
             result = fn(*args, **kwargs)
         except BaseException as e:
+            if ticket is not None:
+                central.settle(ticket, cost)
             guard.finish(r, False, f"{type(e).__name__}: {e}")
             raise
+        if ticket is not None:
+            central.settle(ticket, cost)
         guard.finish(r, True, result)
         return result
 

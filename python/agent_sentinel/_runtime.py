@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import weakref
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,6 +29,34 @@ class Runtime:
         self._guard: Optional[_native.Guard] = None
         self.approval_handler: Any = None
         self.approval_timeout: Optional[float] = None
+        # Policies synced from a platform (``sync.py``), by sync: merged after the local sources of
+        # this engine and of every ``protect`` engine, never replacing them.
+        self.policy_lock = threading.RLock()
+        self.remote: dict = {}
+        self.protected: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+    def remote_sources(self) -> list:
+        return [s for sources in self.remote.values() for s in sources]
+
+    def install_remote(self, key: str, sources: list) -> None:
+        """Merges `sources` (``(text, filename, is_rules_json)``) under `key` into every engine.
+        Raises ValueError (and changes nothing here) if the merged policy does not compile."""
+        with self.policy_lock:
+            remote = dict(self.remote)
+            if sources:
+                remote[key] = list(sources)
+            else:
+                remote.pop(key, None)
+            merged = [s for v in remote.values() for s in v]
+            self.engine.replace(self.sources + merged)
+            self.remote = remote
+            for p in list(self.protected):
+                try:
+                    p.engine.replace(p.sources + merged)
+                except ValueError as e:
+                    logging.getLogger("agent_sentinel.sync").error(
+                        "the synced policies do not merge with a protect() policy; it keeps its own: %s", e
+                    )
 
     def guard(self) -> _native.Guard:
         g = self._guard

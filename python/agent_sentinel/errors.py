@@ -68,14 +68,18 @@ class ReplayDivergenceError(AgentSentinelError):
 
 
 class ApprovalRejectedError(AgentSentinelError, PermissionError):
-    """A human rejected the action. ``approver`` and ``rejection_reason`` say who and why."""
+    """A human rejected the action. ``approver`` and ``rejection_reason`` say who and why;
+    ``approval_id`` is the server's approval request when the server asked for the approval."""
 
     approver: Optional[str] = None
     rejection_reason: Optional[str] = None
+    approval_id: Optional[str] = None
 
 
 class ApprovalTimeoutError(AgentSentinelError, TimeoutError):
-    """Nobody decided in time; the action did not run."""
+    """Nobody decided in time; the action did not run. ``approval_id`` as for ``ApprovalRejectedError``."""
+
+    approval_id: Optional[str] = None
 
 
 _BY_REASON = {

@@ -154,11 +154,13 @@ class PolicyEngine:
 
     @classmethod
     def _install(cls, sources: list, cfg: Optional[PolicyConfig]) -> None:
-        try:
-            RUNTIME.engine.replace(sources)
-        except ValueError as e:
-            raise PolicyConfigError(str(e), reason="INVALID_POLICY") from None
-        RUNTIME.sources = sources
+        with RUNTIME.policy_lock:
+            try:
+                # Policies synced from a platform stay merged after the local ones.
+                RUNTIME.engine.replace(sources + RUNTIME.remote_sources())
+            except ValueError as e:
+                raise PolicyConfigError(str(e), reason="INVALID_POLICY") from None
+            RUNTIME.sources = sources
         RUNTIME.configured = True
         RUNTIME.config = cfg if cfg is not None else cls._config_from_docs()
         RUNTIME.reopen()
@@ -190,10 +192,13 @@ class PolicyEngine:
 
     @classmethod
     def reset(cls) -> None:
-        """Forgets the policy and all spend, windows and baselines (for tests)."""
-        RUNTIME.engine.replace([])
+        """Forgets the policy (synced policies too, until a running sync installs them again) and
+        all spend, windows and baselines (for tests)."""
+        with RUNTIME.policy_lock:
+            RUNTIME.engine.replace([])
+            RUNTIME.remote = {}
+            RUNTIME.sources = []
         RUNTIME.engine.reset_counters()
-        RUNTIME.sources = []
         RUNTIME.configured = False
         RUNTIME.config = None
         RUNTIME.approval_handler = None

@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional, Union
 from . import _native
 from . import _context
 from ._call import CallSpec, wrap
+from ._runtime import RUNTIME
 from .approvals import Approval, ApprovalRequest, check_handler
 from .errors import PolicyConfigError
 
@@ -115,8 +116,11 @@ class _Protected:
     """The engine and guard behind one ``SentinelConfig``."""
 
     def __init__(self, config: SentinelConfig) -> None:
+        self.sources = config._sources()
         try:
-            self.engine = _native.Engine(config._sources())
+            with RUNTIME.policy_lock:
+                self.engine = _native.Engine(self.sources + RUNTIME.remote_sources())
+                RUNTIME.protected.add(self)
         except ValueError as e:
             raise PolicyConfigError(str(e), reason="INVALID_POLICY") from None
         self.guard = _native.Guard(self.engine, config.audit_log_dir)
@@ -133,7 +137,6 @@ def protect(config: SentinelConfig, context_fn: Optional[Callable[..., dict]] = 
     if not isinstance(config, SentinelConfig):
         raise TypeError(f"protect() needs a SentinelConfig, got {type(config).__name__}")
     state = _Protected(config)
-    guard = state.guard
     approver = (state.handler, state.timeout)
     current = _context.current
     if config.agent_id:
@@ -143,7 +146,7 @@ def protect(config: SentinelConfig, context_fn: Optional[Callable[..., dict]] = 
             return _context.current()._replace(agent_id=agent)
 
     def decorate(fn: Callable) -> Callable:
-        spec = CallSpec(fn, fn.__name__, 0.0, [], lambda: guard, lambda: approver, context_fn, current)
+        spec = CallSpec(fn, fn.__name__, 0.0, [], lambda: state.guard, lambda: approver, context_fn, current)
         wrapped = wrap(spec)
         wrapped.sentinel_engine = state.engine  # type: ignore[attr-defined]
         return wrapped

@@ -1,5 +1,9 @@
 //! The `sentinel` command: argument structs and dispatch. The work happens in `sentinel-core`.
 
+/// The server allocates many short-lived buffers across threads; mimalloc keeps that cheap.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -43,6 +47,13 @@ enum Command {
     Ledger(LedgerCmd),
     /// Run the platform server (SQLite in the data directory by default)
     Serve(ServeArgs),
+    /// List, show and decide approval requests on a server
+    #[command(subcommand)]
+    Approvals(ApprovalsCmd),
+    /// Halt an agent or a run on a server: its decisions deny at once
+    Halt(HaltArgs),
+    /// Resume a halted agent or run on a server
+    Resume(TargetArgs),
     /// Print shell completions
     Completions {
         #[arg(value_enum)]
@@ -64,6 +75,26 @@ struct ServeArgs {
     /// Seconds before a request is cut off
     #[arg(long, default_value_t = 30)]
     request_timeout: u64,
+    /// The key-hashing secret (every replica of a fleet needs the same) [default: DATA_DIR/server-secret]
+    #[arg(long, env = "SENTINEL_SECRET_FILE")]
+    secret_file: Option<PathBuf>,
+    /// Allow browser calls from this origin (repeat for several); CORS is off by default
+    #[arg(long = "cors-origin", value_name = "ORIGIN")]
+    cors_origins: Vec<String>,
+    /// SMTP server for email notifications: `smtp://HOST:PORT` (plain), `smtp://HOST:587?tls=required`
+    /// (STARTTLS) or `smtps://USER:PASSWORD@HOST:465` (TLS)
+    #[arg(long, env = "SENTINEL_SMTP_URL")]
+    smtp_url: Option<String>,
+    /// The sender of notification emails
+    #[arg(long, env = "SENTINEL_SMTP_FROM", default_value = "Agent Sentinel <sentinel@localhost>")]
+    smtp_from: String,
+    /// A network webhook targets may be in although it is private or loopback, e.g. 10.0.0.0/8 or
+    /// 127.0.0.1/32 (repeat for several); by default only public addresses are reached
+    #[arg(long = "notify-allow", value_name = "CIDR")]
+    notify_allow: Vec<String>,
+    /// The address people open approval links at, e.g. https://sentinel.example.com [default: the listening address]
+    #[arg(long, env = "SENTINEL_PUBLIC_URL")]
+    public_url: Option<String>,
     /// Log format on stderr
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -73,6 +104,82 @@ struct ServeArgs {
 enum LogFormat {
     Text,
     Json,
+}
+
+#[derive(Args, Clone)]
+struct ServerArgs {
+    /// The server's address
+    #[arg(long, env = "SENTINEL_URL", default_value = "http://127.0.0.1:8080")]
+    server: String,
+    /// An API key (an admin or approver key to decide)
+    #[arg(long, env = "SENTINEL_API_KEY", hide_env_values = true)]
+    key: String,
+}
+
+#[derive(Subcommand)]
+enum ApprovalsCmd {
+    /// Approval requests, newest first
+    List {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// pending, approved, rejected or expired
+        #[arg(long)]
+        status: Option<String>,
+        #[command(flatten)]
+        fmt: FormatArg,
+    },
+    /// One request: the call, its redacted arguments, the spend so far, the rule, the context
+    Show {
+        id: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Approve a request (once; the agent's call then runs)
+    Approve {
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Reject a request; the reason is given back to the agent
+    Reject {
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+}
+
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+struct Target {
+    /// The agent to halt or resume
+    #[arg(long)]
+    agent: Option<String>,
+    /// The run to halt or resume
+    #[arg(long)]
+    run: Option<String>,
+}
+
+#[derive(Args)]
+struct TargetArgs {
+    #[command(flatten)]
+    target: Target,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(Args)]
+struct HaltArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Why (shown in every denied decision)
+    #[arg(long)]
+    reason: Option<String>,
+    #[command(flatten)]
+    server: ServerArgs,
 }
 
 #[derive(Clone, Copy, Default, ValueEnum, PartialEq, Eq)]
@@ -193,6 +300,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Policy(p) => policy(p),
         Command::Ledger(l) => ledger_cmd(l),
         Command::Serve(a) => serve(a),
+        Command::Approvals(a) => approvals(a),
+        Command::Halt(a) => halt(a),
+        Command::Resume(a) => resume(a),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "sentinel", &mut io::stdout());
             Ok(ExitCode::SUCCESS)
@@ -350,10 +460,146 @@ fn serve(a: ServeArgs) -> Result<ExitCode> {
         database_url: a.database_url,
         listen: a.listen,
         request_timeout: Duration::from_secs(a.request_timeout.max(1)),
+        secret_file: a.secret_file,
+        cors_origins: a.cors_origins,
+        notify: sentinel_server::notify::NotifyConfig {
+            smtp_url: a.smtp_url,
+            smtp_from: a.smtp_from,
+            allow: a
+                .notify_allow
+                .iter()
+                .map(|n| {
+                    n.parse::<ipnet::IpNet>()
+                        .or_else(|_| n.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                        .with_context(|| format!("--notify-allow `{n}` is not a network such as 127.0.0.1/32"))
+                })
+                .collect::<Result<_>>()?,
+            public_url: a.public_url,
+            ..Default::default()
+        },
     };
     let rt =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
     rt.block_on(sentinel_server::run(config))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs one request against a server.
+fn remote<T>(
+    server: &ServerArgs,
+    f: impl AsyncFnOnce(sentinel_client::Client) -> sentinel_client::Result<T>,
+) -> Result<T> {
+    let client = sentinel_client::Client::new(&server.server, &server.key)?;
+    let rt =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the async runtime")?;
+    Ok(rt.block_on(f(client))?)
+}
+
+fn approvals(cmd: ApprovalsCmd) -> Result<ExitCode> {
+    match cmd {
+        ApprovalsCmd::List { server, status, fmt } => {
+            let path = match status.as_deref() {
+                Some(s @ ("pending" | "approved" | "rejected" | "expired")) => format!("/api/v1/approvals?status={s}"),
+                Some(other) => anyhow::bail!("--status `{other}` is not one of pending, approved, rejected, expired"),
+                None => "/api/v1/approvals".to_string(),
+            };
+            let v = remote(&server, async |c| c.get_json(&path).await)?;
+            let empty = Vec::new();
+            let items = v.get("items").and_then(serde_json::Value::as_array).unwrap_or(&empty);
+            if fmt.format == Format::Json {
+                outln!("{}", serde_json::to_string_pretty(items)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            if items.is_empty() {
+                outln!("no approval requests");
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut t = Table::new();
+            t.load_preset(UTF8_BORDERS_ONLY).set_header([
+                "id",
+                "status",
+                "agent",
+                "action",
+                "cost",
+                "expires",
+                "decided by",
+            ]);
+            let s = |a: &serde_json::Value, k: &str| {
+                a.get(k).map(|v| v.as_str().map_or(v.to_string(), str::to_string)).unwrap_or_default()
+            };
+            for a in items {
+                let expires = a.get("expires_at").and_then(serde_json::Value::as_i64).map(fmt_ms).unwrap_or_default();
+                let decided = s(a, "decided_by");
+                t.add_row([
+                    s(a, "id"),
+                    s(a, "status"),
+                    s(a, "agent_id"),
+                    s(a, "action"),
+                    format!("${}", s(a, "cost_usd")),
+                    expires,
+                    if decided == "null" { String::new() } else { decided },
+                ]);
+            }
+            outln!("{t}");
+        }
+        ApprovalsCmd::Show { id, server } => {
+            let v = remote(&server, async |c| c.get_json(&format!("/api/v1/approvals/{id}")).await)?;
+            outln!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        ApprovalsCmd::Approve { id, reason, server } => {
+            let v = remote(&server, async |c| {
+                c.post_json(&format!("/api/v1/approvals/{id}/approve"), &serde_json::json!({"reason": reason})).await
+            })?;
+            outln!("approved {id} (by {})", v.get("decided_by").and_then(serde_json::Value::as_str).unwrap_or("?"));
+        }
+        ApprovalsCmd::Reject { id, reason, server } => {
+            let v = remote(&server, async |c| {
+                c.post_json(&format!("/api/v1/approvals/{id}/reject"), &serde_json::json!({"reason": reason})).await
+            })?;
+            outln!("rejected {id} (by {})", v.get("decided_by").and_then(serde_json::Value::as_str).unwrap_or("?"));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `YYYY-MM-DD HH:MM:SS` UTC for epoch milliseconds.
+fn fmt_ms(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms).map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_default()
+}
+
+fn target_query(t: &Target) -> (String, String) {
+    match (&t.agent, &t.run) {
+        (Some(a), _) => ("agent_id".into(), a.clone()),
+        (None, Some(r)) => ("run_id".into(), r.clone()),
+        (None, None) => ("agent_id".into(), String::new()),
+    }
+}
+
+fn halt(a: HaltArgs) -> Result<ExitCode> {
+    let (k, v) = target_query(&a.target);
+    let mut body = serde_json::json!({ k.as_str(): v });
+    if let (Some(r), serde_json::Value::Object(m)) = (&a.reason, &mut body) {
+        m.insert("reason".into(), serde_json::Value::String(r.clone()));
+    }
+    remote(&a.server, async |c| c.post_json("/api/v1/halts", &body).await)?;
+    outln!("halted {} `{v}`: its decisions now deny", k.trim_end_matches("_id"));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn resume(a: TargetArgs) -> Result<ExitCode> {
+    let (k, v) = target_query(&a.target);
+    let enc: String = v
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    remote(&a.server, async |c| c.delete(&format!("/api/v1/halts?{k}={enc}")).await)?;
+    outln!("resumed {} `{v}`", k.trim_end_matches("_id"));
     Ok(ExitCode::SUCCESS)
 }
 

@@ -82,6 +82,7 @@ pub(crate) struct CompiledPolicy {
     pub approval_threshold: Option<Usd>,
     pub approval_timeout: Option<u64>,
     pub approvers: Vec<String>,
+    pub escalation: Option<crate::model::Escalation>,
     pub has_approvals: bool,
     pub anomaly: Option<Anomaly>,
     pub loops: Option<(u32, u64, f64)>,
@@ -177,6 +178,13 @@ impl PolicySet {
     /// The hash that identifies this exact set of policies.
     pub fn version(&self) -> &str {
         &self.version
+    }
+
+    /// Whether the policy named `name` pauses calls over its budgets instead of failing them.
+    pub fn pauses_on_budget(&self, name: &str) -> bool {
+        self.docs.iter().any(|d| {
+            d.name.as_deref() == Some(name) && d.on_budget_exceeded == Some(crate::model::OnBudgetExceeded::Pause)
+        })
     }
 
     pub fn docs(&self) -> &[PolicyDoc] {
@@ -288,6 +296,17 @@ fn compile_one(d: &PolicyDoc) -> Result<CompiledPolicy, PolicyError> {
         .collect();
     let budgets = d.budgets.clone().unwrap_or_default();
     let approvals = d.approvals.clone().unwrap_or_default();
+    if let Some(e) = &approvals.escalation {
+        if !(e.after_percent.is_finite() && e.after_percent > 0.0 && e.after_percent < 100.0) {
+            return Err(err(format!(
+                "`approvals.escalation.after_percent` must be between 0 and 100 (exclusive), got {}",
+                e.after_percent
+            )));
+        }
+        if e.approvers.is_empty() {
+            return Err(err("`approvals.escalation.approvers` must name at least one approver".into()));
+        }
+    }
     Ok(CompiledPolicy {
         name,
         mode: d.mode.unwrap_or_default(),
@@ -311,6 +330,7 @@ fn compile_one(d: &PolicyDoc) -> Result<CompiledPolicy, PolicyError> {
         approval_threshold: approvals.cost_threshold_usd,
         approval_timeout: approvals.timeout_seconds,
         approvers: approvals.approvers,
+        escalation: approvals.escalation,
         anomaly: d.anomaly.clone().filter(|a| a.enabled),
         loops: d.loops.as_ref().map(|l| (l.max_repeats, secs_to_nanos(l.window_seconds), l.window_seconds)),
     })

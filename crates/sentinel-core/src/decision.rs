@@ -87,6 +87,17 @@ pub enum RiskLevel {
     Critical,
 }
 
+impl RiskLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RiskLevel::Low => "LOW",
+            RiskLevel::Medium => "MEDIUM",
+            RiskLevel::High => "HIGH",
+            RiskLevel::Critical => "CRITICAL",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Verdict {
@@ -164,6 +175,14 @@ pub enum ReasonCode {
 }
 
 impl ReasonCode {
+    /// An action, run or session budget would be exceeded.
+    pub fn is_budget(self) -> bool {
+        matches!(
+            self,
+            ReasonCode::ActionBudgetExceeded | ReasonCode::RunBudgetExceeded | ReasonCode::SessionBudgetExceeded
+        )
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             ReasonCode::Allowed => "ALLOWED",
@@ -237,6 +256,9 @@ pub struct ShadowFinding {
 pub struct ApprovalSpec {
     pub timeout_seconds: Option<u64>,
     pub approvers: Vec<String>,
+    /// The next approver group and when it is asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub escalation: Option<crate::model::Escalation>,
 }
 
 /// The answer. Exactly one verdict, with its reasons.
@@ -273,5 +295,17 @@ impl Decision {
     /// Takes the reservation out, leaving the rest of the decision for the record.
     pub fn take_reservation(&mut self) -> Option<Reservation> {
         self.reservation.take()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn risk_names_match_their_serialized_form() {
+        for r in [RiskLevel::Low, RiskLevel::Medium, RiskLevel::High, RiskLevel::Critical] {
+            assert_eq!(serde_json::to_value(r).ok(), Some(Value::String(r.as_str().into())));
+        }
     }
 }

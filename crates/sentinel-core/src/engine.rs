@@ -201,22 +201,62 @@ impl Engine {
 
     /// Decides, and on `Allow`/`Warn` reserves the cost and rate-limit slots.
     pub fn decide(&self, req: &ActionRequest<'_>) -> Decision {
-        self.run(req, false, true)
+        self.run(req, Grant::None, true)
     }
 
     /// Decides a call a human has approved: every check runs except the approval step.
     pub fn decide_approved(&self, req: &ActionRequest<'_>) -> Decision {
-        self.run(req, true, true)
+        self.run(req, Grant::Approved, true)
+    }
+
+    /// What `decide_approved` would answer now, without reserving or learning anything.
+    pub fn evaluate_approved(&self, req: &ActionRequest<'_>) -> Decision {
+        self.run(req, Grant::Approved, false)
+    }
+
+    /// Decides a call paused over budget that a human resumed: every check runs except the
+    /// budgets and the approval step; the cost is still reserved and counted.
+    pub fn decide_resumed(&self, req: &ActionRequest<'_>) -> Decision {
+        self.run(req, Grant::OverBudget, true)
+    }
+
+    /// What `decide_resumed` would answer now, without reserving or learning anything.
+    pub fn evaluate_resumed(&self, req: &ActionRequest<'_>) -> Decision {
+        self.run(req, Grant::OverBudget, false)
     }
 
     /// Decides without reserving or learning anything: what `decide` would answer now.
     pub fn evaluate(&self, req: &ActionRequest<'_>) -> Decision {
-        self.run(req, false, false)
+        self.run(req, Grant::None, false)
     }
 
-    fn run(&self, req: &ActionRequest<'_>, approved: bool, commit: bool) -> Decision {
+    /// The sliding window of one rate limit for this call's scope (agent, run, session or global).
+    fn rate_cell(&self, rl: &CompiledRateLimit, req: &ActionRequest<'_>) -> Arc<Mutex<Ring>> {
+        let key = scope_key(rl.per, req);
+        self.state.rates.get_or_insert(
+            &KeyRef(rl.fingerprint, key),
+            || (rl.fingerprint, key.into()),
+            || Mutex::new(Ring::new(rl.max_count as usize)),
+        )
+    }
+
+    /// The history of this action with these arguments in this run, for loop detection.
+    fn loop_cell(&self, set: &PolicySet, req: &ActionRequest<'_>, digest: u64) -> Arc<Mutex<Ring>> {
+        let fp = loop_fingerprint(req.action, digest);
+        self.state.loops.get_or_insert(
+            &KeyRef(fp, req.run_id),
+            || (fp, req.run_id.into()),
+            || Mutex::new(Ring::new(set.loop_capacity)),
+        )
+    }
+
+    fn session_cell(&self, session_id: &str) -> Arc<Mutex<SessionState>> {
+        self.state.sessions.get_or_insert(session_id, || session_id.into(), || Mutex::new(SessionState::default()))
+    }
+
+    fn run(&self, req: &ActionRequest<'_>, grant: Grant, commit: bool) -> Decision {
         let set = self.policies.load();
-        match catch_unwind(AssertUnwindSafe(|| self.decide_inner(&set, req, approved, commit))) {
+        match catch_unwind(AssertUnwindSafe(|| self.decide_inner(&set, req, grant, commit))) {
             Ok(d) => d,
             Err(panic) => {
                 let what = panic
@@ -275,7 +315,8 @@ impl Engine {
         }
     }
 
-    fn decide_inner(&self, set: &PolicySet, req: &ActionRequest<'_>, approved: bool, commit: bool) -> Decision {
+    fn decide_inner(&self, set: &PolicySet, req: &ActionRequest<'_>, grant: Grant, commit: bool) -> Decision {
+        let approved = grant != Grant::None;
         #[cfg(test)]
         tests::maybe_fault();
         // 0. The request itself.
@@ -350,12 +391,7 @@ impl Engine {
         let mut rate_limits: SmallVec<[(&CompiledRateLimit, &Arc<str>, usize); 2]> = SmallVec::new();
         for p in applicable.clone() {
             if let Some(rl) = p.rate_limits.get(req.action) {
-                let key = scope_key(rl.per, req);
-                let cell = self.state.rates.get_or_insert(
-                    &KeyRef(rl.fingerprint, key),
-                    || (rl.fingerprint, key.into()),
-                    || Mutex::new(Ring::new(rl.max_count as usize)),
-                );
+                let cell = self.rate_cell(rl, req);
                 let idx = match rate_cells.iter().position(|c| Arc::ptr_eq(c, &cell)) {
                     Some(i) => i,
                     None => {
@@ -370,22 +406,11 @@ impl Engine {
             }
         }
         let loop_cell = if set.loop_capacity > 0 && applicable.clone().any(|p| p.loops.is_some()) {
-            let digest = args_digest(req.args);
-            let fp = stable_hash(&[b"loop", req.action.as_bytes(), &digest.to_le_bytes()]);
-            let cell = self.state.loops.get_or_insert(
-                &KeyRef(fp, req.run_id),
-                || (fp, req.run_id.into()),
-                || Mutex::new(Ring::new(set.loop_capacity)),
-            );
-            Some(cell)
+            Some(self.loop_cell(set, req, args_digest(req.args)))
         } else {
             None
         };
-        let session = self.state.sessions.get_or_insert(
-            req.session_id,
-            || req.session_id.into(),
-            || Mutex::new(SessionState::default()),
-        );
+        let session = self.session_cell(req.session_id);
 
         // Lock order: rate windows by address, then the loop history, then the session.
         let mut order: SmallVec<[usize; 2]> = (0..rate_cells.len()).collect();
@@ -477,7 +502,9 @@ impl Engine {
         }
 
         // 5. Budgets: action, then run, then session; the smallest limit of each kind applies.
-        if let Some(o) = budget_check(enforce.clone(), req, cost, &sess, run_idx, action_idx) {
+        if grant != Grant::OverBudget
+            && let Some(o) = budget_check(enforce.clone(), req, cost, &sess, run_idx, action_idx)
+        {
             return Self::finish(set, o);
         }
 
@@ -1024,44 +1051,64 @@ fn budget_check<'p>(
         (LimitKind::SessionBudget, ReasonCode::SessionBudgetExceeded, "session", sess.spent),
     ];
     for (kind, reason, label, spent) in kinds {
-        let tightest = enforce
-            .clone()
-            .filter_map(|p| {
-                let limit = match kind {
-                    LimitKind::ActionBudget => p.budget_actions.get(req.action).copied(),
-                    LimitKind::RunBudget => p.budget_run,
-                    _ => p.budget_session,
-                }?;
-                Some((limit, p))
-            })
-            .min_by_key(|(l, _)| *l);
-        let Some((limit, p)) = tightest else { continue };
+        let Some((limit, p)) = tightest_budget(enforce.clone(), kind, req.action) else { continue };
         if spent.saturating_add(cost) > limit {
-            let what = if kind == LimitKind::ActionBudget {
-                format!("budget for `{}`", req.action)
-            } else {
-                format!("{label} budget")
-            };
-            return Some(
-                Outcome::deny(
-                    InterventionType::BudgetExceeded,
-                    reason,
-                    format!("{what} exceeded: spent {spent} + this call {cost} > limit {limit} (policy `{}`)", p.name),
-                    &p.name,
-                    None,
-                )
-                .with_limit(Limit {
-                    kind,
-                    limit: limit.as_f64(),
-                    used: spent.as_f64(),
-                    requested: cost.as_f64(),
-                    window_seconds: None,
-                    field: None,
-                }),
-            );
+            return Some(budget_outcome(kind, reason, label, req, spent, cost, limit, &p.name));
         }
     }
     None
+}
+
+/// The smallest limit of one kind (action, run or session budget) among these policies, and the
+/// policy that sets it.
+fn tightest_budget<'p>(
+    policies: impl Iterator<Item = &'p CompiledPolicy>,
+    kind: LimitKind,
+    action: &str,
+) -> Option<(Usd, &'p CompiledPolicy)> {
+    policies
+        .filter_map(|p| {
+            let limit = match kind {
+                LimitKind::ActionBudget => p.budget_actions.get(action).copied(),
+                LimitKind::RunBudget => p.budget_run,
+                _ => p.budget_session,
+            }?;
+            Some((limit, p))
+        })
+        .min_by_key(|(l, _)| *l)
+}
+
+#[expect(clippy::too_many_arguments, reason = "the numbers of one budget denial")]
+fn budget_outcome(
+    kind: LimitKind,
+    reason: ReasonCode,
+    label: &str,
+    req: &ActionRequest<'_>,
+    spent: Usd,
+    cost: Usd,
+    limit: Usd,
+    policy: &Arc<str>,
+) -> Outcome {
+    let what = if kind == LimitKind::ActionBudget {
+        format!("budget for `{}`", req.action)
+    } else {
+        format!("{label} budget")
+    };
+    Outcome::deny(
+        InterventionType::BudgetExceeded,
+        reason,
+        format!("{what} exceeded: spent {spent} + this call {cost} > limit {limit} (policy `{policy}`)"),
+        policy,
+        None,
+    )
+    .with_limit(Limit {
+        kind,
+        limit: limit.as_f64(),
+        used: spent.as_f64(),
+        requested: cost.as_f64(),
+        window_seconds: None,
+        field: None,
+    })
 }
 
 fn approval_check<'p>(
@@ -1128,6 +1175,7 @@ fn approval_check<'p>(
 fn approval_spec<'p>(enforce: impl Iterator<Item = &'p CompiledPolicy>) -> ApprovalSpec {
     let mut timeout: Option<u64> = None;
     let mut approvers: Vec<String> = Vec::new();
+    let mut escalation: Option<crate::model::Escalation> = None;
     for p in enforce.filter(|p| p.has_approvals) {
         if let Some(t) = p.approval_timeout {
             timeout = Some(timeout.map_or(t, |c| c.min(t)));
@@ -1137,11 +1185,39 @@ fn approval_spec<'p>(enforce: impl Iterator<Item = &'p CompiledPolicy>) -> Appro
                 approvers.push(a.clone());
             }
         }
+        // Several policies escalate at the earliest share, to every group they name.
+        if let Some(e) = &p.escalation {
+            let merged = escalation.get_or_insert_with(|| crate::model::Escalation {
+                after_percent: e.after_percent,
+                approvers: Vec::new(),
+            });
+            merged.after_percent = merged.after_percent.min(e.after_percent);
+            for a in &e.approvers {
+                if !merged.approvers.contains(a) {
+                    merged.approvers.push(a.clone());
+                }
+            }
+        }
     }
-    ApprovalSpec { timeout_seconds: timeout, approvers }
+    ApprovalSpec { timeout_seconds: timeout, approvers, escalation }
+}
+
+/// What a human granted a call before it is decided again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Grant {
+    None,
+    /// An approval: the approval step is skipped.
+    Approved,
+    /// A resume after a pause over budget: the budgets and the approval step are skipped.
+    OverBudget,
 }
 
 /// A 64-bit digest of a JSON value that does not depend on object key order.
+/// Identifies "this action with these arguments" for loop histories, the same in every process.
+fn loop_fingerprint(action: &str, args_digest: u64) -> u64 {
+    stable_hash(&[b"loop", action.as_bytes(), &args_digest.to_le_bytes()])
+}
+
 pub fn args_digest(v: &Value) -> u64 {
     fn walk(v: &Value, h: &mut sha2::Sha256) {
         use sha2::Digest;
@@ -1184,6 +1260,206 @@ pub fn args_digest(v: &Value) -> u64 {
     let mut b = [0u8; 8];
     b.copy_from_slice(out.get(..8).unwrap_or(&[0; 8]));
     u64::from_le_bytes(b)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Counters kept elsewhere: the server on PostgreSQL keeps budgets and windows in the database so
+// that every replica agrees. It asks the policies what a call touches, checks and reserves in one
+// transaction, and words its denials through the functions below, so both authorities agree.
+
+/// A sliding window a call counts against: a rate limit, or the loop history of its arguments.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WindowCheck {
+    /// Identifies the counter across processes: the same limit and scope give the same key.
+    pub key: String,
+    pub kind: LimitKind,
+    pub max: u32,
+    pub window_ns: u64,
+    pub window_seconds: f64,
+    pub policy: Arc<str>,
+}
+
+/// The tightest budget of one kind (action, run, session) that applies to a call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BudgetCheck {
+    pub kind: LimitKind,
+    pub limit: Usd,
+    pub policy: Arc<str>,
+}
+
+/// Everything a call must be checked against in shared counters, in the order `decide` checks them:
+/// rate limits, then loops, then budgets (action, run, session).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CounterPlan {
+    pub cost: Usd,
+    pub args_digest: u64,
+    pub windows: Vec<WindowCheck>,
+    pub budgets: Vec<BudgetCheck>,
+}
+
+impl PolicySet {
+    /// The counters an enforced call touches. Errors name what is wrong with the request.
+    pub fn counter_plan(&self, req: &ActionRequest<'_>) -> Result<CounterPlan, String> {
+        let cost = validate(req)?;
+        let enforce = || self.applicable(req.agent_id, req.run_id).filter(|p| p.mode == Mode::Enforce);
+        // One check per policy's limit; several checks may share a counter (the same key), which
+        // then counts each call once.
+        let mut windows = Vec::new();
+        for p in enforce() {
+            if let Some(rl) = p.rate_limits.get(req.action) {
+                windows.push(WindowCheck {
+                    key: format!("rate:{:016x}:{}", rl.fingerprint, scope_key(rl.per, req)),
+                    kind: LimitKind::RateLimit,
+                    max: rl.max_count,
+                    window_ns: rl.window_ns,
+                    window_seconds: rl.window_seconds,
+                    policy: Arc::clone(&p.name),
+                });
+            }
+        }
+        let digest = args_digest(req.args);
+        let loop_key = || format!("loop:{:016x}:{}", loop_fingerprint(req.action, digest), req.run_id);
+        for p in enforce() {
+            if let Some((max, window_ns, window_s)) = p.loops {
+                windows.push(WindowCheck {
+                    key: loop_key(),
+                    kind: LimitKind::Loop,
+                    max,
+                    window_ns,
+                    window_seconds: window_s,
+                    policy: Arc::clone(&p.name),
+                });
+            }
+        }
+        let mut budgets = Vec::new();
+        for kind in [LimitKind::ActionBudget, LimitKind::RunBudget, LimitKind::SessionBudget] {
+            if let Some((limit, p)) = tightest_budget(enforce(), kind, req.action) {
+                budgets.push(BudgetCheck { kind, limit, policy: Arc::clone(&p.name) });
+            }
+        }
+        Ok(CounterPlan { cost, args_digest: digest, windows, budgets })
+    }
+
+    /// The longest rate-limit or loop window of any policy: how far back counters can reach.
+    pub fn max_window_ns(&self) -> u64 {
+        let all = self.global.iter().chain(self.by_agent.values().flatten()).chain(self.by_run.values().flatten());
+        all.flat_map(|p| p.rate_limits.values().map(|r| r.window_ns)).max().unwrap_or(0).max(self.max_loop_window_ns)
+    }
+
+    /// The denial for a full window: `used` calls already in it, the next slot free in `retry_after_ns`.
+    pub fn window_denial(&self, req: &ActionRequest<'_>, w: &WindowCheck, used: u64, retry_after_ns: u64) -> Decision {
+        let secs = nanos_to_secs(retry_after_ns);
+        let (reason, message) = if w.kind == LimitKind::Loop {
+            (
+                ReasonCode::LoopDetected,
+                format!(
+                    "loop detected: `{}` was already called with the same arguments {} within {}s (policy `{}`)",
+                    req.action,
+                    times(w.max),
+                    w.window_seconds,
+                    w.policy
+                ),
+            )
+        } else {
+            (
+                ReasonCode::RateLimited,
+                format!(
+                    "rate limit for `{}` reached: {} in any {}s (policy `{}`); retry after {secs:.3}s",
+                    req.action,
+                    calls(w.max),
+                    w.window_seconds,
+                    w.policy
+                ),
+            )
+        };
+        let mut o = Outcome::deny(InterventionType::RateLimited, reason, message, &w.policy, None).with_limit(Limit {
+            kind: w.kind,
+            limit: f64::from(w.max),
+            used: used as f64,
+            requested: 1.0,
+            window_seconds: Some(w.window_seconds),
+            field: None,
+        });
+        o.retry_after = Some(secs);
+        Engine::finish(self, o)
+    }
+
+    /// The denial for a budget that `spent` plus this call's cost would exceed.
+    pub fn budget_denial(&self, req: &ActionRequest<'_>, b: &BudgetCheck, spent: Usd, cost: Usd) -> Decision {
+        let (reason, label) = match b.kind {
+            LimitKind::ActionBudget => (ReasonCode::ActionBudgetExceeded, "action"),
+            LimitKind::RunBudget => (ReasonCode::RunBudgetExceeded, "run"),
+            _ => (ReasonCode::SessionBudgetExceeded, "session"),
+        };
+        Engine::finish(self, budget_outcome(b.kind, reason, label, req, spent, cost, b.limit, &b.policy))
+    }
+
+    /// The denial for a halted agent or run.
+    pub fn halt_denial(&self, target: &HaltTarget, reason: &str) -> Decision {
+        let (kind, id) = match target {
+            HaltTarget::Agent(a) => ("agent", a),
+            HaltTarget::Run(r) => ("run", r),
+        };
+        Engine::finish(
+            self,
+            Outcome {
+                verdict: Verdict::Deny,
+                intervention: Some(InterventionType::Halted),
+                reason: ReasonCode::Halted,
+                message: Cow::Owned(format!("{kind} `{id}` is halted: {reason}")),
+                policy: None,
+                rule: None,
+                limit: None,
+                retry_after: None,
+            },
+        )
+    }
+}
+
+impl Engine {
+    /// Re-applies a reservation made by an earlier process to the counters, without checking
+    /// anything: its cost and calls, and (with `at_nanos`) its rate-limit and loop slots at the time
+    /// it was made. Used to rebuild state from a database after a restart.
+    pub fn restore(
+        &self,
+        req: &ActionRequest<'_>,
+        args_digest: u64,
+        at_nanos: Option<u64>,
+        cost: Usd,
+        calls: i64,
+    ) -> Reservation {
+        let set = self.policies.load();
+        let id = self.state.next_id();
+        let mut rates: SmallVec<[Arc<Mutex<Ring>>; 2]> = SmallVec::new();
+        let mut loop_ring = None;
+        if let Some(at) = at_nanos {
+            for rl in set.applicable(req.agent_id, req.run_id).filter_map(|p| p.rate_limits.get(req.action)) {
+                let cell = self.rate_cell(rl, req);
+                if !rates.iter().any(|c| Arc::ptr_eq(c, &cell)) {
+                    cell.lock().push(at, id, rl.window_ns);
+                    rates.push(cell);
+                }
+            }
+            if set.loop_capacity > 0 && set.applicable(req.agent_id, req.run_id).any(|p| p.loops.is_some()) {
+                let cell = self.loop_cell(&set, req, args_digest);
+                {
+                    let mut g = cell.lock();
+                    g.grow_to(set.loop_capacity);
+                    g.push(at, id, set.max_loop_window_ns);
+                }
+                loop_ring = Some(cell);
+            }
+        }
+        let session = self.session_cell(req.session_id);
+        let (run_idx, action_idx) = {
+            let mut s = session.lock();
+            let r = s.run_idx(req.run_id);
+            let a = s.action_idx(req.action);
+            s.add(r, a, cost, calls);
+            (r, a)
+        };
+        Reservation { id, cost, session, run_idx, action_idx, rates, loop_ring }
+    }
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use compile::PolicySet;
 pub use counters::{ActionSpend, Reservation};
 pub use decision::{ActionRequest, Decision, InterventionType, Limit, LimitKind, ReasonCode, RiskLevel, Verdict};
-pub use engine::{Engine, HaltTarget, SpendSnapshot};
+pub use engine::{BudgetCheck, CounterPlan, Engine, HaltTarget, SpendSnapshot, WindowCheck};
 pub use guard::{Begun, CallOutcome, Guard, Logs, Permit};
 pub use ledger::{ChainWriter, LedgerError, LogOptions};
 pub use load::PolicyError;

@@ -65,6 +65,10 @@ pub struct PolicyDoc {
     pub rate_limits: BTreeMap<String, RateLimit>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approvals: Option<Approvals>,
+    /// What a call over one of this policy's budgets does: `fail` (default) or `pause` (with a
+    /// server: wait, like an approval, for a human to resume it or raise the limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_budget_exceeded: Option<OnBudgetExceeded>,
     /// Conditional rules on the action name and its arguments.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<Rule>,
@@ -97,6 +101,7 @@ impl Default for PolicyDoc {
             allowed_actions: None,
             rate_limits: BTreeMap::new(),
             approvals: None,
+            on_budget_exceeded: None,
             rules: Vec::new(),
             default_action: None,
             anomaly: None,
@@ -117,6 +122,7 @@ impl PolicyDoc {
             || self.allowed_actions.is_some()
             || !self.rate_limits.is_empty()
             || self.approvals.is_some()
+            || self.on_budget_exceeded.is_some()
             || !self.rules.is_empty()
             || self.default_action.is_some()
             || self.anomaly.is_some()
@@ -178,6 +184,10 @@ struct PolicyDocRepr {
     rate_limits: BTreeMap<String, RateLimit>,
     #[serde(default)]
     approvals: Option<Approvals>,
+    /// What a call over one of this policy's budgets does: `fail` (default) or `pause` (with a
+    /// server: wait, like an approval, for a human to resume it or raise the limit).
+    #[serde(default)]
+    on_budget_exceeded: Option<OnBudgetExceeded>,
     /// Conditional rules on the action name and its arguments.
     #[serde(default)]
     rules: Vec<Rule>,
@@ -261,6 +271,7 @@ impl TryFrom<PolicyDocRepr> for PolicyDoc {
             allowed_actions: r.allowed_actions,
             rate_limits: r.rate_limits,
             approvals: r.approvals,
+            on_budget_exceeded: r.on_budget_exceeded,
             rules: r.rules,
             default_action: r.default_action,
             anomaly: r.anomaly,
@@ -305,6 +316,18 @@ pub enum Mode {
     #[default]
     Enforce,
     Shadow,
+}
+
+/// What a call over a budget does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OnBudgetExceeded {
+    /// Deny the call (`BudgetExceededError`).
+    #[default]
+    Fail,
+    /// With a server as the authority: hold the call, like an approval, until a human resumes it
+    /// (it then runs once, over the budget) or raises the limit; a local engine fails as with `fail`.
+    Pause,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -411,6 +434,25 @@ pub struct Approvals {
     /// Who may decide (emails or identities).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub approvers: Vec<String>,
+    /// The next approver group: notified, and allowed to decide, when a request is still
+    /// undecided after `after_percent` of its timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub escalation: Option<Escalation>,
+}
+
+/// Who is asked next when the first approvers have not decided in time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Escalation {
+    /// The share of the timeout after which the group is notified, in (0, 100). Default 50.
+    #[serde(default = "half")]
+    pub after_percent: f64,
+    /// Emails or identities, as in `approvers`.
+    pub approvers: Vec<String>,
+}
+
+fn half() -> f64 {
+    50.0
 }
 
 /// A conditional rule: a glob on the action name, and conditions on its arguments (all must hold).

@@ -268,7 +268,7 @@ impl Stop {
         self.decision
             .approval
             .as_ref()
-            .map(|ApprovalSpec { timeout_seconds, approvers }| (*timeout_seconds, approvers.clone()))
+            .map(|ApprovalSpec { timeout_seconds, approvers, .. }| (*timeout_seconds, approvers.clone()))
     }
     /// The call's arguments, by parameter name (as the rules saw them).
     #[getter]

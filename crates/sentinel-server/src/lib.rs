@@ -2,14 +2,23 @@
 //! socket); `run(config)` opens the store, bootstraps the first admin key and serves until asked
 //! to stop.
 //!
-//! Implemented so far: health and readiness, API keys (HMAC-SHA256 at rest, scopes, batched
-//! "last used"), `users/me`, and policies with validation, versions, diffs and history.
+//! Health and readiness, Prometheus metrics, the OpenAPI document, API keys (HMAC-SHA256 at rest,
+//! scopes, batched "last used"), `users/me`, policies with validation, versions, diffs, history and
+//! sync, central decisions with reservations and halts ([`central`]), and ingest with the
+//! interventions and agents read back from it ([`ingest`]).
+
+pub mod approvals;
+pub mod central;
+pub mod ingest;
+pub mod journal;
+pub mod links;
+pub mod notify;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{FromRequestParts, Path as UrlPath, State};
@@ -19,8 +28,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use hmac::{KeyInit, Mac};
-use parking_lot::Mutex;
-use sentinel_core::{PolicyDoc, PolicySet};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use parking_lot::{Mutex, RwLock};
+use sentinel_core::{Engine, PolicyDoc, PolicySet};
 use sentinel_store::{ApiKey, NewApiKey, Scope, Store, StoreError, StoredPolicy};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -40,6 +50,13 @@ pub struct Config {
     pub database_url: Option<String>,
     pub listen: SocketAddr,
     pub request_timeout: Duration,
+    /// The key-hashing secret; default `<data_dir>/server-secret`, created on first start. Every
+    /// replica of a fleet must use the same one.
+    pub secret_file: Option<PathBuf>,
+    /// Origins allowed to call the API from a browser. Empty (the default) sends no CORS headers.
+    pub cors_origins: Vec<String>,
+    /// Email, webhook targets and approval links.
+    pub notify: notify::NotifyConfig,
 }
 
 impl Config {
@@ -61,7 +78,29 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("the stored policies cannot be used: {}", .0.detail)]
+    Policies(ApiError),
+    #[error(
+        "another `sentinel serve` already uses `{0}`; a SQLite database has one server (use PostgreSQL for several)"
+    )]
+    Locked(PathBuf),
+    #[error(
+        "this server's secret (`{0}`) differs from the one the database was set up with, so no API key would work; \
+         give every replica the same secret file (copy `server-secret` from the first replica's data directory, or pass --secret-file)"
+    )]
+    SecretMismatch(PathBuf),
+    #[error("invalid CORS origin `{0}`; give a full origin such as https://console.example.com")]
+    Cors(String),
+    #[error(transparent)]
+    Notify(#[from] notify::NotifyError),
 }
+
+/// How long an authenticated key is trusted without asking the database again. Changes made on
+/// this server apply at once; changes made on another replica apply within this time.
+pub const KEY_CACHE_TTL: Duration = Duration::from_secs(1);
+
+/// Authenticated keys by hash, with when they were read.
+type KeyCache = HashMap<Vec<u8>, (Arc<ApiKey>, Instant)>;
 
 /// Shared by every request.
 #[derive(Clone)]
@@ -70,11 +109,170 @@ pub struct AppState {
     secret: Arc<[u8]>,
     /// Keys used since the last flush, with when; written in one batch, never per request.
     touches: Arc<Mutex<HashMap<String, i64>>>,
+    /// Recently authenticated keys by hash.
+    keys: Arc<RwLock<KeyCache>>,
+    engine: Arc<Engine>,
+    pub(crate) authority: Arc<central::Authority>,
+    pub(crate) activity: Arc<central::Activity>,
+    /// What the stored policies looked like when they were last compiled.
+    policy_mark: Arc<Mutex<(i64, i64)>>,
+    /// Wakes long-polls when an approval is decided on this server.
+    pub(crate) approvals_changed: Arc<tokio::sync::Notify>,
+    /// Set when the server begins to stop: long-polls answer at once, so shutdown never waits on them.
+    pub(crate) shutting_down: Arc<std::sync::atomic::AtomicBool>,
+    /// The longest a long-poll is held, kept below the request timeout.
+    pub long_poll_max: Duration,
+    pub(crate) notifier: Arc<notify::Notifier>,
+    /// The stored policies' alert settings, refreshed with the policies.
+    pub(crate) alerts: Arc<RwLock<notify::PolicyAlerts>>,
+}
+
+/// The process's Prometheus recorder (installed once, shared by every server in the process).
+pub fn prometheus() -> Option<&'static PrometheusHandle> {
+    static PROM: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    PROM.get_or_init(|| {
+        let buckets = [0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
+        PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
+            .ok()?
+            .install_recorder()
+            .ok()
+    })
+    .as_ref()
+}
+
+/// The enabled stored policies, as core documents (alert settings are the server's, not the engine's).
+async fn stored_docs(store: &Store) -> Result<Vec<PolicyDoc>, ApiError> {
+    let mut docs = Vec::new();
+    for p in store.list_policies().await? {
+        let mut body = p.body;
+        if let Value::Object(m) = &mut body {
+            m.remove("alerts");
+        }
+        let doc: PolicyDoc = serde_json::from_value(body)
+            .map_err(|e| ApiError::internal(format!("stored policy `{}` no longer parses: {e}", p.name)))?;
+        docs.push(doc);
+    }
+    Ok(docs)
+}
+
+/// The alert settings of the enabled policies, by name, with the agent an agent-scoped policy is for.
+async fn policy_alerts(store: &Store) -> Result<notify::PolicyAlerts, ApiError> {
+    let mut out = notify::PolicyAlerts::default();
+    for p in store.list_policies().await? {
+        let enabled = p.body.get("enabled").and_then(Value::as_bool).unwrap_or(true);
+        let Some(a) = p.body.get("alerts").cloned().and_then(|a| serde_json::from_value::<Alerts>(a).ok()) else {
+            continue;
+        };
+        if !enabled {
+            continue;
+        }
+        // Global policies apply to every agent (`None`); a run-scoped one to no agent as a whole.
+        let agent = match p.body.get("scope").and_then(Value::as_str) {
+            Some("agent") => p.body.get("agent_id").and_then(Value::as_str).map(str::to_string),
+            Some("run") => Some(String::new()),
+            _ => None,
+        };
+        out.by_policy.insert(p.name, (a, agent));
+    }
+    Ok(out)
+}
+
+fn compile_docs(docs: Vec<PolicyDoc>) -> Result<PolicySet, ApiError> {
+    PolicySet::compile(docs).map_err(|e| {
+        ApiError::internal(format!(
+            "stored policies do not compile together: {}",
+            e.first().map(|x| x.message.clone()).unwrap_or_default()
+        ))
+    })
 }
 
 impl AppState {
-    pub fn new(store: Store, secret: Vec<u8>) -> Self {
-        AppState { store, secret: secret.into(), touches: Arc::default() }
+    /// Builds the state over an open store: compiles the stored policies and, on SQLite, rebuilds
+    /// the decision counters from the database.
+    pub async fn open(store: Store, secret: Vec<u8>) -> Result<Self, ServerError> {
+        Self::open_with(store, secret, notify::NotifyConfig::default()).await
+    }
+
+    /// As [`AppState::open`], with how notifications are sent.
+    pub async fn open_with(
+        store: Store,
+        secret: Vec<u8>,
+        notify_cfg: notify::NotifyConfig,
+    ) -> Result<Self, ServerError> {
+        prometheus();
+        let notifier = Arc::new(notify::Notifier::new(notify_cfg, &secret)?);
+        let alerts = policy_alerts(&store).await.map_err(ServerError::Policies)?;
+        let mark = store.policy_mark().await?;
+        let set =
+            compile_docs(stored_docs(&store).await.map_err(ServerError::Policies)?).map_err(ServerError::Policies)?;
+        let engine = Arc::new(Engine::new(set));
+        let authority = central::Authority::open(&store, &engine).await?;
+        let activity = Arc::new(central::Activity::default());
+        store.spawn_checkpointer();
+        let state = AppState {
+            store,
+            secret: secret.into(),
+            touches: Arc::default(),
+            keys: Arc::default(),
+            engine,
+            authority: Arc::new(authority),
+            activity,
+            policy_mark: Arc::new(Mutex::new(mark)),
+            approvals_changed: Arc::default(),
+            shutting_down: Arc::default(),
+            long_poll_max: Duration::from_secs(25),
+            notifier,
+            alerts: Arc::default(),
+        };
+        state.set_alerts(alerts);
+        central::spawn_activity(state.clone());
+        Ok(state)
+    }
+
+    /// Starts delivering notifications (and escalating approvals, and checking budget thresholds).
+    pub fn spawn_notifications(&self) -> tokio::task::JoinHandle<()> {
+        notify::spawn_dispatcher(self.clone())
+    }
+
+    pub fn notifier(&self) -> &notify::Notifier {
+        &self.notifier
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// Recompiles the stored policies if they changed (here or on another replica).
+    pub async fn reload_policies(&self) -> Result<bool, ApiError> {
+        let mark = self.store.policy_mark().await?;
+        if *self.policy_mark.lock() == mark {
+            return Ok(false);
+        }
+        let set = compile_docs(stored_docs(&self.store).await?)?;
+        tracing::info!(version = %set.version(), "policies reloaded");
+        self.engine.replace_policies(set);
+        self.set_alerts(policy_alerts(&self.store).await?);
+        // A raised limit ends the pauses it now covers.
+        let s = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = approvals::resolve_pauses(&s).await {
+                tracing::warn!(error = %e.detail, "cannot re-check paused calls");
+            }
+        });
+        *self.policy_mark.lock() = mark;
+        Ok(true)
+    }
+
+    /// Installs the policies' alert settings; decisions note their spend only if some policy has a threshold.
+    fn set_alerts(&self, alerts: notify::PolicyAlerts) {
+        let any = alerts.by_policy.values().any(|(a, _)| a.threshold_percent.is_some());
+        self.notifier.thresholds_on.store(any, std::sync::atomic::Ordering::Relaxed);
+        *self.alerts.write() = alerts;
+    }
+
+    fn forget_keys(&self) {
+        self.keys.write().clear();
     }
 
     /// The stored form of a key: HMAC-SHA256 under the server secret.
@@ -137,14 +335,21 @@ impl ApiError {
     pub fn new(status: StatusCode, title: &'static str, detail: impl Into<String>) -> Self {
         ApiError { status, title, detail: detail.into(), errors: Vec::new() }
     }
+    pub(crate) fn unavailable(detail: &str) -> Self {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "Unavailable", detail)
+    }
     fn invalid(detail: impl Into<String>, errors: Vec<FieldError>) -> Self {
         ApiError { status: StatusCode::UNPROCESSABLE_ENTITY, title: "Invalid request", detail: detail.into(), errors }
     }
-    fn field(path: &str, message: impl Into<String>) -> Self {
+    pub(crate) fn field(path: &str, message: impl Into<String>) -> Self {
         let message = message.into();
         Self::invalid(format!("`{path}`: {message}"), vec![FieldError { path: path.into(), message }])
     }
-    fn internal(detail: String) -> Self {
+    /// A 422 for `field`, whose `value` is not among `allowed`.
+    pub(crate) fn not_one_of(field: &str, value: &str, allowed: &[&str]) -> Self {
+        Self::field(field, format!("`{value}` is not one of {}", allowed.join(", ")))
+    }
+    pub(crate) fn internal(detail: String) -> Self {
         tracing::error!(%detail, "internal error");
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Internal error", "the server failed; see its log")
     }
@@ -244,13 +449,44 @@ impl<S: Send + Sync, T: DeserializeOwned> axum::extract::FromRequest<S> for ApiJ
 
 /// The authenticated caller.
 #[derive(Debug, Clone)]
-pub struct Caller(pub ApiKey);
+pub struct Caller(pub Arc<ApiKey>);
 
 impl Caller {
-    fn actor(&self) -> String {
+    pub(crate) fn actor(&self) -> String {
         format!("key:{} ({})", self.0.prefix, self.0.name)
     }
-    fn require(&self, allowed: &[Scope]) -> Result<(), ApiError> {
+    /// Only an `agent` key is restricted: to its own agent's data and calls.
+    pub(crate) fn may_act_for(&self, agent: &str) -> bool {
+        self.0.agent_id.as_deref().is_none_or(|own| own == agent)
+    }
+
+    /// 403, naming `what` and its agent, unless this caller may act for `agent`.
+    pub(crate) fn must_own(&self, what: &str, agent: &str) -> Result<(), ApiError> {
+        match self.0.agent_id.as_deref() {
+            Some(own) if own != agent => Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                format!("{what} belongs to agent `{agent}`; this key is bound to `{own}`"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The agent a request is about: an agent key's own (asking for another is 403), else the one asked for.
+    pub(crate) fn agent_scope(&self, asked: Option<&str>) -> Result<Option<String>, ApiError> {
+        if let (Some(own), Some(a)) = (self.0.agent_id.as_deref(), asked)
+            && own != a
+        {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                format!("this key is bound to agent `{own}`, not `{a}`"),
+            ));
+        }
+        Ok(self.0.agent_id.clone().or_else(|| asked.map(str::to_string)))
+    }
+
+    pub(crate) fn require(&self, allowed: &[Scope]) -> Result<(), ApiError> {
         if allowed.contains(&self.0.scope) {
             Ok(())
         } else {
@@ -283,13 +519,36 @@ impl FromRequestParts<AppState> for Caller {
             .or_else(|| parts.headers.get("x-api-key").and_then(|v| v.to_str().ok()))
             .map(str::trim)
             .ok_or_else(|| unauthorized("send an API key as `Authorization: Bearer as_…` or `X-API-Key: as_…`"))?;
-        let Some(key) = state.store.key_by_hash(&state.hash_key(token)).await? else {
-            return Err(unauthorized("the API key is not valid"));
+        let hash = state.hash_key(token);
+        let cached =
+            state.keys.read().get(&hash).filter(|(_, at)| at.elapsed() < KEY_CACHE_TTL).map(|(k, _)| k.clone());
+        let key = match cached {
+            Some(k) => k,
+            None => {
+                let Some(key) = state.store.key_by_hash(&hash).await? else {
+                    return Err(unauthorized("the API key is not valid"));
+                };
+                let key = Arc::new(key);
+                let mut w = state.keys.write();
+                if w.len() > 10_000 {
+                    w.clear();
+                }
+                w.insert(hash, (Arc::clone(&key), Instant::now()));
+                key
+            }
         };
         if !key.active {
             return Err(unauthorized("the API key is deactivated"));
         }
-        state.touches.lock().insert(key.id.clone(), sentinel_store::now_ms());
+        let now = sentinel_store::now_ms();
+        let mut t = state.touches.lock();
+        match t.get_mut(&key.id) {
+            Some(at) => *at = now,
+            None => {
+                t.insert(key.id.clone(), now);
+            }
+        }
+        drop(t);
         Ok(Caller(key))
     }
 }
@@ -297,10 +556,12 @@ impl FromRequestParts<AppState> for Caller {
 // ---------------------------------------------------------------------------------------------
 // Handlers
 
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "Alive")))]
 async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
+#[utoipa::path(get, path = "/readyz", tag = "operations", responses((status = 200, description = "The database answers"), (status = 503)))]
 async fn readyz(State(s): State<AppState>) -> Response {
     match s.store.ping().await {
         Ok(()) => Json(json!({"status": "ready", "database": s.store.backend()})).into_response(),
@@ -311,21 +572,25 @@ async fn readyz(State(s): State<AppState>) -> Response {
     }
 }
 
+#[utoipa::path(get, path = "/api/v1/users/me", tag = "keys", responses((status = 200, description = "The calling key"), (status = 401)))]
 async fn me(caller: Caller) -> Json<Value> {
     let k = caller.0;
     Json(json!({"key_id": k.id, "prefix": k.prefix, "name": k.name, "scope": k.scope, "agent_id": k.agent_id}))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewKeyBody {
     #[serde(default)]
     name: String,
+    /// `admin`, `agent` (needs `agent_id`) or `readonly`.
+    #[schema(value_type = String)]
     scope: Scope,
     #[serde(default)]
     agent_id: Option<String>,
 }
 
+#[utoipa::path(post, path = "/api/v1/keys", request_body = NewKeyBody, tag = "keys", responses((status = 201, description = "The key, with its plaintext shown once"), (status = 403)))]
 async fn create_key(
     State(s): State<AppState>,
     caller: Caller,
@@ -351,6 +616,7 @@ async fn create_key(
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
+#[utoipa::path(get, path = "/api/v1/keys", tag = "keys", responses((status = 200, description = "Keys: prefix, name, scope, created, last used, active")))]
 async fn list_keys(State(s): State<AppState>, caller: Caller) -> Result<Json<Vec<ApiKey>>, ApiError> {
     caller.require(&[Scope::Admin])?;
     s.flush_touches().await?;
@@ -360,9 +626,11 @@ async fn list_keys(State(s): State<AppState>, caller: Caller) -> Result<Json<Vec
 async fn set_active(s: &AppState, caller: &Caller, id: &str, active: bool) -> Result<Json<Value>, ApiError> {
     caller.require(&[Scope::Admin])?;
     s.store.set_key_active(id, active).await?;
+    s.forget_keys();
     Ok(Json(json!({"id": id, "active": active})))
 }
 
+#[utoipa::path(post, path = "/api/v1/keys/{id}/activate", tag = "keys", responses((status = 200), (status = 404)))]
 async fn activate_key(
     State(s): State<AppState>,
     caller: Caller,
@@ -371,6 +639,7 @@ async fn activate_key(
     set_active(&s, &caller, &id, true).await
 }
 
+#[utoipa::path(post, path = "/api/v1/keys/{id}/deactivate", tag = "keys", responses((status = 200), (status = 404)))]
 async fn deactivate_key(
     State(s): State<AppState>,
     caller: Caller,
@@ -379,6 +648,7 @@ async fn deactivate_key(
     set_active(&s, &caller, &id, false).await
 }
 
+#[utoipa::path(delete, path = "/api/v1/keys/{id}", tag = "keys", responses((status = 204), (status = 404)))]
 async fn delete_key(
     State(s): State<AppState>,
     caller: Caller,
@@ -386,6 +656,7 @@ async fn delete_key(
 ) -> Result<StatusCode, ApiError> {
     caller.require(&[Scope::Admin])?;
     s.store.delete_key(&id).await?;
+    s.forget_keys();
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -453,6 +724,7 @@ fn policy_json(p: StoredPolicy) -> Value {
     v
 }
 
+#[utoipa::path(post, path = "/api/v1/policies", tag = "policies", request_body(content = Object, description = "A policy document (the policy file format, as JSON) with a unique `name`, plus `alerts`"), responses((status = 201, description = "Created, version 1"), (status = 409), (status = 422)))]
 async fn create_policy(
     State(s): State<AppState>,
     caller: Caller,
@@ -461,14 +733,17 @@ async fn create_policy(
     caller.require(&[Scope::Admin])?;
     let (name, stored) = validate_policy(body)?;
     let p = s.store.create_policy(&name, &stored, &caller.actor()).await?;
+    s.reload_policies().await?;
     Ok((StatusCode::CREATED, Json(policy_json(p))).into_response())
 }
 
+#[utoipa::path(get, path = "/api/v1/policies", tag = "policies", responses((status = 200)))]
 async fn list_policies(State(s): State<AppState>, caller: Caller) -> Result<Json<Vec<Value>>, ApiError> {
     caller.require(&[Scope::Admin, Scope::Readonly])?;
     Ok(Json(s.store.list_policies().await?.into_iter().map(policy_json).collect()))
 }
 
+#[utoipa::path(get, path = "/api/v1/policies/{id}", tag = "policies", responses((status = 200), (status = 404)))]
 async fn get_policy(
     State(s): State<AppState>,
     caller: Caller,
@@ -483,6 +758,7 @@ struct UpdateQuery {
     expected_version: Option<i64>,
 }
 
+#[utoipa::path(put, path = "/api/v1/policies/{id}", tag = "policies", params(("expected_version" = Option<i64>, Query, description = "Refuse the update unless the policy is at this version")), request_body(content = Object), responses((status = 200, description = "The new version"), (status = 409), (status = 422)))]
 async fn update_policy(
     State(s): State<AppState>,
     caller: Caller,
@@ -493,9 +769,11 @@ async fn update_policy(
     caller.require(&[Scope::Admin])?;
     let (name, stored) = validate_policy(body)?;
     let p = s.store.update_policy(&id, &name, &stored, &caller.actor(), q.expected_version).await?;
+    s.reload_policies().await?;
     Ok(Json(policy_json(p)))
 }
 
+#[utoipa::path(delete, path = "/api/v1/policies/{id}", tag = "policies", responses((status = 204), (status = 404)))]
 async fn delete_policy(
     State(s): State<AppState>,
     caller: Caller,
@@ -503,9 +781,11 @@ async fn delete_policy(
 ) -> Result<StatusCode, ApiError> {
     caller.require(&[Scope::Admin])?;
     s.store.delete_policy(&id, &caller.actor()).await?;
+    s.reload_policies().await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(get, path = "/api/v1/policies/{id}/history", tag = "policies", responses((status = 200, description = "Every version: who, when, and the diff")))]
 async fn policy_history(
     State(s): State<AppState>,
     caller: Caller,
@@ -524,6 +804,7 @@ struct SyncQuery {
 
 /// The enabled policies that apply to an agent and run (global, the agent's, the run's), with an
 /// ETag over their content; `If-None-Match` with the same tag gets 304. An agent key reads only its own.
+#[utoipa::path(get, path = "/api/v1/policies/sync", tag = "policies", params(("agent_id" = Option<String>, Query), ("run_id" = Option<String>, Query)), responses((status = 200, description = "The policies that apply, with an ETag"), (status = 304, description = "Unchanged since If-None-Match")))]
 async fn policy_sync(
     State(s): State<AppState>,
     caller: Caller,
@@ -531,41 +812,20 @@ async fn policy_sync(
     headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
     caller.require(&[Scope::Admin, Scope::Readonly, Scope::Agent])?;
-    let agent = match (&caller.0.agent_id, q.agent_id) {
-        (Some(own), Some(asked)) if *own != asked => {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "Forbidden",
-                format!("this key is bound to agent `{own}`, not `{asked}`"),
-            ));
-        }
-        (Some(own), _) => Some(own.clone()),
-        (None, asked) => asked,
-    };
-    let mut docs = Vec::new();
-    for p in s.store.list_policies().await? {
-        let mut body = p.body;
-        if let Value::Object(m) = &mut body {
-            m.remove("alerts");
-        }
-        let doc: PolicyDoc = serde_json::from_value(body)
-            .map_err(|e| ApiError::internal(format!("stored policy `{}` no longer parses: {e}", p.name)))?;
-        let applies = doc.enabled
-            && match doc.scope {
-                sentinel_core::model::Scope::Global => true,
-                sentinel_core::model::Scope::Agent => doc.agent_id.is_some() && doc.agent_id == agent,
-                sentinel_core::model::Scope::Run => doc.run_id.is_some() && doc.run_id == q.run_id,
-            };
-        if applies {
-            docs.push(doc);
-        }
-    }
-    let set = PolicySet::compile(docs.clone()).map_err(|e| {
-        ApiError::internal(format!(
-            "stored policies do not compile together: {}",
-            e.first().map(|x| x.message.clone()).unwrap_or_default()
-        ))
-    })?;
+    let agent = caller.agent_scope(q.agent_id.as_deref())?;
+    let docs: Vec<PolicyDoc> = stored_docs(&s.store)
+        .await?
+        .into_iter()
+        .filter(|doc| {
+            doc.enabled
+                && match doc.scope {
+                    sentinel_core::model::Scope::Global => true,
+                    sentinel_core::model::Scope::Agent => doc.agent_id.is_some() && doc.agent_id == agent,
+                    sentinel_core::model::Scope::Run => doc.run_id.is_some() && doc.run_id == q.run_id,
+                }
+        })
+        .collect();
+    let set = compile_docs(docs.clone())?;
     let etag = format!("\"{}\"", set.version());
     let not_modified = headers
         .get(header::IF_NONE_MATCH)
@@ -578,6 +838,57 @@ async fn policy_sync(
     let body = json!({"version": set.version(), "agent_id": agent, "run_id": q.run_id, "policies": docs});
     Ok(([(header::ETAG, tag), (header::CACHE_CONTROL, HeaderValue::from_static("no-cache"))], Json(body))
         .into_response())
+}
+
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, description = "Prometheus text format")))]
+async fn metrics_text() -> Response {
+    match prometheus() {
+        Some(h) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], h.render()).into_response(),
+        None => ApiError::unavailable("metrics are not available in this process").into_response(),
+    }
+}
+
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "Agent Sentinel", description = "The runtime authority for autonomous AI agents."),
+    paths(
+        healthz, readyz, metrics_text, me, create_key, list_keys, activate_key, deactivate_key, delete_key,
+        create_policy, list_policies, get_policy, update_policy, delete_policy, policy_history, policy_sync,
+        central::decide, central::settle, central::create_halt, central::delete_halt, central::list_halts,
+        ingest::ingest_ledger, ingest::ingest_event, ingest::list_interventions, ingest::intervention_stats,
+        ingest::get_intervention, ingest::list_agents, ingest::get_agent, ingest::list_findings, ingest::list_streams,
+        approvals::list, approvals::get, approvals::approve, approvals::reject, approvals::wait,
+        notify::list_messages, notify::get_message, notify::retry_message, notify::create_channel,
+        notify::list_channels, notify::get_channel, notify::update_channel, notify::delete_channel,
+        notify::test_channel, notify::test_policy_alert,
+    ),
+    components(schemas(NewKeyBody, central::DecideBody, central::SettleBody, central::HaltBody, central::ReservationOut,
+        ingest::LedgerBatch, ingest::EventBody, approvals::DecisionBody, notify::ChannelBody)),
+    modifiers(&SecurityAddon),
+)]
+struct ApiDoc;
+
+struct SecurityAddon;
+
+impl utoipa::Modify for SecurityAddon {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{ApiKey as Key, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let c = openapi.components.get_or_insert_with(Default::default);
+        c.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        c.add_security_scheme("x-api-key", SecurityScheme::ApiKey(Key::Header(ApiKeyValue::new("X-API-Key"))));
+    }
+}
+
+/// The OpenAPI document, generated from the handlers' annotations and types.
+pub fn openapi_doc() -> utoipa::openapi::OpenApi {
+    <ApiDoc as utoipa::OpenApi>::openapi()
+}
+
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(openapi_doc())
 }
 
 async fn not_found() -> ApiError {
@@ -599,10 +910,43 @@ pub fn app_with_timeout(state: AppState, timeout: Duration) -> Router {
         .route("/policies", post(create_policy).get(list_policies))
         .route("/policies/sync", get(policy_sync))
         .route("/policies/{id}", get(get_policy).put(update_policy).delete(delete_policy))
-        .route("/policies/{id}/history", get(policy_history));
+        .route("/policies/{id}/history", get(policy_history))
+        .route("/decide", post(central::decide))
+        .route("/settle", post(central::settle))
+        .route("/halts", post(central::create_halt).get(central::list_halts).delete(central::delete_halt))
+        .route(
+            "/ledger",
+            post(ingest::ingest_ledger).layer(axum::extract::DefaultBodyLimit::max(ingest::INGEST_BODY_LIMIT)),
+        )
+        .route("/ledger/streams", get(ingest::list_streams))
+        .route("/events", post(ingest::ingest_event))
+        .route("/interventions", get(ingest::list_interventions))
+        .route("/interventions/stats", get(ingest::intervention_stats))
+        .route("/interventions/{id}", get(ingest::get_intervention))
+        .route("/agents", get(ingest::list_agents))
+        .route("/agents/{id}", get(ingest::get_agent))
+        .route("/findings", get(ingest::list_findings))
+        .route("/approvals", get(approvals::list))
+        .route("/approvals/{id}", get(approvals::get))
+        .route("/approvals/{id}/approve", post(approvals::approve))
+        .route("/approvals/{id}/reject", post(approvals::reject))
+        .route("/approvals/{id}/wait", get(approvals::wait))
+        .route("/notifications", get(notify::list_messages))
+        .route("/notifications/channels", post(notify::create_channel).get(notify::list_channels))
+        .route(
+            "/notifications/channels/{id}",
+            get(notify::get_channel).put(notify::update_channel).delete(notify::delete_channel),
+        )
+        .route("/notifications/channels/{id}/test", post(notify::test_channel))
+        .route("/notifications/{id}", get(notify::get_message))
+        .route("/notifications/{id}/retry", post(notify::retry_message))
+        .route("/policies/{id}/test-alert", post(notify::test_policy_alert))
+        .route("/openapi.json", get(openapi));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .route("/approve/{token}", get(links::show).post(links::decide))
         .nest("/api/v1", api)
         .fallback(not_found)
         .with_state(state)
@@ -616,8 +960,7 @@ pub fn app_with_timeout(state: AppState, timeout: Duration) -> Router {
 // Running
 
 /// Reads the server secret, creating it (mode 0600) on first start.
-fn load_secret(dir: &Path) -> Result<Vec<u8>, ServerError> {
-    let path = dir.join("server-secret");
+fn load_secret(path: PathBuf) -> Result<Vec<u8>, ServerError> {
     match std::fs::read(&path) {
         Ok(b) if b.len() >= 32 => return Ok(b),
         Ok(_) => {}
@@ -680,15 +1023,57 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         source,
     })?;
     let store = Store::open(&config.database_url()).await?;
-    let state = AppState::new(store.clone(), load_secret(&config.data_dir)?);
+    // A SQLite database is decided in this process's memory, so only one server may own it.
+    let _lock = if store.backend() == sentinel_store::Backend::Sqlite {
+        let path = config.data_dir.join("serve.lock");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| ServerError::Io { what: "cannot create", path: path.clone(), source })?;
+        match f.try_lock() {
+            Ok(()) => Some(f),
+            Err(std::fs::TryLockError::WouldBlock) => return Err(ServerError::Locked(config.data_dir.clone())),
+            Err(std::fs::TryLockError::Error(source)) => {
+                return Err(ServerError::Io { what: "cannot lock", path, source });
+            }
+        }
+    } else {
+        None
+    };
+    let secret_path = config.secret_file.clone().unwrap_or_else(|| config.data_dir.join("server-secret"));
+    let secret = load_secret(secret_path.clone())?;
+    if store.backend() == sentinel_store::Backend::Sqlite {
+        // One server owns a SQLite database: leases left by a previous run are stale.
+        store.release_leases().await?;
+    }
+    let mut state = AppState::open_with(store.clone(), secret, config.notify.clone()).await?;
+    state.long_poll_max = config
+        .request_timeout
+        .saturating_sub(Duration::from_secs(2))
+        .clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let check = hex::encode(state.hash_key("sentinel secret check"));
+    if store.agree_meta("secret_check", &check).await? != check {
+        return Err(ServerError::SecretMismatch(secret_path));
+    }
     bootstrap(&state, &config.data_dir).await?;
+    central::spawn_sweeper(state.clone());
     let flusher = {
         let s = state.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut n = 0u64;
             loop {
                 tick.tick().await;
-                if let Err(e) = s.flush_touches().await {
+                n += 1;
+                // Policies changed on another replica are picked up within a second.
+                if let Err(e) = s.reload_policies().await {
+                    tracing::warn!(error = %e.detail, "cannot reload policies");
+                }
+                if n.is_multiple_of(5)
+                    && let Err(e) = s.flush_touches().await
+                {
                     tracing::warn!(error = %e, "cannot record key use");
                 }
             }
@@ -698,13 +1083,49 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         .await
         .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
     let addr = listener.local_addr().unwrap_or(config.listen);
+    state.notifier.set_listen_url(format!("http://{addr}"));
+    let dispatcher = state.spawn_notifications();
     tracing::info!(%addr, database = ?store.backend(), "listening");
     eprintln!("sentinel serve: listening on http://{addr} ({:?} database)", store.backend());
-    axum::serve(listener, app_with_timeout(state.clone(), config.request_timeout))
-        .with_graceful_shutdown(shutdown_signal())
+    let mut router = app_with_timeout(state.clone(), config.request_timeout);
+    if !config.cors_origins.is_empty() {
+        let origins = config
+            .cors_origins
+            .iter()
+            .map(|o| HeaderValue::from_str(o).map_err(|_| ServerError::Cors(o.clone())))
+            .collect::<Result<Vec<_>, _>>()?;
+        router = router.layer(
+            tower_http::cors::CorsLayer::new()
+                .allow_origin(origins)
+                .allow_methods([
+                    axum::http::Method::GET,
+                    axum::http::Method::POST,
+                    axum::http::Method::PUT,
+                    axum::http::Method::DELETE,
+                ])
+                .allow_headers([
+                    header::AUTHORIZATION,
+                    header::CONTENT_TYPE,
+                    header::HeaderName::from_static("x-api-key"),
+                ]),
+        );
+    }
+    axum::serve(listener, router)
+        .with_graceful_shutdown({
+            let s = state.clone();
+            async move {
+                shutdown_signal().await;
+                s.shutting_down.store(true, std::sync::atomic::Ordering::SeqCst);
+                s.approvals_changed.notify_waiters();
+            }
+        })
         .await
         .map_err(|source| ServerError::Bind { addr, source })?;
     flusher.abort();
+    let _ = tokio::time::timeout(Duration::from_secs(5), dispatcher).await;
+    let left = state.activity.flush(&state.store).await;
+    notify::interventions(&state, &left).await;
+    state.authority.fold_now(&state.store).await;
     if let Err(e) = state.flush_touches().await {
         tracing::warn!(error = %e, "cannot record key use at shutdown");
     }

@@ -1,84 +1,14 @@
 //! The HTTP API in-process (`app(state).oneshot(...)`), on SQLite and on PostgreSQL.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
-use std::future::Future;
-
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use http_body_util::BodyExt;
-use sentinel_server::{AppState, app, bootstrap};
-use sentinel_store::Store;
+use sentinel_server::app;
 use serde_json::{Value, json};
-use sqlx::Connection;
 use tower::ServiceExt;
 
-struct Env {
-    state: AppState,
-    admin: String,
-    dir: tempfile::TempDir,
-}
-
-impl Env {
-    async fn call(
-        &self,
-        method: &str,
-        uri: &str,
-        key: Option<&str>,
-        body: Option<Value>,
-    ) -> (StatusCode, Value, String) {
-        let mut req = Request::builder().method(method).uri(uri);
-        if let Some(k) = key {
-            req = req.header("authorization", format!("Bearer {k}"));
-        }
-        let req = match body {
-            Some(b) => req.header("content-type", "application/json").body(Body::from(b.to_string())).unwrap(),
-            None => req.body(Body::empty()).unwrap(),
-        };
-        let resp = app(self.state.clone()).oneshot(req).await.unwrap();
-        let status = resp.status();
-        let ctype = resp.headers().get("content-type").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
-        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        let v = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()))
-        };
-        (status, v, ctype)
-    }
-}
-
-async fn env_on(url: &str) -> Env {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(url).await.unwrap();
-    let state = AppState::new(store, b"test-secret-test-secret-test-secret".to_vec());
-    let path = bootstrap(&state, dir.path()).await.unwrap().expect("first start creates a key");
-    let admin = std::fs::read_to_string(&path).unwrap().trim().to_string();
-    use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-    assert!(bootstrap(&state, dir.path()).await.unwrap().is_none(), "only on first start");
-    Env { state, admin, dir }
-}
-
-async fn on_both<F, Fut>(body: F)
-where
-    F: Fn(Env) -> Fut,
-    Fut: Future<Output = ()>,
-{
-    let tmp = tempfile::tempdir().unwrap();
-    body(env_on(&format!("sqlite://{}", tmp.path().join("s.db").display())).await).await;
-    let admin =
-        std::env::var("SENTINEL_TEST_PG_URL").unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/postgres".into());
-    let name = format!("sentinel_test_{}", uuid::Uuid::now_v7().simple());
-    let mut conn =
-        sqlx::PgConnection::connect(&admin).await.unwrap_or_else(|e| panic!("PostgreSQL is needed ({admin}): {e}"));
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await.unwrap();
-    let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b).to_string();
-    let env = env_on(&format!("{base}/{name}")).await;
-    let store = env.state.store.clone();
-    body(env).await;
-    store.close().await;
-    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {name} WITH (FORCE)"))).execute(&mut conn).await.unwrap();
-}
+mod common;
+use common::*;
 
 #[tokio::test]
 async fn auth_matrix() {

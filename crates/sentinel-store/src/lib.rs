@@ -13,6 +13,38 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, postgres::PgRow, sqlite::SqliteRow};
 
+/// Runs the same code against whichever pool the store has (the expression is compiled once per
+/// backend, so row types and binds are checked for both).
+macro_rules! per_backend {
+    ($self:ident, $p:ident => $body:expr) => {
+        match &$self.pool {
+            $crate::Pool::Sqlite($p) => $body,
+            $crate::Pool::Postgres($p) => $body,
+        }
+    };
+}
+
+/// SQL written with `?N` placeholders, in the backend's syntax (`$N` for PostgreSQL).
+pub(crate) fn sql(pg: bool, text: &str) -> String {
+    if pg { text.replace('?', "$") } else { text.to_string() }
+}
+
+pub mod approvals;
+pub mod decisions;
+pub mod ingest;
+pub mod notify;
+
+pub use approvals::{ApprovalRow, NewApproval};
+pub use notify::{Attempt, ChannelRow, LinkRow, MessageRow, NewChannel, NewMessage};
+
+pub use decisions::{
+    BudgetSpec, CounterOp, HaltRow, PgDecide, PgDecideOutcome, ReservationRow, SpendTotal, WindowSpec, spend_keys,
+};
+pub use ingest::{
+    AgentRow, ChainPos, EventIn, IngestReport, InterventionFilter, InterventionIn, InterventionStats, LedgerIn, RunRow,
+    StoredIntervention, TamperFinding,
+};
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{0} not found")]
@@ -38,7 +70,7 @@ pub enum Backend {
 }
 
 #[derive(Debug, Clone)]
-enum Pool {
+pub(crate) enum Pool {
     Sqlite(SqlitePool),
     Postgres(PgPool),
 }
@@ -46,7 +78,12 @@ enum Pool {
 /// The server's database.
 #[derive(Debug, Clone)]
 pub struct Store {
-    pool: Pool,
+    pub(crate) pool: Pool,
+    /// The database file, for SQLite on disk.
+    sqlite_path: Option<std::path::PathBuf>,
+    /// SQLite has one writer at a time. Busy writers would otherwise wait in SQLite's busy handler,
+    /// which sleeps; taking turns here keeps batch writes fair and their latency flat.
+    pub(crate) writer: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -54,12 +91,12 @@ pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)).unwrap_or(0)
 }
 
-fn new_id() -> String {
+pub fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
 
 /// A unique-constraint violation becomes a conflict the caller can explain; anything else stays a database error.
-fn conflict_or(e: sqlx::Error, what: impl FnOnce() -> String) -> StoreError {
+pub(crate) fn conflict_or(e: sqlx::Error, what: impl FnOnce() -> String) -> StoreError {
     match &e {
         sqlx::Error::Database(d) if d.is_unique_violation() => StoreError::Conflict(what()),
         _ => StoreError::Database(e),
@@ -69,13 +106,24 @@ fn conflict_or(e: sqlx::Error, what: impl FnOnce() -> String) -> StoreError {
 impl Store {
     /// Connects (`sqlite://path`, `sqlite::memory:`, or `postgres://…`) and applies the embedded migrations.
     pub async fn open(url: &str) -> Result<Self> {
+        let sqlite_path = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+            .map(|p| p.split('?').next().unwrap_or(p))
+            .filter(|p| !p.is_empty() && !p.starts_with(":memory:"))
+            .map(std::path::PathBuf::from);
         let pool = if url.starts_with("sqlite:") {
             let opts = SqliteConnectOptions::from_str(url)?
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Normal)
                 .busy_timeout(Duration::from_secs(5))
-                .foreign_keys(true);
+                .foreign_keys(true)
+                // A bigger page cache for batch writes, and no checkpoint inside a committing
+                // transaction (it would stall every caller waiting on that commit):
+                // `spawn_checkpointer` checkpoints in the background instead.
+                .pragma("cache_size", "-65536")
+                .pragma("wal_autocheckpoint", "0");
             let pool = SqlitePoolOptions::new().max_connections(8).connect_with(opts).await?;
             sqlx::migrate!("migrations/sqlite").run(&pool).await?;
             Pool::Sqlite(pool)
@@ -89,7 +137,56 @@ impl Store {
                 "unsupported database URL `{url}`; use sqlite://PATH or postgres://USER@HOST/DB"
             )));
         };
-        Ok(Store { pool })
+        Ok(Store { pool, sqlite_path, writer: Default::default() })
+    }
+
+    /// On SQLite, copies the write-ahead log into the database four times a second on its own connection
+    /// (a passive checkpoint never blocks writers). Ends when the store is closed.
+    pub fn spawn_checkpointer(&self) {
+        let Pool::Sqlite(p) = &self.pool else { return };
+        let p = p.clone();
+        let writer = std::sync::Arc::clone(&self.writer);
+        tokio::spawn(async move {
+            // Often, so each checkpoint copies little and never stalls the machine for long.
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                tick.tick().await;
+                if p.is_closed() {
+                    break;
+                }
+                match sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(PASSIVE)").fetch_one(&p).await {
+                    // Under constant writes a passive checkpoint never finishes, so the log would
+                    // only grow: past 64 MiB, take the writers' turn and restart it from its start (most frames
+                    // are already copied, so this is short).
+                    Ok((_, log, _)) if log > 16_384 => {
+                        let _turn = writer.lock().await;
+                        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(RESTART)").execute(&p).await {
+                            eprintln!("sentinel: WAL checkpoint failed: {e}");
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) if p.is_closed() => break,
+                    Err(e) => eprintln!("sentinel: WAL checkpoint failed: {e}"),
+                }
+            }
+        });
+    }
+
+    pub(crate) fn is_pg(&self) -> bool {
+        matches!(self.pool, Pool::Postgres(_))
+    }
+
+    /// On SQLite, waits for this process's turn to write (see `writer`); on PostgreSQL, nothing.
+    pub(crate) async fn turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match self.pool {
+            Pool::Sqlite(_) => Some(self.writer.lock().await),
+            Pool::Postgres(_) => None,
+        }
+    }
+
+    /// The SQLite database file, when the store is one.
+    pub fn sqlite_path(&self) -> Option<&std::path::Path> {
+        self.sqlite_path.as_deref()
     }
 
     pub fn backend(&self) -> Backend {
@@ -198,6 +295,7 @@ fn key_from_pg(r: &PgRow) -> Result<ApiKey> {
 
 impl Store {
     pub async fn create_key(&self, k: NewApiKey) -> Result<ApiKey> {
+        let _turn = self.turn().await;
         if (k.scope == Scope::Agent) != k.agent_id.is_some() {
             return Err(StoreError::Invalid("`agent_id` is required for agent keys and only for them".into()));
         }
@@ -285,6 +383,7 @@ impl Store {
 
     /// Activates or deactivates a key. Errors with `NotFound` for an unknown id.
     pub async fn set_key_active(&self, id: &str, active: bool) -> Result<()> {
+        let _turn = self.turn().await;
         let n = match &self.pool {
             Pool::Sqlite(p) => sqlx::query("UPDATE api_keys SET active = ?1 WHERE id = ?2")
                 .bind(i64::from(active))
@@ -303,6 +402,7 @@ impl Store {
     }
 
     pub async fn delete_key(&self, id: &str) -> Result<()> {
+        let _turn = self.turn().await;
         let n = match &self.pool {
             Pool::Sqlite(p) => {
                 sqlx::query("DELETE FROM api_keys WHERE id = ?1").bind(id).execute(p).await?.rows_affected()
@@ -320,9 +420,10 @@ impl Store {
         if used.is_empty() {
             return Ok(());
         }
+        let _turn = self.turn().await;
         match &self.pool {
             Pool::Sqlite(p) => {
-                let mut tx = p.begin().await?;
+                let mut tx = p.begin_with("BEGIN IMMEDIATE").await?;
                 for (id, at) in used {
                     sqlx::query("UPDATE api_keys SET last_used_at = MAX(COALESCE(last_used_at, 0), ?1) WHERE id = ?2")
                         .bind(at)
@@ -486,6 +587,7 @@ fn version_from_row(
 impl Store {
     /// Creates a policy (version 1). A duplicate name is a conflict.
     pub async fn create_policy(&self, name: &str, body: &Value, actor: &str) -> Result<StoredPolicy> {
+        let _turn = self.turn().await;
         let id = new_id();
         let now = now_ms();
         let d = to_text(&serde_json::to_value(diff(&Value::Null, body)).unwrap_or(Value::Null));
@@ -493,7 +595,7 @@ impl Store {
         let dup = || format!("a policy named `{name}` already exists");
         match &self.pool {
             Pool::Sqlite(p) => {
-                let mut tx = p.begin().await?;
+                let mut tx = p.begin_with("BEGIN IMMEDIATE").await?;
                 sqlx::query("INSERT INTO policies (id, name, version, body, created_at, updated_at, updated_by) VALUES (?1, ?2, 1, ?3, ?4, ?4, ?5)")
                     .bind(&id).bind(name).bind(&text).bind(now).bind(actor)
                     .execute(&mut *tx).await.map_err(|e| conflict_or(e, dup))?;
@@ -574,6 +676,7 @@ impl Store {
         let now = now_ms();
         let text = to_text(body);
         let dup = || format!("a policy named `{name}` already exists");
+        let _turn = self.turn().await;
         let current = self.get_policy(id).await?;
         if let Some(v) = expected_version
             && v != current.version
@@ -600,7 +703,7 @@ impl Store {
             || StoreError::Conflict(format!("policy `{}` changed while it was being updated; try again", current.name));
         match &self.pool {
             Pool::Sqlite(p) => {
-                let mut tx = p.begin().await?;
+                let mut tx = p.begin_with("BEGIN IMMEDIATE").await?;
                 let n = sqlx::query("UPDATE policies SET name = ?1, body = ?2, version = ?3, updated_at = ?4, updated_by = ?5 WHERE id = ?6 AND version = ?7")
                     .bind(name).bind(&text).bind(next).bind(now).bind(actor).bind(id).bind(current.version)
                     .execute(&mut *tx).await.map_err(|e| conflict_or(e, dup))?.rows_affected();
@@ -639,13 +742,14 @@ impl Store {
 
     /// Deletes a policy; its history is kept, ending with a `delete` entry.
     pub async fn delete_policy(&self, id: &str, actor: &str) -> Result<()> {
+        let _turn = self.turn().await;
         let current = self.get_policy(id).await?;
         let now = now_ms();
         let next = current.version + 1;
         let d = to_text(&serde_json::to_value(diff(&current.body, &Value::Null)).unwrap_or(Value::Null));
         match &self.pool {
             Pool::Sqlite(p) => {
-                let mut tx = p.begin().await?;
+                let mut tx = p.begin_with("BEGIN IMMEDIATE").await?;
                 let n = sqlx::query("DELETE FROM policies WHERE id = ?1 AND version = ?2")
                     .bind(id)
                     .bind(current.version)
@@ -730,5 +834,29 @@ impl Store {
             return Err(StoreError::NotFound(format!("policy `{id}`")));
         }
         Ok(rows)
+    }
+}
+
+impl Store {
+    /// Changes whenever any policy is created, updated or deleted (here or on another server).
+    pub async fn policy_mark(&self) -> Result<(i64, i64)> {
+        let sql = "SELECT COUNT(*) AS n, COALESCE(MAX(at), 0) AS at FROM policy_versions";
+        let (n, at): (i64, i64) = per_backend!(self, p => sqlx::query_as(sql).fetch_one(p).await?);
+        Ok((n, at))
+    }
+}
+
+impl Store {
+    /// Records `value` under `key` on first use and returns what the database holds, so replicas
+    /// can check that they agree (for example, on the key-hashing secret).
+    pub async fn agree_meta(&self, key: &str, value: &str) -> Result<String> {
+        let _turn = self.turn().await;
+        let insert =
+            sql(self.is_pg(), "INSERT INTO server_meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO NOTHING");
+        let select = sql(self.is_pg(), "SELECT value FROM server_meta WHERE key = ?1");
+        Ok(per_backend!(self, p => {
+            sqlx::query(sqlx::AssertSqlSafe(insert)).bind(key).bind(value).execute(p).await?;
+            sqlx::query_scalar(sqlx::AssertSqlSafe(select)).bind(key).fetch_one(p).await?
+        }))
     }
 }

@@ -1,0 +1,228 @@
+#!/usr/bin/env python3
+"""Server benchmarks with a real HTTP load generator (wrk), one command:
+
+    python3 bench/server.py [--seconds 10] [--connections 32] [--skip-pg]
+
+1. ``/decide`` on one server on SQLite (the embedded default): the most decisions per second wrk
+   gets (closed loop), then latency at a fixed offered 20,000/s (``examples/decide_load.rs``, open
+   loop, measured from when each request was due, so queueing is not hidden).
+2. ``/decide`` on two replicas sharing one PostgreSQL database, with a session budget that runs
+   out during the run: the total reserved is checked against the budget afterwards (zero overspend).
+3. The approval round trip (``examples/approval_rtt.rs``): from a human's approve request until the
+   long-polling agent holds its allowed decision.
+4. Ingest: real hash-chained ledgers uploaded in batches of 500 (``examples/ingest_load.rs``),
+   into SQLite and into PostgreSQL.
+5. Notifications (``examples/notify_load.rs``): 10,000 events queued through the server's event
+   path and delivered by its dispatcher as signed webhooks to a receiver on 127.0.0.1 that checks
+   every signature, on SQLite and on PostgreSQL.
+
+Everything listens on 127.0.0.1. Needs ``wrk`` (``apt-get install wrk``) and PostgreSQL on
+127.0.0.1:5432 (``SENTINEL_TEST_PG_URL`` overrides the admin URL) unless ``--skip-pg``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGET = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+PG_ADMIN = os.environ.get("SENTINEL_TEST_PG_URL", "postgres://root@127.0.0.1:5432/postgres")
+
+# A realistic full policy: budgets, a 1,000-entry deny list, 20 argument rules, a rate limit.
+POLICY = {
+    "name": "bench",
+    "budgets": {"session": 1_000_000.0, "run": 1_000_000.0, "actions": {"search_web": 1_000_000.0}},
+    "denied_actions": [f"dangerous_tool_{i}" for i in range(1000)],
+    "rate_limits": {"send_email": {"max_count": 10, "window_seconds": 60}},
+    "rules": [
+        {"id": f"r{i}", "action": "block", "function_pattern": f"search_*",
+         "conditions": [{"param": "query", "operator": "contains", "value": f"forbidden-{i}"}]}
+        for i in range(20)
+    ],
+}
+BODY = {"action": "search_web", "cost_usd": 0.001, "agent_id": "bench", "session_id": "s1", "run_id": "r1",
+        "args": {"query": "quarterly revenue", "max_results": 10}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build() -> Path:
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "sentinel-server", "--example", "ingest_load",
+                    "--example", "decide_load", "--example", "approval_rtt", "--example", "notify_load"], cwd=ROOT, check=True)
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "sentinel-cli"], cwd=ROOT, check=True)
+    return TARGET / "release" / "sentinel"
+
+
+class Server:
+    def __init__(self, binary: Path, data: Path, db: str | None = None, secret: Path | None = None):
+        self.port = free_port()
+        cmd = [str(binary), "serve", "--data-dir", str(data), "--listen", f"127.0.0.1:{self.port}"]
+        if db:
+            cmd += ["--database-url", db]
+        if secret:
+            cmd += ["--secret-file", str(secret)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     env={**os.environ, "RUST_LOG": "warn"})
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.time() > deadline or self.proc.poll() is not None:
+                    raise SystemExit(f"server on {self.port} did not start")
+                time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def call(url: str, key: str, method: str, path: str, body: dict | None = None) -> dict:
+    req = urllib.request.Request(url + path, method=method, data=json.dumps(body).encode() if body else None,
+                                 headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read() or b"null")
+
+
+def wrk(url: str, key: str, body: dict, seconds: int, connections: int) -> dict:
+    script = Path(tempfile.mkstemp(suffix=".lua")[1])
+    script.write_text(
+        'wrk.method = "POST"\n'
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        f'wrk.headers["Authorization"] = "Bearer {key}"\n'
+        f"wrk.body = [[{json.dumps(body)}]]\n"
+    )
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script),
+                          f"{url}/api/v1/decide"], capture_output=True, text=True, check=True).stdout
+    script.unlink()
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+
+    def ms(label: str) -> float:
+        m = re.search(rf"^\s+{label}\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        v, unit = float(m.group(1)), m.group(2)
+        return v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
+
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": rps, "p50": ms("50%"), "p99": ms("99%"), "non2xx": int(errors.group(1)) if errors else 0}
+
+
+def psql(db: str, sql: str) -> str:
+    return subprocess.run(["psql", "-At", db, "-c", sql], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--skip-pg", action="store_true")
+    a = ap.parse_args()
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk is needed: apt-get install wrk")
+    binary = build()
+    load = TARGET / "release" / "examples" / "ingest_load"
+    summary = []
+
+    # 1. SQLite, one server: the open-loop rates each on a fresh server (steady state, not the
+    # recovery after a saturating run), then wrk's closed-loop maximum, then ingest.
+    for rate in (10000, 20000):
+        with tempfile.TemporaryDirectory() as d:
+            s = Server(binary, Path(d))
+            key = (Path(d) / "bootstrap-admin-key").read_text().strip()
+            call(s.url, key, "POST", "/api/v1/policies", POLICY)
+            out = subprocess.run([str(TARGET / "release" / "examples" / "decide_load"), s.url, key, str(rate),
+                                  str(a.seconds), "64"], capture_output=True, text=True, check=True)
+            summary.append(out.stdout.strip().replace("SUMMARY decide open-loop:", "SUMMARY decide sqlite open-loop:"))
+            s.stop()
+    with tempfile.TemporaryDirectory() as d:
+        s = Server(binary, Path(d))
+        key = (Path(d) / "bootstrap-admin-key").read_text().strip()
+        call(s.url, key, "POST", "/api/v1/policies", POLICY)
+        wrk(s.url, key, BODY, 2, a.connections)  # warm up
+        r = wrk(s.url, key, BODY, a.seconds, a.connections)
+        summary.append(f"SUMMARY decide sqlite (wrk, closed loop): {r['rps']:.0f} decisions/s, p50 {r['p50']:.2f} ms, "
+                       f"p99 {r['p99']:.2f} ms, non-2xx {r['non2xx']} ({a.connections} connections, 1 server)")
+        out = subprocess.run([str(load), s.url, key, "200000", "500", "4"], capture_output=True, text=True, check=True)
+        summary.append(out.stdout.strip().replace("SUMMARY ingest:", "SUMMARY ingest sqlite:"))
+        s.stop()
+
+    # 2. Approval round trip: a human's approve through the API → the waiting agent holds an allowed decision.
+    with tempfile.TemporaryDirectory() as d:
+        s = Server(binary, Path(d))
+        key = (Path(d) / "bootstrap-admin-key").read_text().strip()
+        out = subprocess.run([str(TARGET / "release" / "examples" / "approval_rtt"), s.url, key, "200"],
+                             capture_output=True, text=True, check=True)
+        summary.append(out.stdout.strip())
+        s.stop()
+
+    # 5. Notifications: 10,000 signed webhooks, SQLite (and PostgreSQL below).
+    out = subprocess.run([str(TARGET / "release" / "examples" / "notify_load"), "10000"],
+                         capture_output=True, text=True, check=True)
+    summary.append("SUMMARY " + out.stdout.strip())
+    if not a.skip_pg:
+        name = f"sentinel_bench_{uuid.uuid4().hex}"
+        psql(PG_ADMIN, f"CREATE DATABASE {name}")
+        try:
+            out = subprocess.run([str(TARGET / "release" / "examples" / "notify_load"), "10000",
+                                  PG_ADMIN.rsplit("/", 1)[0] + "/" + name], capture_output=True, text=True, check=True)
+            summary.append("SUMMARY " + out.stdout.strip())
+        finally:
+            psql(PG_ADMIN, f"DROP DATABASE {name} WITH (FORCE)")
+
+    if not a.skip_pg:
+        name = f"sentinel_bench_{uuid.uuid4().hex}"
+        psql(PG_ADMIN, f"CREATE DATABASE {name}")
+        db = PG_ADMIN.rsplit("/", 1)[0] + "/" + name
+        try:
+            with tempfile.TemporaryDirectory() as d1, tempfile.TemporaryDirectory() as d2:
+                s1 = Server(binary, Path(d1), db)
+                key = (Path(d1) / "bootstrap-admin-key").read_text().strip()
+                # A budget that runs out mid-run: $50 at $0.001 a call is exactly 50,000 calls.
+                pol = {**POLICY, "budgets": {"session": 50.0}}
+                call(s1.url, key, "POST", "/api/v1/policies", pol)
+                s2 = Server(binary, Path(d2), db, secret=Path(d1) / "server-secret")
+                results = []
+                procs = []
+                for s in (s1, s2):
+                    procs.append(s)
+                import concurrent.futures as cf
+                with cf.ThreadPoolExecutor(2) as ex:
+                    futs = [ex.submit(wrk, s.url, key, BODY, a.seconds, a.connections // 2) for s in (s1, s2)]
+                    results = [f.result() for f in futs]
+                rps = sum(r["rps"] for r in results)
+                p99 = max(r["p99"] for r in results)
+                reserved = int(psql(db, "SELECT COALESCE(SUM(cost_micros),0) FROM reservations WHERE state='reserved'"))
+                allowed = int(psql(db, "SELECT COUNT(*) FROM reservations"))
+                over = "zero overspend" if reserved <= 50_000_000 else f"OVERSPENT by {reserved - 50_000_000} micro-USD"
+                summary.append(
+                    f"SUMMARY decide postgres x2: {rps:.0f} decisions/s, p99 {p99:.2f} ms (worst replica), "
+                    f"{allowed} allowed of a $50 budget at $0.001: reserved ${reserved / 1e6:.3f}, {over}")
+                s2.stop()
+                out = subprocess.run([str(load), s1.url, key, "200000", "500", "4"], capture_output=True, text=True,
+                                     check=True)
+                summary.append(out.stdout.strip().replace("SUMMARY ingest:", "SUMMARY ingest postgres:"))
+                s1.stop()
+        finally:
+            psql(PG_ADMIN, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    print("\n".join(summary))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1012 @@
+//! Central decisions: `/decide`, `/settle` and `/halts`.
+//!
+//! Two authorities, chosen by the database:
+//! - **SQLite** (one server owns the file): the core engine decides in memory; every reservation
+//!   change is persisted by a group-commit writer before the caller gets its answer, and the
+//!   counters are rebuilt from the database at start. A second server on the same file is refused.
+//! - **PostgreSQL** (a fleet): the engine checks halts-free static rules, then the store checks and
+//!   reserves against shared counters in one transaction under advisory locks, so every replica
+//!   sees the same budgets, windows and halts.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use parking_lot::Mutex;
+use sentinel_core::decision::RiskLevel;
+use sentinel_core::records::assess_risk;
+use sentinel_core::{ActionRequest, Decision, Engine, HaltTarget, LimitKind, Reservation, Usd, Verdict};
+use sentinel_store::{
+    BudgetSpec, CounterOp, InterventionIn, PgDecide, PgDecideOutcome, ReservationRow, Store, WindowSpec, spend_keys,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{ApiError, ApiJson, AppState, Caller};
+use sentinel_store::Scope;
+
+/// Default and largest reservation lifetimes.
+pub const DEFAULT_TTL_SECS: f64 = 300.0;
+pub const MAX_TTL_SECS: f64 = 86_400.0;
+
+const SHARDS: usize = 16;
+
+/// A reservation held in memory (SQLite authority).
+struct Held {
+    res: Reservation,
+    agent_id: String,
+    expires_at: i64,
+}
+
+type Ack = oneshot::Sender<Result<(), String>>;
+
+/// Held reservations by id, and the same ids by expiry so the sweeper only visits expired ones.
+#[derive(Default)]
+struct Shard {
+    by_id: HashMap<String, Held>,
+    by_expiry: std::collections::BTreeSet<(i64, String)>,
+}
+
+impl Shard {
+    fn insert(&mut self, id: String, h: Held) {
+        self.by_expiry.insert((h.expires_at, id.clone()));
+        self.by_id.insert(id, h);
+    }
+
+    fn remove(&mut self, id: &str) -> Option<Held> {
+        let h = self.by_id.remove(id)?;
+        self.by_expiry.remove(&(h.expires_at, id.to_string()));
+        Some(h)
+    }
+
+    fn take_expired(&mut self, now_ms: i64) -> Vec<(String, Held)> {
+        let mut out = Vec::new();
+        while let Some((at, _)) = self.by_expiry.first()
+            && *at <= now_ms
+        {
+            if let Some((_, id)) = self.by_expiry.pop_first()
+                && let Some(h) = self.by_id.remove(&id)
+            {
+                out.push((id, h));
+            }
+        }
+        out
+    }
+}
+
+/// The in-memory authority's state.
+pub struct Memory {
+    held: [Mutex<Shard>; SHARDS],
+    journal: Option<Arc<crate::journal::Journal>>,
+    writer: mpsc::UnboundedSender<(CounterOp, Option<Ack>)>,
+}
+
+/// Who keeps the counters.
+pub enum Authority {
+    Memory(Box<Memory>),
+    Shared,
+}
+
+fn shard_of(id: &str) -> usize {
+    id.bytes().fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(usize::from(b))) % SHARDS
+}
+
+impl Memory {
+    fn shard(&self, id: &str) -> &Mutex<Shard> {
+        self.held.get(shard_of(id)).unwrap_or(&self.held[0])
+    }
+
+    /// Queues a change and waits until it is committed.
+    async fn persist(&self, op: CounterOp) -> Result<(), ApiError> {
+        let (tx, rx) = oneshot::channel();
+        self.writer.send((op, Some(tx))).map_err(|_| ApiError::unavailable("the reservation writer has stopped"))?;
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot persist a reservation change");
+                Err(ApiError::unavailable("the database did not accept the reservation; nothing was reserved"))
+            }
+            Err(_) => Err(ApiError::unavailable("the reservation writer has stopped")),
+        }
+    }
+}
+
+/// Starts the group-commit writer: everything queued while one batch is written goes in the next.
+/// With a journal (a database on disk) a batch is one append to it, made on a thread of its own so
+/// a slow disk never blocks the threads that serve requests; without one (in-memory databases), one
+/// SQLite transaction.
+fn spawn_writer(
+    store: Store,
+    journal: Option<Arc<crate::journal::Journal>>,
+) -> mpsc::UnboundedSender<(CounterOp, Option<Ack>)> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<(CounterOp, Option<Ack>)>();
+    let gather =
+        |rx: &mut mpsc::UnboundedReceiver<(CounterOp, Option<Ack>)>, ops: &mut Vec<CounterOp>, acks: &mut Vec<Ack>| {
+            while ops.len() < 4096 {
+                match rx.try_recv() {
+                    Ok((op, ack)) => {
+                        ops.push(op);
+                        acks.extend(ack);
+                    }
+                    Err(_) => break,
+                }
+            }
+        };
+    match journal {
+        Some(j) => {
+            let spawned = std::thread::Builder::new().name("sentinel-journal".into()).spawn(move || {
+                let mut ops = Vec::with_capacity(1024);
+                let mut acks = Vec::with_capacity(1024);
+                while let Some((op, ack)) = rx.blocking_recv() {
+                    ops.push(op);
+                    acks.extend(ack);
+                    gather(&mut rx, &mut ops, &mut acks);
+                    let t = Instant::now();
+                    let result = j.append(&ops).map_err(|e| format!("cannot append to the reservation journal: {e}"));
+                    let took = t.elapsed();
+                    metrics::histogram!("sentinel_journal_append_seconds").record(took.as_secs_f64());
+                    if took > Duration::from_millis(5) {
+                        tracing::warn!(
+                            ms = took.as_secs_f64() * 1000.0,
+                            changes = ops.len(),
+                            "slow reservation journal append"
+                        );
+                    }
+                    for a in acks.drain(..) {
+                        let _ = a.send(result.clone());
+                    }
+                    ops.clear();
+                }
+            });
+            if let Err(e) = spawned {
+                // Without the thread every reservation fails closed (its sender is gone).
+                tracing::error!(error = %e, "cannot start the reservation journal thread");
+            }
+        }
+        None => {
+            tokio::spawn(async move {
+                let mut ops = Vec::with_capacity(1024);
+                let mut acks = Vec::with_capacity(1024);
+                while let Some((op, ack)) = rx.recv().await {
+                    ops.push(op);
+                    acks.extend(ack);
+                    gather(&mut rx, &mut ops, &mut acks);
+                    let result = store.apply_counter_ops(&ops).await.map_err(|e| e.to_string());
+                    for a in acks.drain(..) {
+                        let _ = a.send(result.clone());
+                    }
+                    ops.clear();
+                }
+            });
+        }
+    }
+    tx
+}
+
+/// Ten times a second, closes the journal file being written and folds it into the database:
+/// small folds keep each burst of database work short, so decisions never queue behind one.
+fn spawn_folder(store: Store, journal: Arc<crate::journal::Journal>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tick.tick().await;
+            fold_once(&store, &journal).await;
+        }
+    });
+}
+
+async fn fold_once(store: &Store, journal: &Arc<crate::journal::Journal>) {
+    let _one_at_a_time = journal.folding.lock().await;
+    let j = Arc::clone(journal);
+    let rotated = tokio::task::spawn_blocking(move || j.rotate())
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+    match rotated {
+        Ok(Some(closed)) => {
+            if let Err(e) = crate::journal::fold(store, &closed).await {
+                // The file stays; the next start folds it.
+                tracing::error!(error = %e, "cannot fold the reservation journal");
+            }
+        }
+        Ok(None) => {}
+        Err(e) => tracing::error!(error = %e, "cannot rotate the reservation journal"),
+    }
+}
+
+impl Authority {
+    /// Writes everything journaled so far into the database (at shutdown).
+    pub async fn fold_now(&self, store: &Store) {
+        if let Authority::Memory(m) = self
+            && let Some(j) = &m.journal
+        {
+            fold_once(store, j).await;
+        }
+    }
+}
+
+/// Milliseconds and nanoseconds since the epoch, from one reading.
+fn now_both() -> (i64, i64) {
+    use sentinel_core::Clock;
+    let ns = i64::try_from(sentinel_core::SystemClock.now_nanos()).unwrap_or(i64::MAX);
+    (ns / 1_000_000, ns)
+}
+
+impl Authority {
+    /// Builds the authority for the store; on SQLite, rebuilds the counters from the database.
+    pub async fn open(store: &Store, engine: &Engine) -> Result<Self, sentinel_store::StoreError> {
+        if store.backend() == sentinel_store::Backend::Postgres {
+            return Ok(Authority::Shared);
+        }
+        // Fold what an earlier process journaled, so the database is the whole truth before restoring.
+        let journal = match store.sqlite_path() {
+            Some(db) => {
+                let (j, left) = crate::journal::Journal::open(db).map_err(|e| {
+                    sentinel_store::StoreError::Invalid(format!(
+                        "cannot open the reservation journal beside `{}`: {e}",
+                        db.display()
+                    ))
+                })?;
+                for f in left {
+                    let n = crate::journal::fold(store, &f).await.map_err(sentinel_store::StoreError::Invalid)?;
+                    tracing::info!(file = %f.display(), changes = n, "reservation journal folded");
+                }
+                Some(Arc::new(j))
+            }
+            None => None,
+        };
+        let (now_ms, now_ns) = now_both();
+        let expired = store.expire_stale_reservations(now_ms).await?;
+        let mut restored = 0usize;
+        for t in store.settled_totals().await? {
+            let req = ActionRequest::new(&t.action).agent("").run(&t.run_id).session(&t.session_id);
+            drop(engine.restore(&req, 0, None, micros(t.micros), t.calls));
+        }
+        let since = now_ns.saturating_sub(i64::try_from(engine.policies().max_window_ns()).unwrap_or(i64::MAX));
+        for r in store.settled_since(since).await? {
+            let req = ActionRequest::new(&r.action).agent(&r.agent_id).run(&r.run_id).session(&r.session_id);
+            drop(engine.restore(&req, digest(r.args_digest), Some(nanos(r.at_ns)), Usd::ZERO, 0));
+        }
+        let held: [Mutex<Shard>; SHARDS] = std::array::from_fn(|_| Mutex::new(Shard::default()));
+        for r in store.live_reservations().await? {
+            let req = ActionRequest::new(&r.action).agent(&r.agent_id).run(&r.run_id).session(&r.session_id);
+            let res = engine.restore(&req, digest(r.args_digest), Some(nanos(r.at_ns)), micros(r.cost_micros), 1);
+            if let Some(s) = held.get(shard_of(&r.id)) {
+                s.lock().insert(r.id.clone(), Held { res, agent_id: r.agent_id, expires_at: r.expires_at });
+                restored += 1;
+            }
+        }
+        for h in store.list_halts().await? {
+            let t = if h.kind == "agent" { HaltTarget::Agent(h.target) } else { HaltTarget::Run(h.target) };
+            engine.halt(t, &h.reason);
+        }
+        if expired > 0 || restored > 0 {
+            tracing::info!(expired, restored, "reservations recovered from the database");
+        }
+        if let Some(j) = &journal {
+            spawn_folder(store.clone(), Arc::clone(j));
+        }
+        let writer = spawn_writer(store.clone(), journal.clone());
+        Ok(Authority::Memory(Box::new(Memory { held, writer, journal })))
+    }
+}
+
+fn micros(m: i64) -> Usd {
+    Usd::from_micros(u64::try_from(m).unwrap_or(0))
+}
+
+fn to_micros(u: Usd) -> i64 {
+    i64::try_from(u.micros()).unwrap_or(i64::MAX)
+}
+
+fn nanos(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+fn digest(d: i64) -> u64 {
+    u64::from_ne_bytes(d.to_ne_bytes())
+}
+
+fn digest_i64(d: u64) -> i64 {
+    i64::from_ne_bytes(d.to_ne_bytes())
+}
+
+/// The argument digest as stored.
+pub fn digest_of(args: &Value) -> i64 {
+    digest_i64(sentinel_core::engine::args_digest(args))
+}
+
+/// Releases expired reservations, every second, until the process ends.
+pub fn spawn_sweeper(state: AppState) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let (now_ms, now_ns) = now_both();
+            if let Err(e) = crate::approvals::expire_due(&state).await {
+                tracing::warn!(error = %e.detail, "cannot expire approval requests");
+            }
+            match &*state.authority {
+                Authority::Memory(m) => {
+                    let mut expired = Vec::new();
+                    for shard in &m.held {
+                        expired.extend(shard.lock().take_expired(now_ms));
+                    }
+                    for (id, h) in expired {
+                        h.res.release();
+                        let _ = m
+                            .writer
+                            .send((CounterOp::Finish { id, state: "expired", actual_micros: None, at: now_ms }, None));
+                        metrics::counter!("sentinel_reservations_expired_total").increment(1);
+                    }
+                }
+                Authority::Shared => match state.store.pg_sweep(now_ms, now_ns).await {
+                    Ok(n) => metrics::counter!("sentinel_reservations_expired_total").increment(n),
+                    Err(e) => tracing::warn!(error = %e, "cannot sweep expired reservations"),
+                },
+            }
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activity: interventions and calls from decisions, buffered in memory and written every 100 ms,
+// so a decision costs no database write and wakes no task.
+
+#[derive(Default)]
+pub struct Activity {
+    interventions: Mutex<Vec<InterventionIn>>,
+    /// agent → run → allowed decisions
+    decisions: Mutex<HashMap<String, HashMap<String, i64>>>,
+}
+
+impl Activity {
+    pub(crate) fn intervention(&self, i: InterventionIn) {
+        self.interventions.lock().push(i);
+    }
+
+    /// Counts an allowed decision; allocates only for an agent or run not seen since the last flush.
+    fn decision(&self, agent: &str, run: &str) {
+        let mut g = self.decisions.lock();
+        let runs = match g.get_mut(agent) {
+            Some(r) => r,
+            None => g.entry(agent.to_string()).or_default(),
+        };
+        match runs.get_mut(run) {
+            Some(n) => *n += 1,
+            None => {
+                runs.insert(run.to_string(), 1);
+            }
+        }
+    }
+
+    /// Writes what was buffered; returns the interventions written (for notifications).
+    pub async fn flush(&self, store: &Store) -> Vec<InterventionIn> {
+        let interventions = std::mem::take(&mut *self.interventions.lock());
+        let decisions = std::mem::take(&mut *self.decisions.lock());
+        if let Err(e) = store.record_interventions(&interventions).await {
+            tracing::error!(error = %e, count = interventions.len(), "cannot record interventions");
+        }
+        let tallies: Vec<(String, String, i64)> =
+            decisions.into_iter().flat_map(|(a, runs)| runs.into_iter().map(move |(r, n)| (a.clone(), r, n))).collect();
+        if let Err(e) = store.record_decisions(&tallies).await {
+            tracing::warn!(error = %e, "cannot record agent activity");
+        }
+        interventions
+    }
+}
+
+/// Flushes the activity buffer every 100 ms until the process ends, and tells people about the
+/// interventions that need it.
+pub fn spawn_activity(s: AppState) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tick.tick().await;
+            let written = s.activity.flush(&s.store).await;
+            if !written.is_empty() {
+                crate::notify::interventions(&s, &written).await;
+            }
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Handlers
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DecideBody {
+    /// The action (tool or function) the agent wants to run.
+    pub action: String,
+    /// Defaults to the agent an `agent` key is bound to, else `default`.
+    #[serde(default)]
+    pub agent_id: Option<String>,
+    #[serde(default)]
+    pub run_id: Option<String>,
+    #[serde(default)]
+    pub session_id: Option<String>,
+    /// Estimated cost in USD.
+    #[serde(default)]
+    pub cost_usd: f64,
+    /// The call's arguments, a JSON object.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub args: Value,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub risk: Option<RiskLevel>,
+    #[serde(default)]
+    pub blast_radius: Option<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub intent: Option<String>,
+    /// How long an unsettled reservation holds its budget (default 300 s, at most one day).
+    #[serde(default)]
+    pub reservation_ttl_seconds: Option<f64>,
+    /// An approved request for exactly this call (from an earlier `require_approval`): the call
+    /// is then decided without the approval step, once.
+    #[serde(default)]
+    pub approval_id: Option<String>,
+    /// Shown to the approver if this call needs approval (redacted like the arguments).
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub context: Option<Value>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ReservationOut {
+    pub id: String,
+    pub cost_usd: f64,
+    /// Milliseconds since the epoch.
+    pub expires_at: i64,
+}
+
+/// The agent a caller acts for: an `agent` key's own, never another's; else the one asked for or `default`.
+pub fn acting_agent(caller: &Caller, asked: Option<&str>) -> Result<String, ApiError> {
+    Ok(caller.agent_scope(asked)?.unwrap_or_else(|| ActionRequest::DEFAULT_ID.to_string()))
+}
+
+fn check_id(field: &str, v: &str) -> Result<(), ApiError> {
+    if v.is_empty() || v.len() > 200 {
+        return Err(ApiError::field(field, "must be 1 to 200 characters"));
+    }
+    if v.chars().any(char::is_control) {
+        return Err(ApiError::field(field, "must not contain control characters"));
+    }
+    Ok(())
+}
+
+/// Decides one call and, when it is allowed, reserves its cost and rate-limit slots.
+#[utoipa::path(post, path = "/api/v1/decide", request_body = DecideBody, tag = "decisions",
+    responses((status = 200, description = "The decision, with a reservation when allowed")))]
+pub async fn decide(
+    State(s): State<AppState>,
+    caller: Caller,
+    ApiJson(b): ApiJson<DecideBody>,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    caller.require(&[Scope::Admin, Scope::Agent])?;
+    let agent = acting_agent(&caller, b.agent_id.as_deref())?;
+    let run = b.run_id.clone().unwrap_or_else(|| ActionRequest::DEFAULT_ID.into());
+    let session = b.session_id.clone().unwrap_or_else(|| ActionRequest::DEFAULT_ID.into());
+    check_id("agent_id", &agent)?;
+    check_id("run_id", &run)?;
+    check_id("session_id", &session)?;
+    if b.action.is_empty() || b.action.len() > 512 {
+        return Err(ApiError::field("action", "must be 1 to 512 characters"));
+    }
+    if !matches!(b.args, Value::Object(_) | Value::Null) {
+        return Err(ApiError::field("args", "must be a JSON object"));
+    }
+    if !(b.cost_usd.is_finite() && b.cost_usd >= 0.0) {
+        return Err(ApiError::field("cost_usd", format!("must be a finite amount of at least 0, got {}", b.cost_usd)));
+    }
+    let ttl = b.reservation_ttl_seconds.unwrap_or(DEFAULT_TTL_SECS);
+    if !(ttl.is_finite() && ttl > 0.0 && ttl <= MAX_TTL_SECS) {
+        return Err(ApiError::field("reservation_ttl_seconds", format!("must be in (0, {MAX_TTL_SECS}], got {ttl}")));
+    }
+    let mut req = ActionRequest::new(&b.action)
+        .agent(&agent)
+        .run(&run)
+        .session(&session)
+        .cost(b.cost_usd)
+        .args(&b.args)
+        .tags(&b.tags);
+    req.risk = b.risk;
+    req.blast_radius = b.blast_radius.as_deref();
+    req.description = b.description.as_deref();
+    req.intent = b.intent.as_deref();
+
+    let engine = s.engine();
+    // A redeemed approval skips the approval step; a resumed pause also skips the budgets (the
+    // human let this one call run over them). A pause ended by a raised limit is only approved.
+    let (approved, resumed) = match &b.approval_id {
+        Some(id) => {
+            let a = crate::approvals::redeem(&s, &caller, id, &req).await?;
+            (true, crate::approvals::is_resume(&a))
+        }
+        None => (false, false),
+    };
+    let (now_ms, now_ns) = now_both();
+    let ttl_ms = (ttl * 1000.0) as i64;
+    let mut reservation: Option<ReservationOut> = None;
+    let mut decision = match &*s.authority {
+        Authority::Memory(m) => {
+            let mut d = if resumed {
+                engine.decide_resumed(&req)
+            } else if approved {
+                engine.decide_approved(&req)
+            } else {
+                engine.decide(&req)
+            };
+            if let Some(res) = d.take_reservation() {
+                let id = sentinel_store::new_id();
+                let row = reservation_row(&id, &req, &d, res.cost(), now_ms, now_ns, ttl_ms);
+                let expires_at = row.expires_at;
+                let cost = res.cost();
+                m.shard(&id).lock().insert(id.clone(), Held { res, agent_id: agent.clone(), expires_at });
+                if let Err(e) = m.persist(CounterOp::Reserve(row)).await {
+                    if let Some(h) = m.shard(&id).lock().remove(&id) {
+                        h.res.release();
+                    }
+                    return Err(e);
+                }
+                reservation = Some(ReservationOut { id, cost_usd: cost.as_f64(), expires_at });
+            }
+            d
+        }
+        Authority::Shared => {
+            let d = if resumed {
+                engine.evaluate_resumed(&req)
+            } else if approved {
+                engine.evaluate_approved(&req)
+            } else {
+                engine.evaluate(&req)
+            };
+            if d.verdict == Verdict::Deny {
+                d
+            } else {
+                let set = engine.policies();
+                let plan = set.counter_plan(&req).map_err(|m| ApiError::field("cost_usd", m))?;
+                let keys = spend_keys(&session, &run, &b.action);
+                let windows: Vec<WindowSpec> = plan
+                    .windows
+                    .iter()
+                    .map(|w| WindowSpec { key: w.key.clone(), max: w.max, window_ns: w.window_ns })
+                    .collect();
+                let budgets: Vec<BudgetSpec> = plan
+                    .budgets
+                    .iter()
+                    .filter(|_| !resumed)
+                    .map(|bc| {
+                        let k = match bc.kind {
+                            LimitKind::ActionBudget => &keys[0],
+                            LimitKind::RunBudget => &keys[1],
+                            _ => &keys[2],
+                        };
+                        BudgetSpec { key: k.clone(), limit_micros: to_micros(bc.limit) }
+                    })
+                    .collect();
+                let id = sentinel_store::new_id();
+                let row = d.permits().then(|| reservation_row(&id, &req, &d, plan.cost, now_ms, now_ns, ttl_ms));
+                let out = s
+                    .store
+                    .pg_decide(
+                        PgDecide {
+                            agent_id: &agent,
+                            run_id: &run,
+                            now_ns,
+                            windows: &windows,
+                            budgets: &budgets,
+                            cost_micros: to_micros(plan.cost),
+                            reserve: row.as_ref(),
+                        },
+                        &keys[2],
+                    )
+                    .await
+                    .map_err(|e| {
+                        tracing::error!(error = %e, "shared decision failed");
+                        ApiError::unavailable("the database did not answer; nothing was reserved")
+                    })?;
+                match out {
+                    PgDecideOutcome::Halted(h) => {
+                        let t = if h.kind == "agent" { HaltTarget::Agent(h.target) } else { HaltTarget::Run(h.target) };
+                        set.halt_denial(&t, &h.reason)
+                    }
+                    PgDecideOutcome::WindowFull { index, retry_after_ns } => match plan.windows.get(index) {
+                        Some(w) => set.window_denial(&req, w, u64::from(w.max), retry_after_ns),
+                        None => return Err(ApiError::internal("window index out of range".into())),
+                    },
+                    PgDecideOutcome::OverBudget { index, spent_micros } => match plan.budgets.get(index) {
+                        Some(bc) => set.budget_denial(&req, bc, micros(spent_micros), plan.cost),
+                        None => return Err(ApiError::internal("budget index out of range".into())),
+                    },
+                    PgDecideOutcome::Passed => {
+                        if let Some(r) = &row {
+                            reservation = Some(ReservationOut {
+                                id: r.id.clone(),
+                                cost_usd: plan.cost.as_f64(),
+                                expires_at: r.expires_at,
+                            });
+                        }
+                        d
+                    }
+                }
+            }
+        }
+    };
+
+    // `on_budget_exceeded: pause`: the call waits, like an approval, for a human to resume it or
+    // raise the limit, instead of failing.
+    let paused = !approved
+        && decision.verdict == Verdict::Deny
+        && decision.reason.is_budget()
+        && decision.policy.as_deref().is_some_and(|p| engine.policies().pauses_on_budget(p));
+    if paused {
+        decision.verdict = Verdict::RequireApproval;
+    }
+    let decision_id = sentinel_store::new_id();
+    let intervention_id = decision.intervention.map(|_| {
+        let id = sentinel_store::new_id();
+        s.activity.intervention(intervention_of(&id, &req, &decision, now_ms));
+        id
+    });
+    if decision.permits() {
+        s.activity.decision(&agent, &run);
+        if b.cost_usd > 0.0 {
+            s.notifier.spent(&agent, &session, &run, &b.action);
+        }
+    }
+    metrics::counter!("sentinel_decisions_total", "verdict" => decision.verdict.as_str()).increment(1);
+    metrics::histogram!("sentinel_decide_seconds").record(started.elapsed().as_secs_f64());
+
+    let approval_request = if decision.verdict == Verdict::RequireApproval {
+        let spend = spend_view(&s, &req).await;
+        let cost = (b.cost_usd * 1e6).round() as i64;
+        Some(
+            crate::approvals::create(
+                &s,
+                &req,
+                &decision,
+                intervention_id.clone(),
+                cost,
+                spend,
+                b.context.as_ref(),
+                now_ms,
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+    let mut body = serde_json::to_value(&decision).unwrap_or_default();
+    if let Value::Object(m) = &mut body {
+        if let Some(a) = approval_request {
+            m.insert(
+                "approval_request".into(),
+                json!({"id": a.id, "status": a.status, "expires_at": a.expires_at,
+                       "wait": format!("/api/v1/approvals/{}/wait", a.id)}),
+            );
+        }
+        if paused {
+            m.insert("paused".into(), Value::Bool(true));
+        }
+        m.insert("decision_id".into(), Value::String(decision_id));
+        m.insert("agent_id".into(), Value::String(agent));
+        m.insert("run_id".into(), Value::String(run));
+        m.insert("session_id".into(), Value::String(session));
+        if let Some(i) = intervention_id {
+            m.insert("intervention_id".into(), Value::String(i));
+        }
+        if let Some(r) = reservation {
+            m.insert("reservation".into(), serde_json::to_value(r).unwrap_or_default());
+        }
+    }
+    Ok(Json(body).into_response())
+}
+
+/// One budget that applies to a call, and what has been spent against it.
+pub(crate) struct BudgetSpend {
+    /// `action`, `run` or `session`.
+    pub label: &'static str,
+    pub limit: Usd,
+    pub spent: Usd,
+    pub policy: Arc<str>,
+}
+
+/// What a call's session, run and action have spent, and every budget that applies to the call.
+pub(crate) struct Spend {
+    pub action: Usd,
+    pub run: Usd,
+    pub session: Usd,
+    pub budgets: Vec<BudgetSpend>,
+}
+
+/// The spend against each budget that applies to the call (`None` if it cannot be read).
+pub(crate) async fn spend_of(s: &AppState, req: &ActionRequest<'_>) -> Option<Spend> {
+    let set = s.engine().policies();
+    let plan = set.counter_plan(req).ok()?;
+    let [action, run, session] = match &*s.authority {
+        Authority::Memory(_) => {
+            let snap = s.engine().spend(req.session_id, req.run_id);
+            let action = snap.actions.iter().find(|(a, _)| a == req.action).map_or(Usd::ZERO, |(_, x)| x.spent);
+            [action, snap.run_total, snap.session_total]
+        }
+        Authority::Shared => s.store.pg_spend(req.session_id, req.run_id, req.action).await.ok()?.map(micros),
+    };
+    let budgets = plan
+        .budgets
+        .iter()
+        .map(|b| {
+            let (label, spent) = match b.kind {
+                LimitKind::ActionBudget => ("action", action),
+                LimitKind::RunBudget => ("run", run),
+                _ => ("session", session),
+            };
+            BudgetSpend { label, limit: b.limit, spent, policy: Arc::clone(&b.policy) }
+        })
+        .collect();
+    Some(Spend { action, run, session, budgets })
+}
+
+/// Spend so far against each budget that applies to the call, for the approver.
+async fn spend_view(s: &AppState, req: &ActionRequest<'_>) -> Value {
+    let Some(sp) = spend_of(s, req).await else { return Value::Null };
+    let budgets: Vec<Value> = sp
+        .budgets
+        .iter()
+        .map(|b| {
+            json!({"budget": b.label, "limit_usd": b.limit.as_f64(), "spent_usd": b.spent.as_f64(), "policy": &*b.policy})
+        })
+        .collect();
+    json!({"action_usd": sp.action.as_f64(), "run_usd": sp.run.as_f64(), "session_usd": sp.session.as_f64(), "budgets": budgets})
+}
+
+fn reservation_row(
+    id: &str,
+    req: &ActionRequest<'_>,
+    d: &Decision,
+    cost: Usd,
+    now_ms: i64,
+    now_ns: i64,
+    ttl_ms: i64,
+) -> ReservationRow {
+    ReservationRow {
+        id: id.into(),
+        agent_id: req.agent_id.into(),
+        run_id: req.run_id.into(),
+        session_id: req.session_id.into(),
+        action: req.action.into(),
+        args_digest: digest_i64(sentinel_core::engine::args_digest(req.args)),
+        cost_micros: to_micros(cost),
+        actual_micros: None,
+        state: "reserved".into(),
+        at_ns: now_ns,
+        created_at: now_ms,
+        expires_at: now_ms.saturating_add(ttl_ms),
+        settled_at: None,
+        policy_version: d.policy_version.to_string(),
+    }
+}
+
+fn intervention_of(id: &str, req: &ActionRequest<'_>, d: &Decision, now_ms: i64) -> InterventionIn {
+    let kind = d.intervention.unwrap_or(sentinel_core::InterventionType::Warning);
+    let outcome = match d.verdict {
+        Verdict::Deny => "BLOCKED",
+        Verdict::RequireApproval => "ESCALATED",
+        _ => "WARNED",
+    };
+    let risk = assess_risk(req.risk, kind, req.action, req.tags);
+    let est = (req.cost_usd * 1e6).round() as i64;
+    let prevented = if d.verdict == Verdict::Deny { est } else { 0 };
+    let risk_s = risk.as_str().to_string();
+    let kind_s = kind.as_str().to_string();
+    let body = json!({
+        "id": id,
+        "timestamp": sentinel_core::ledger::now_rfc3339(),
+        "type": kind_s,
+        "outcome": outcome,
+        "risk_level": risk_s,
+        "blast_radius": req.blast_radius,
+        "action": req.action,
+        "agent_id": req.agent_id,
+        "run_id": req.run_id,
+        "session_id": req.session_id,
+        "estimated_cost_usd": req.cost_usd,
+        "cost_prevented_usd": prevented as f64 / 1e6,
+        "policy": d.policy.as_deref(),
+        "rule": d.rule.as_deref(),
+        "reason": d.reason,
+        "rationale": d.message,
+        "limit": d.limit,
+        "retry_after_seconds": d.retry_after_seconds,
+        "intent": {"action": req.action, "args": sentinel_core::redact::Redacted(req.args), "description": req.description, "intent": req.intent},
+        "tags": req.tags,
+        "policy_version": &*d.policy_version,
+        "source": "server",
+    });
+    InterventionIn {
+        id: id.into(),
+        chain: None,
+        at: now_ms,
+        agent_id: req.agent_id.into(),
+        run_id: req.run_id.into(),
+        session_id: req.session_id.into(),
+        kind: kind_s,
+        outcome: outcome.into(),
+        risk_level: risk_s,
+        action: req.action.into(),
+        policy: d.policy.as_deref().map(str::to_string),
+        rule: d.rule.as_deref().map(str::to_string),
+        estimated_micros: est,
+        prevented_micros: prevented,
+        body: body.to_string(),
+    }
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SettleBody {
+    pub reservation_id: String,
+    /// What the action really cost; defaults to the reserved estimate.
+    #[serde(default)]
+    pub actual_cost_usd: Option<f64>,
+    /// The action never ran: give back the cost and the rate-limit slot.
+    #[serde(default)]
+    pub release: bool,
+}
+
+/// Settles a reservation with the actual cost, or releases it.
+#[utoipa::path(post, path = "/api/v1/settle", request_body = SettleBody, tag = "decisions",
+    responses((status = 200, description = "The reservation's final state"), (status = 404), (status = 409)))]
+pub async fn settle(
+    State(s): State<AppState>,
+    caller: Caller,
+    ApiJson(b): ApiJson<SettleBody>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(&[Scope::Admin, Scope::Agent])?;
+    if b.release && b.actual_cost_usd.is_some() {
+        return Err(ApiError::field("release", "give either `actual_cost_usd` or `release: true`, not both"));
+    }
+    let actual = match b.actual_cost_usd {
+        Some(c) => Some(Usd::from_f64(c).map_err(|e| ApiError::field("actual_cost_usd", e.to_string()))?),
+        None => None,
+    };
+    let (now_ms, _) = now_both();
+    let what = format!("reservation `{}`", b.reservation_id);
+    let state = if b.release { "released" } else { "settled" };
+    match &*s.authority {
+        Authority::Memory(m) => {
+            let held = {
+                let mut g = m.shard(&b.reservation_id).lock();
+                if let Some(h) = g.by_id.get(&b.reservation_id) {
+                    caller.must_own(&what, &h.agent_id)?;
+                }
+                g.remove(&b.reservation_id)
+            };
+            let Some(h) = held else {
+                // Not held: settled, released, expired, or unknown. What the journal holds may
+                // not be in the database yet.
+                s.authority.fold_now(&s.store).await;
+                let r = s.store.get_reservation(&b.reservation_id).await?;
+                caller.must_own(&what, &r.agent_id)?;
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "Conflict",
+                    format!("reservation `{}` is already {}", b.reservation_id, r.state),
+                ));
+            };
+            let estimate = h.res.cost();
+            let actual_micros = if b.release {
+                h.res.release();
+                None
+            } else {
+                let a = actual.unwrap_or(estimate);
+                h.res.settle(a);
+                Some(to_micros(a))
+            };
+            m.persist(CounterOp::Finish { id: b.reservation_id.clone(), state, actual_micros, at: now_ms }).await?;
+            Ok(Json(
+                json!({"reservation_id": b.reservation_id, "state": state, "estimated_cost_usd": estimate.as_f64(),
+                "actual_cost_usd": actual_micros.map(|m| m as f64 / 1e6)}),
+            ))
+        }
+        Authority::Shared => {
+            let r = s.store.get_reservation(&b.reservation_id).await?;
+            caller.must_own(&what, &r.agent_id)?;
+            let actual_micros = if b.release { None } else { Some(actual.map_or(r.cost_micros, to_micros)) };
+            let before = s.store.pg_finish(&b.reservation_id, actual_micros, now_ms).await?;
+            Ok(Json(json!({"reservation_id": b.reservation_id, "state": state,
+                "estimated_cost_usd": before.cost_micros as f64 / 1e6,
+                "actual_cost_usd": actual_micros.map(|m| m as f64 / 1e6),
+                "expired_before_settling": before.state == "expired"})))
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct HaltBody {
+    #[serde(default)]
+    pub agent_id: Option<String>,
+    #[serde(default)]
+    pub run_id: Option<String>,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+fn halt_target(b: &HaltBody) -> Result<(&'static str, String), ApiError> {
+    match (&b.agent_id, &b.run_id) {
+        (Some(a), None) => {
+            check_id("agent_id", a)?;
+            Ok(("agent", a.clone()))
+        }
+        (None, Some(r)) => {
+            check_id("run_id", r)?;
+            Ok(("run", r.clone()))
+        }
+        _ => Err(ApiError::field("agent_id", "give exactly one of `agent_id` or `run_id`")),
+    }
+}
+
+/// Halts an agent or a run: its decisions deny at once, on every replica.
+#[utoipa::path(post, path = "/api/v1/halts", request_body = HaltBody, tag = "decisions",
+    responses((status = 201, description = "Halted")))]
+pub async fn create_halt(
+    State(s): State<AppState>,
+    caller: Caller,
+    ApiJson(b): ApiJson<HaltBody>,
+) -> Result<Response, ApiError> {
+    caller.require(&[Scope::Admin])?;
+    let (kind, target) = halt_target(&b)?;
+    let reason = b.reason.clone().unwrap_or_else(|| "halted by an operator".into());
+    if reason.len() > 1000 {
+        return Err(ApiError::field("reason", "must be at most 1000 characters"));
+    }
+    let row = s.store.set_halt(kind, &target, &reason, &caller.actor()).await?;
+    if let Authority::Memory(_) = &*s.authority {
+        let t = if kind == "agent" { HaltTarget::Agent(target) } else { HaltTarget::Run(target) };
+        s.engine().halt(t, &reason);
+    }
+    tracing::warn!(kind, target = %row.target, reason = %row.reason, actor = %row.actor, "halt");
+    Ok((StatusCode::CREATED, Json(row)).into_response())
+}
+
+/// Lifts a halt (`?agent_id=` or `?run_id=`).
+#[utoipa::path(delete, path = "/api/v1/halts", params(HaltBody), tag = "decisions",
+    responses((status = 204, description = "Resumed"), (status = 404)))]
+pub async fn delete_halt(
+    State(s): State<AppState>,
+    caller: Caller,
+    Query(b): Query<HaltBody>,
+) -> Result<StatusCode, ApiError> {
+    caller.require(&[Scope::Admin])?;
+    let (kind, target) = halt_target(&b)?;
+    s.store.clear_halt(kind, &target).await?;
+    if let Authority::Memory(_) = &*s.authority {
+        let t = if kind == "agent" { HaltTarget::Agent(target.clone()) } else { HaltTarget::Run(target.clone()) };
+        s.engine().resume(&t);
+    }
+    tracing::warn!(kind, %target, actor = %caller.actor(), "resume");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Every current halt.
+#[utoipa::path(get, path = "/api/v1/halts", tag = "decisions", responses((status = 200)))]
+pub async fn list_halts(State(s): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
+    caller.require(&[Scope::Admin, Scope::Readonly, Scope::Agent])?;
+    let mut halts = s.store.list_halts().await?;
+    if let Some(own) = &caller.0.agent_id {
+        halts.retain(|h| h.kind == "run" || h.target == *own);
+    }
+    Ok(Json(json!({ "halts": halts })))
+}

@@ -1,0 +1,519 @@
+//! Central decisions: reservations, spend totals, sliding windows and halts.
+//!
+//! Two authorities use these tables. On SQLite one server owns the file: it decides in memory and
+//! persists every reservation change here in batches ([`Store::apply_counter_ops`]) before it
+//! answers, and rebuilds its counters from them at start. On PostgreSQL every replica decides in one
+//! transaction ([`Store::pg_decide`]) under advisory locks, so budgets and windows are shared with
+//! zero overspend.
+
+use serde::Serialize;
+use sqlx::{Postgres, QueryBuilder, Row, Sqlite};
+
+use crate::{Pool, Result, Store, StoreError, sql};
+
+/// One reservation: what an allowed `/decide` holds until it is settled, released or expires.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct ReservationRow {
+    pub id: String,
+    pub agent_id: String,
+    pub run_id: String,
+    pub session_id: String,
+    pub action: String,
+    pub args_digest: i64,
+    pub cost_micros: i64,
+    pub actual_micros: Option<i64>,
+    pub state: String,
+    /// When it was decided, in nanoseconds since the epoch (the time its window slots count from).
+    pub at_ns: i64,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub settled_at: Option<i64>,
+    pub policy_version: String,
+}
+
+/// A change to persist, in order.
+#[derive(Debug, Clone)]
+pub enum CounterOp {
+    Reserve(ReservationRow),
+    /// `state` is `settled`, `released` or `expired`.
+    Finish {
+        id: String,
+        state: &'static str,
+        actual_micros: Option<i64>,
+        at: i64,
+    },
+}
+
+/// A halted agent or run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HaltRow {
+    pub kind: String,
+    pub target: String,
+    pub reason: String,
+    pub actor: String,
+    pub at: i64,
+}
+
+/// Settled spend restored at start: per session, run and action.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpendTotal {
+    pub session_id: String,
+    pub run_id: String,
+    pub action: String,
+    pub micros: i64,
+    pub calls: i64,
+}
+
+/// The keys of the spend counters a call adds to: its session, its run and its action (both within the session).
+pub fn spend_keys(session: &str, run: &str, action: &str) -> [String; 3] {
+    [format!("a\u{1f}{session}\u{1f}{action}"), format!("r\u{1f}{session}\u{1f}{run}"), format!("s\u{1f}{session}")]
+}
+
+/// A stable 64-bit lock id for a counter key (FNV-1a), the same in every process.
+fn lock_id(key: &str) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    i64::from_ne_bytes(h.to_ne_bytes())
+}
+
+const RESERVATION_COLUMNS: &str = "id, agent_id, run_id, session_id, action, args_digest, cost_micros, actual_micros, \
+     state, at_ns, created_at, expires_at, settled_at, policy_version";
+
+fn reservation_from<R: Row>(r: &R) -> Result<ReservationRow>
+where
+    for<'c> &'c str: sqlx::ColumnIndex<R>,
+    for<'q> String: sqlx::Decode<'q, R::Database> + sqlx::Type<R::Database>,
+    for<'q> i64: sqlx::Decode<'q, R::Database> + sqlx::Type<R::Database>,
+    for<'q> Option<i64>: sqlx::Decode<'q, R::Database>,
+{
+    Ok(ReservationRow {
+        id: r.try_get("id")?,
+        agent_id: r.try_get("agent_id")?,
+        run_id: r.try_get("run_id")?,
+        session_id: r.try_get("session_id")?,
+        action: r.try_get("action")?,
+        args_digest: r.try_get("args_digest")?,
+        cost_micros: r.try_get("cost_micros")?,
+        actual_micros: r.try_get("actual_micros")?,
+        state: r.try_get("state")?,
+        at_ns: r.try_get("at_ns")?,
+        created_at: r.try_get("created_at")?,
+        expires_at: r.try_get("expires_at")?,
+        settled_at: r.try_get("settled_at")?,
+        policy_version: r.try_get("policy_version")?,
+    })
+}
+
+fn halt_from<R: Row>(r: &R) -> Result<HaltRow>
+where
+    for<'c> &'c str: sqlx::ColumnIndex<R>,
+    for<'q> String: sqlx::Decode<'q, R::Database> + sqlx::Type<R::Database>,
+    for<'q> i64: sqlx::Decode<'q, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(HaltRow {
+        kind: r.try_get("kind")?,
+        target: r.try_get("target")?,
+        reason: r.try_get("reason")?,
+        actor: r.try_get("actor")?,
+        at: r.try_get("at")?,
+    })
+}
+
+/// What one window check found full.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PgDecideOutcome {
+    /// The agent (`kind` = `agent`) or run is halted.
+    Halted(HaltRow),
+    /// Window `index` of the request already holds `max` calls; a slot frees in `retry_after_ns`.
+    WindowFull { index: usize, retry_after_ns: u64 },
+    /// Budget `index` would be exceeded; `spent_micros` were already spent or reserved.
+    OverBudget { index: usize, spent_micros: i64 },
+    /// Every check passed; the reservation was written when one was asked for.
+    Passed,
+}
+
+/// A sliding window to check: its counter key, capacity and length.
+#[derive(Debug, Clone)]
+pub struct WindowSpec {
+    pub key: String,
+    pub max: u32,
+    pub window_ns: u64,
+}
+
+/// A budget to check: the spend key (one of [`spend_keys`]) and its limit.
+#[derive(Debug, Clone)]
+pub struct BudgetSpec {
+    pub key: String,
+    pub limit_micros: i64,
+}
+
+/// One `/decide` against shared counters.
+#[derive(Debug, Clone)]
+pub struct PgDecide<'a> {
+    pub agent_id: &'a str,
+    pub run_id: &'a str,
+    pub now_ns: i64,
+    pub windows: &'a [WindowSpec],
+    pub budgets: &'a [BudgetSpec],
+    /// The call's estimated cost, checked against the budgets (also when nothing is reserved).
+    pub cost_micros: i64,
+    /// Written (with its window slots and spend) if every check passes.
+    pub reserve: Option<&'a ReservationRow>,
+}
+
+fn clamp_i64(x: u64) -> i64 {
+    i64::try_from(x).unwrap_or(i64::MAX)
+}
+
+impl Store {
+    // -----------------------------------------------------------------------------------------
+    // Halts (both backends)
+
+    pub async fn set_halt(&self, kind: &str, target: &str, reason: &str, actor: &str) -> Result<HaltRow> {
+        let _turn = self.turn().await;
+        let at = crate::now_ms();
+        let q = sql(
+            self.is_pg(),
+            "INSERT INTO halts (kind, target, reason, actor, at) VALUES (?1, ?2, ?3, ?4, ?5) \
+             ON CONFLICT (kind, target) DO UPDATE SET reason = excluded.reason, actor = excluded.actor, at = excluded.at",
+        );
+        per_backend!(self, p => {
+            sqlx::query(sqlx::AssertSqlSafe(q)).bind(kind).bind(target).bind(reason).bind(actor).bind(at).execute(p).await.map(|_| ())?
+        });
+        Ok(HaltRow { kind: kind.into(), target: target.into(), reason: reason.into(), actor: actor.into(), at })
+    }
+
+    /// Lifts a halt. `NotFound` if it was not halted.
+    pub async fn clear_halt(&self, kind: &str, target: &str) -> Result<()> {
+        let _turn = self.turn().await;
+        let q = sql(self.is_pg(), "DELETE FROM halts WHERE kind = ?1 AND target = ?2");
+        let n = per_backend!(self, p => {
+            sqlx::query(sqlx::AssertSqlSafe(q)).bind(kind).bind(target).execute(p).await?.rows_affected()
+        });
+        if n == 0 { Err(StoreError::NotFound(format!("a halt of {kind} `{target}`"))) } else { Ok(()) }
+    }
+
+    pub async fn list_halts(&self) -> Result<Vec<HaltRow>> {
+        let q = "SELECT kind, target, reason, actor, at FROM halts ORDER BY at, kind, target";
+        per_backend!(self, p => sqlx::query(q).fetch_all(p).await?.iter().map(halt_from).collect())
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Reservations written through by the in-memory authority (SQLite), in one transaction per batch.
+
+    pub async fn apply_counter_ops(&self, ops: &[CounterOp]) -> Result<()> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        match &self.pool {
+            Pool::Sqlite(p) => {
+                let _turn = self.writer.lock().await;
+                let mut tx = p.begin_with("BEGIN IMMEDIATE").await?;
+                let mut i = 0;
+                while i < ops.len() {
+                    // Consecutive inserts go in one statement.
+                    let run: Vec<&ReservationRow> = ops
+                        .get(i..)
+                        .unwrap_or_default()
+                        .iter()
+                        .map_while(|o| if let CounterOp::Reserve(r) = o { Some(r) } else { None })
+                        .take(500)
+                        .collect();
+                    if run.is_empty() {
+                        if let Some(CounterOp::Finish { id, state, actual_micros, at }) = ops.get(i) {
+                            sqlx::query("UPDATE reservations SET state = ?1, actual_micros = COALESCE(?2, actual_micros), settled_at = ?3 WHERE id = ?4")
+                                .bind(*state).bind(*actual_micros).bind(*at).bind(id).execute(&mut *tx).await?;
+                        }
+                        i += 1;
+                        continue;
+                    }
+                    i += run.len();
+                    let mut qb: QueryBuilder<Sqlite> =
+                        QueryBuilder::new(format!("INSERT INTO reservations ({RESERVATION_COLUMNS}) "));
+                    qb.push_values(run, |mut b, r| {
+                        b.push_bind(r.id.clone())
+                            .push_bind(r.agent_id.clone())
+                            .push_bind(r.run_id.clone())
+                            .push_bind(r.session_id.clone())
+                            .push_bind(r.action.clone())
+                            .push_bind(r.args_digest)
+                            .push_bind(r.cost_micros)
+                            .push_bind(r.actual_micros)
+                            .push_bind(r.state.clone())
+                            .push_bind(r.at_ns)
+                            .push_bind(r.created_at)
+                            .push_bind(r.expires_at)
+                            .push_bind(r.settled_at)
+                            .push_bind(r.policy_version.clone());
+                    });
+                    // Idempotent, so a journal folded twice (a crash between folding and deleting it) is harmless.
+                    qb.push(" ON CONFLICT (id) DO NOTHING");
+                    qb.build().execute(&mut *tx).await?;
+                }
+                tx.commit().await?;
+            }
+            Pool::Postgres(p) => {
+                let mut tx = p.begin().await?;
+                for op in ops {
+                    match op {
+                        CounterOp::Reserve(r) => {
+                            insert_reservation_pg(&mut tx, r).await?;
+                        }
+                        CounterOp::Finish { id, state, actual_micros, at } => {
+                            sqlx::query("UPDATE reservations SET state = $1, actual_micros = COALESCE($2, actual_micros), settled_at = $3 WHERE id = $4")
+                                .bind(*state).bind(*actual_micros).bind(*at).bind(id).execute(&mut *tx).await?;
+                        }
+                    }
+                }
+                tx.commit().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks reservations that expired while no server was running; returns how many.
+    pub async fn expire_stale_reservations(&self, now_ms: i64) -> Result<u64> {
+        let _turn = self.turn().await;
+        let q = sql(
+            self.is_pg(),
+            "UPDATE reservations SET state = 'expired', settled_at = ?1 WHERE state = 'reserved' AND expires_at <= ?1",
+        );
+        Ok(per_backend!(self, p => sqlx::query(sqlx::AssertSqlSafe(q)).bind(now_ms).execute(p).await?.rows_affected()))
+    }
+
+    /// Reservations still held (not settled, released or expired).
+    pub async fn live_reservations(&self) -> Result<Vec<ReservationRow>> {
+        let q = format!("SELECT {RESERVATION_COLUMNS} FROM reservations WHERE state = 'reserved' ORDER BY at_ns");
+        per_backend!(self, p => sqlx::query(sqlx::AssertSqlSafe(q)).fetch_all(p).await?.iter().map(reservation_from).collect())
+    }
+
+    /// Settled reservations decided after `since_ns`: their rate-limit and loop slots may still count.
+    pub async fn settled_since(&self, since_ns: i64) -> Result<Vec<ReservationRow>> {
+        let q = format!(
+            "SELECT {RESERVATION_COLUMNS} FROM reservations WHERE state = 'settled' AND at_ns > {since_ns} ORDER BY at_ns"
+        );
+        per_backend!(self, p => sqlx::query(sqlx::AssertSqlSafe(q)).fetch_all(p).await?.iter().map(reservation_from).collect())
+    }
+
+    /// Settled spend per session, run and action.
+    pub async fn settled_totals(&self) -> Result<Vec<SpendTotal>> {
+        let sql = "SELECT session_id, run_id, action, CAST(SUM(COALESCE(actual_micros, cost_micros)) AS BIGINT) AS micros, COUNT(*) AS calls \
+                   FROM reservations WHERE state = 'settled' GROUP BY session_id, run_id, action";
+        let rows: Vec<(String, String, String, i64, i64)> =
+            per_backend!(self, p => sqlx::query_as(sql).fetch_all(p).await?);
+        Ok(rows
+            .into_iter()
+            .map(|(session_id, run_id, action, micros, calls)| SpendTotal { session_id, run_id, action, micros, calls })
+            .collect())
+    }
+
+    pub async fn get_reservation(&self, id: &str) -> Result<ReservationRow> {
+        let q = sql(self.is_pg(), &format!("SELECT {RESERVATION_COLUMNS} FROM reservations WHERE id = ?1"));
+        let found = per_backend!(self, p => {
+            sqlx::query(sqlx::AssertSqlSafe(q)).bind(id).fetch_optional(p).await?.as_ref().map(reservation_from).transpose()?
+        });
+        found.ok_or_else(|| StoreError::NotFound(format!("reservation `{id}`")))
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // The PostgreSQL authority: check and reserve in one transaction.
+
+    fn pg(&self) -> Result<&sqlx::PgPool> {
+        match &self.pool {
+            Pool::Postgres(p) => Ok(p),
+            Pool::Sqlite(_) => Err(StoreError::Invalid("shared counters need PostgreSQL".into())),
+        }
+    }
+
+    /// Checks halts, windows and budgets, in that order, and on success writes the reservation,
+    /// its window slots and its spend, all under advisory locks on every counter it reads.
+    pub async fn pg_decide(&self, d: PgDecide<'_>, session_key: &str) -> Result<PgDecideOutcome> {
+        let pool = self.pg()?;
+        // Every counter the call reads is locked: its windows, and its session (which holds the
+        // session's, the run's and the action's spend). One round trip: `sentinel_decide`.
+        let locks: Vec<i64> =
+            d.windows.iter().map(|w| lock_id(&w.key)).chain(std::iter::once(lock_id(session_key))).collect();
+        let win_keys: Vec<&str> = d.windows.iter().map(|w| w.key.as_str()).collect();
+        let win_max: Vec<i64> = d.windows.iter().map(|w| i64::from(w.max)).collect();
+        let win_ns: Vec<i64> = d.windows.iter().map(|w| clamp_i64(w.window_ns)).collect();
+        let budget_keys: Vec<&str> = d.budgets.iter().map(|b| b.key.as_str()).collect();
+        let budget_limits: Vec<i64> = d.budgets.iter().map(|b| b.limit_micros).collect();
+        let r = d.reserve;
+        let row = sqlx::query(
+            "SELECT outcome, idx, amount, halt_kind, halt_target, halt_reason, halt_actor, halt_at FROM sentinel_decide(\
+             $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
+        )
+        .bind(&locks)
+        .bind(d.agent_id)
+        .bind(d.run_id)
+        .bind(d.now_ns)
+        .bind(&win_keys)
+        .bind(&win_max)
+        .bind(&win_ns)
+        .bind(&budget_keys)
+        .bind(&budget_limits)
+        .bind(r.is_some())
+        .bind(r.map_or("", |r| r.id.as_str()))
+        .bind(r.map_or("", |r| r.session_id.as_str()))
+        .bind(r.map_or("", |r| r.action.as_str()))
+        .bind(r.map_or(0, |r| r.args_digest))
+        .bind(d.cost_micros)
+        .bind(r.map_or(0, |r| r.created_at))
+        .bind(r.map_or(0, |r| r.expires_at))
+        .bind(r.map_or("", |r| r.policy_version.as_str()))
+        .fetch_one(pool)
+        .await
+        .map_err(|e| crate::conflict_or(e, || "this reservation id already exists".into()))?;
+        let outcome: String = row.try_get("outcome")?;
+        let idx = usize::try_from(row.try_get::<i32, _>("idx")?).unwrap_or(0);
+        let amount: i64 = row.try_get("amount")?;
+        Ok(match outcome.as_str() {
+            "halted" => PgDecideOutcome::Halted(HaltRow {
+                kind: row.try_get::<Option<String>, _>("halt_kind")?.unwrap_or_default(),
+                target: row.try_get::<Option<String>, _>("halt_target")?.unwrap_or_default(),
+                reason: row.try_get::<Option<String>, _>("halt_reason")?.unwrap_or_default(),
+                actor: row.try_get::<Option<String>, _>("halt_actor")?.unwrap_or_default(),
+                at: row.try_get::<Option<i64>, _>("halt_at")?.unwrap_or(0),
+            }),
+            "window" => PgDecideOutcome::WindowFull { index: idx, retry_after_ns: u64::try_from(amount).unwrap_or(0) },
+            "budget" => PgDecideOutcome::OverBudget { index: idx, spent_micros: amount },
+            _ => PgDecideOutcome::Passed,
+        })
+    }
+
+    /// Settles (`actual_micros` = Some) or releases (None) a reservation on the shared counters.
+    /// Returns the reservation as it was before. A reservation already settled or released is a conflict.
+    pub async fn pg_finish(&self, id: &str, actual_micros: Option<i64>, now_ms: i64) -> Result<ReservationRow> {
+        let pool = self.pg()?;
+        let mut tx = pool.begin().await?;
+        let sql = format!("SELECT {RESERVATION_COLUMNS} FROM reservations WHERE id = $1 FOR UPDATE");
+        let Some(row) = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id).fetch_optional(&mut *tx).await? else {
+            return Err(StoreError::NotFound(format!("reservation `{id}`")));
+        };
+        let r = reservation_from(&row)?;
+        let live = match r.state.as_str() {
+            "reserved" => true,
+            "expired" => false,
+            other => return Err(StoreError::Conflict(format!("reservation `{id}` is already {other}"))),
+        };
+        match actual_micros {
+            Some(actual) => {
+                // An expired reservation gave its estimate back; the actual cost is still owed.
+                let delta = if live { actual.saturating_sub(r.cost_micros) } else { actual };
+                if delta != 0 {
+                    add_spend_pg(&mut tx, &r.session_id, &r.run_id, &r.action, delta).await?;
+                }
+                sqlx::query(
+                    "UPDATE reservations SET state = 'settled', actual_micros = $1, settled_at = $2 WHERE id = $3",
+                )
+                .bind(actual)
+                .bind(now_ms)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            }
+            None => {
+                if live {
+                    add_spend_pg(&mut tx, &r.session_id, &r.run_id, &r.action, -r.cost_micros).await?;
+                    sqlx::query("DELETE FROM window_events WHERE reservation_id = $1")
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                sqlx::query("UPDATE reservations SET state = 'released', settled_at = $1 WHERE id = $2")
+                    .bind(now_ms)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(r)
+    }
+
+    /// Releases reservations past their expiry and drops window slots older than every window.
+    /// Safe to run on several replicas at once: each reservation is claimed by one.
+    pub async fn pg_sweep(&self, now_ms: i64, now_ns: i64) -> Result<u64> {
+        let pool = self.pg()?;
+        let mut tx = pool.begin().await?;
+        let rows = sqlx::query(
+            "UPDATE reservations SET state = 'expired', settled_at = $1 WHERE id IN (SELECT id FROM reservations WHERE state = 'reserved' AND expires_at <= $1 LIMIT 1000 FOR UPDATE SKIP LOCKED) RETURNING id, session_id, run_id, action, cost_micros",
+        )
+        .bind(now_ms)
+        .fetch_all(&mut *tx)
+        .await?;
+        for r in &rows {
+            let (id, s, run, a, c): (String, String, String, String, i64) =
+                (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, r.try_get(4)?);
+            if c != 0 {
+                add_spend_pg(&mut tx, &s, &run, &a, -c).await?;
+            }
+            sqlx::query("DELETE FROM window_events WHERE reservation_id = $1").bind(&id).execute(&mut *tx).await?;
+        }
+        sqlx::query("DELETE FROM window_events WHERE expires_ns < $1").bind(now_ns).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(rows.len() as u64)
+    }
+
+    /// Spent-or-reserved totals for a session (and one run), from the shared counters.
+    pub async fn pg_spend(&self, session: &str, run: &str, action: &str) -> Result<[i64; 3]> {
+        let pool = self.pg()?;
+        let keys = spend_keys(session, run, action);
+        let rows =
+            sqlx::query("SELECT key, micros FROM spend WHERE key = ANY($1)").bind(&keys[..]).fetch_all(pool).await?;
+        let get = |k: &str| {
+            rows.iter()
+                .find(|r| r.try_get::<&str, _>("key").is_ok_and(|x| x == k))
+                .and_then(|r| r.try_get::<i64, _>("micros").ok())
+                .unwrap_or(0)
+        };
+        Ok([get(&keys[0]), get(&keys[1]), get(&keys[2])])
+    }
+}
+
+async fn insert_reservation_pg(tx: &mut sqlx::Transaction<'_, Postgres>, r: &ReservationRow) -> Result<()> {
+    let sql = format!(
+        "INSERT INTO reservations ({RESERVATION_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(&r.id)
+        .bind(&r.agent_id)
+        .bind(&r.run_id)
+        .bind(&r.session_id)
+        .bind(&r.action)
+        .bind(r.args_digest)
+        .bind(r.cost_micros)
+        .bind(r.actual_micros)
+        .bind(&r.state)
+        .bind(r.at_ns)
+        .bind(r.created_at)
+        .bind(r.expires_at)
+        .bind(r.settled_at)
+        .bind(&r.policy_version)
+        .execute(&mut **tx)
+        .await
+        .map_err(|e| crate::conflict_or(e, || format!("reservation `{}` already exists", r.id)))?;
+    Ok(())
+}
+
+async fn add_spend_pg(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    session: &str,
+    run: &str,
+    action: &str,
+    delta: i64,
+) -> Result<()> {
+    let keys = spend_keys(session, run, action);
+    sqlx::query(
+        "INSERT INTO spend (key, micros) SELECT k, $2 FROM UNNEST($1::text[]) AS u(k) ORDER BY k \
+         ON CONFLICT (key) DO UPDATE SET micros = spend.micros + EXCLUDED.micros",
+    )
+    .bind(&keys[..])
+    .bind(delta)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
