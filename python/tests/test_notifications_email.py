@@ -102,6 +102,10 @@ def test_send_test_and_policy_test_alert_reach_the_smtp_server(mailing_server):
     assert status == 201, p
     status, m = s.api("POST", f"/api/v1/policies/{p['id']}/test-alert")
     assert status == 200 and m["status"] == "delivered", m
+    status, outbox = s.api("GET", "/api/v1/notifications?event=test")
+    assert status == 200, outbox
+    assert sorted(x["target"] for x in outbox["items"]) == ["alerts@example.com", "ops@example.com,cto@example.com"], \
+        "a policy's test alert goes to its alert addresses only, not to every channel"
     msgs = messages(box, 2)
     alert = next(x for x in msgs if "alerts@example.com" in x["To"])
     assert "Test alert for policy `prod`" in alert["Subject"]

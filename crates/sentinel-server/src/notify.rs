@@ -431,6 +431,8 @@ pub async fn emit(s: &AppState, ev: Event) -> Result<Vec<String>, ApiError> {
     let mut msgs = Vec::new();
     let wanted = |c: &ChannelRow| match &ev.only_channel {
         Some(id) => c.id == *id,
+        // A test goes only where it was aimed: one channel, or one policy's alert addresses.
+        None if ev.kind == "test" => false,
         None => c.enabled && (ev.always || c.events.is_empty() || c.events.iter().any(|e| e == ev.kind)),
     };
     for c in channels.iter().filter(|c| wanted(c)) {
