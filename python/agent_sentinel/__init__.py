@@ -26,6 +26,7 @@ from .errors import (
 from .policy import CostTracker, Ledger, PolicyConfig, PolicyEngine
 from .protect import SentinelConfig, protect
 from .replay import ReplayedCallError, replay_mode
+from ._runtime import flush
 from .sync import AuthorityUnavailableError, BackgroundSync, SyncConfig, enable_remote_sync, flush_and_stop
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "__version__",
     "context",
     "enable_remote_sync",
+    "flush",
     "flush_and_stop",
     "get_context",
     "guarded_action",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
@@ -78,3 +79,23 @@ class Runtime:
 
 
 RUNTIME = Runtime()
+
+
+def flush() -> None:
+    """Hands every ledger and interventions entry recorded so far to the OS.
+
+    Entries are written in groups about a millisecond after each call (``AGENT_SENTINEL_LEDGER_SYNC``:
+    ``group``, the default; ``entry`` writes each entry before the call returns; ``fsync`` also waits
+    for the disk). Call this before reading the files in the same process; it also runs at exit.
+    """
+    _native.flush_all()
+
+
+def _flush_at_exit() -> None:
+    try:
+        _native.flush_all()
+    except Exception as e:  # noqa: BLE001 - nothing left to raise to at exit
+        logging.getLogger("agent_sentinel").error("the ledger could not be written at exit: %s", e)
+
+
+atexit.register(_flush_at_exit)

@@ -111,9 +111,10 @@ def replay_mode(ledger_path: "str | os.PathLike[str] | None" = None, run_id: Opt
 
     A different action or different inputs raise ``ReplayDivergenceError`` naming the first difference.
     """
-    from ._runtime import home_from_env
+    from ._runtime import flush, home_from_env
 
     path = Path(ledger_path) if ledger_path is not None else home_from_env() / "ledger.jsonl"
+    flush()  # this process's latest entries, if it is reading its own ledger
     files = _ledger_files(path)
     if not files:
         raise FileNotFoundError(f"no ledger at `{path}`")

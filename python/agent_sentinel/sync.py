@@ -1281,6 +1281,11 @@ class BackgroundSync:
     def _upload(self, result: dict, deadline: Optional[float], interruptible: bool) -> None:
         if not self.home.is_dir():
             return
+        try:
+            # Entries are written in groups; hand this process's latest ones to the files first.
+            _native.flush_all()
+        except RuntimeError as e:
+            log.warning("the local ledger could not be written before the upload: %s", e)
         state = self._load_state()
         readers = {kind: _Reader(self.home / f"{kind}.jsonl", state.get(kind)) for kind in LOGS}
         batch = self.config.batch_size

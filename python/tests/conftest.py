@@ -34,10 +34,12 @@ def home(tmp_path, monkeypatch):
 
 
 def read_jsonl(path: Path) -> list:
+    agent_sentinel.flush()  # entries are written in groups; this process's latest ones first
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def verify(path: Path) -> dict:
+    agent_sentinel.flush()
     out = subprocess.run([sentinel_bin(), "ledger", "verify", str(path), "--format", "json"], capture_output=True, text=True)
     report = json.loads(out.stdout)
     assert out.returncode == 0, report

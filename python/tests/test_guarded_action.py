@@ -1,7 +1,10 @@
 """The SDK's decorator, engine, tracker and ledger, as its README documents them."""
 
 import asyncio
+import os
 import socket
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -265,6 +268,7 @@ def test_secrets_are_redacted_in_every_record(home):
     with pytest.raises(PolicyViolationError):
         leak("sk-live-abcdefghijklmnopqrst", note="my key is sk-live-zyxwvutsrqponmlk")
     fetch("https://admin:s3cret-pass@db.internal/x", headers={"Authorization": "Bearer abcdefghijklmnopq"})
+    agent_sentinel.flush()
     text = (home / "ledger.jsonl").read_text() + (home / "interventions.jsonl").read_text()
     for secret in ("sk-live-abcdefghijklmnopqrst", "sk-live-zyxwvutsrqponmlk", "s3cret-pass", "abcdefghijklmnopq", "tok_abcdef123456"):
         assert secret not in text
@@ -322,3 +326,52 @@ async def test_concurrent_asyncio_tasks_with_their_own_runs_are_accounted_separa
         assert total == pytest.approx(0.08)
     runs = {e["run_id"] for e in read_jsonl(home / "ledger.jsonl")}
     assert runs == {f"run-{n}" for n in range(6)}
+
+
+LEDGER_SYNC_CHILD = r"""
+import os, sys
+from pathlib import Path
+from agent_sentinel import guarded_action
+
+@guarded_action(name="step")
+def step(i):
+    return i
+
+step(1)
+lines = (Path(os.environ["AGENT_SENTINEL_HOME"]) / "ledger.jsonl").read_text().splitlines()
+print(len(lines), flush=True)
+os._exit(0)  # no atexit: only what was already handed to the OS survives
+"""
+
+
+def _run_child(tmp_path, sync: str):
+    env = dict(os.environ, AGENT_SENTINEL_HOME=str(tmp_path / sync), AGENT_SENTINEL_LEDGER_SYNC=sync)
+    return subprocess.run([sys.executable, "-c", LEDGER_SYNC_CHILD], env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("sync", ["entry", "fsync"])
+def test_ledger_sync_entry_writes_each_entry_before_the_call_returns(tmp_path, sync):
+    r = _run_child(tmp_path, sync)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "1", "the entry was in the file as soon as the call returned"
+    assert verify(tmp_path / sync / "ledger.jsonl")["entries"] == 1
+
+
+def test_ledger_sync_rejects_an_unknown_mode_naming_the_variable(tmp_path):
+    r = _run_child(tmp_path, "sometimes")
+    assert r.returncode != 0
+    assert "AGENT_SENTINEL_LEDGER_SYNC is `sometimes`" in r.stderr and "`group`, `entry`, `fsync`" in r.stderr, r.stderr
+
+
+def test_group_commit_writes_every_entry_by_exit(tmp_path):
+    script = (
+        "from agent_sentinel import guarded_action\n"
+        "f = guarded_action(name='n')(lambda i: i)\n"
+        "for i in range(500): f(i)\n"
+    )
+    env = dict(os.environ, AGENT_SENTINEL_HOME=str(tmp_path / "g"))
+    env.pop("AGENT_SENTINEL_LEDGER_SYNC", None)
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    report = verify(tmp_path / "g" / "ledger.jsonl")
+    assert report["entries"] == 500 and report["anchored"], report

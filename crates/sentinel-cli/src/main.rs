@@ -629,11 +629,18 @@ fn ledger_cmd(cmd: LedgerCmd) -> Result<ExitCode> {
                 outln!("FAILED: {loc}: {}", f.problem);
                 outln!("{} entries verified before the failure", report.entries);
             } else {
+                let anchor = match report.anchor_seq {
+                    _ if report.anchored => ", end anchored".to_string(),
+                    Some(a) => format!(
+                        ", anchored up to entry {a} (the writer stopped before anchoring the last {})",
+                        report.last_seq.saturating_sub(a)
+                    ),
+                    None => String::new(),
+                };
                 outln!(
-                    "ok: {} entries in {} file(s), chain intact{}; last hash {}",
+                    "ok: {} entries in {} file(s), chain intact{anchor}; last hash {}",
                     report.entries,
                     report.files.len(),
-                    if report.anchored { ", end anchored" } else { "" },
                     report.last_hash
                 );
             }

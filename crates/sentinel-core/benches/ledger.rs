@@ -32,7 +32,7 @@ fn bench(c: &mut Criterion) {
     // Verify throughput over a fresh ledger of 300,000 entries.
     let dir = tempfile::tempdir().unwrap();
     let engine = Arc::new(Engine::new(PolicySet::compile(Vec::new()).unwrap()));
-    let guard = Guard::open(dir.path(), engine, LogOptions { rotate_bytes: 1 << 40, fsync: false }).unwrap();
+    let guard = Guard::open(dir.path(), engine, LogOptions { rotate_bytes: 1 << 40, ..LogOptions::default() }).unwrap();
     let n = 300_000u64;
     let t = Instant::now();
     for _ in 0..n {

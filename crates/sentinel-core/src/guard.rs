@@ -114,6 +114,13 @@ impl Logs {
     pub fn interventions(&self) -> &ChainWriter {
         &self.interventions
     }
+
+    /// Hands every entry appended so far, in both logs, to the OS.
+    pub fn flush(&self) -> Result<(), LedgerError> {
+        let a = self.ledger.flush();
+        let b = self.interventions.flush();
+        a.and(b)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -158,6 +165,11 @@ impl Guard {
 
     pub fn interventions(&self) -> &ChainWriter {
         &self.logs.interventions
+    }
+
+    /// Hands every entry appended so far, in both logs, to the OS.
+    pub fn flush(&self) -> Result<(), LedgerError> {
+        self.logs.flush()
     }
 
     fn record_recovery(&self, w: &ChainWriter) -> Result<(), LedgerError> {
@@ -420,14 +432,14 @@ impl Guard {
     ) -> Result<Appended, LedgerError> {
         let mut idbuf = uuid::Uuid::encode_buffer();
         let id = uuid::Uuid::now_v7().hyphenated().encode_lower(&mut idbuf);
-        let timestamp = now_rfc3339();
+        let timestamp = crate::ledger::Rfc3339::now();
         let version = match d {
             Some(d) => Arc::clone(&d.policy_version),
             None => self.engine.policy_version(),
         };
         self.logs.ledger.append(&LedgerLine {
             id,
-            timestamp: &timestamp,
+            timestamp: timestamp.as_str(),
             action: &r.action,
             cost_usd: cost,
             duration_ms,

@@ -6,15 +6,24 @@
 //! Any edit, deletion or reordering breaks the chain. A `<file>.head` anchor holds the newest
 //! `seq` and `hash`, so cutting lines off the end is detected too.
 //!
-//! Every append is one `write(2)` of a whole line: when `append` returns, the entry is with the OS.
-//! Files rotate by size to `<stem>.<NNNNNN>.jsonl`; the chain continues across them.
+//! When an entry reaches the OS is [`Handoff`]: by default entries are chained (seq and hash fixed)
+//! when `append` returns and written in groups, one `write(2)` per group, at most about a
+//! millisecond later, by a writer thread ("group commit"); [`ChainWriter::flush`] and dropping the
+//! writer write whatever is left. [`Handoff::EveryEntry`] writes each entry before `append` returns.
+//! A group is whole lines, so a reader never sees half an entry unless the process died mid-write,
+//! which the next open detects and sets aside. Files rotate by size to `<stem>.<NNNNNN>.jsonl`; the
+//! chain continues across them.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use parking_lot::Mutex;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -40,10 +49,30 @@ pub enum LedgerError {
     Corrupt { path: PathBuf, line: u64, problem: String },
     #[error("cannot serialize a record: {0}")]
     Serialize(String),
+    #[error(
+        "`{path}` cannot be written ({problem}); entries are kept in memory and retried, and new ones are refused until it can"
+    )]
+    Stalled { path: PathBuf, problem: String },
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> LedgerError + 'a {
     move |source| LedgerError::Io { what, path: path.to_path_buf(), source }
+}
+
+/// When an appended entry is handed to the OS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handoff {
+    /// Group commit: a writer thread writes what was appended within `window` in one `write(2)`.
+    /// A process killed without exiting can lose at most the last window's entries; the chain
+    /// stays intact.
+    Group { window: Duration },
+    /// Each entry is written before `append` returns.
+    EveryEntry,
+}
+
+impl Handoff {
+    /// The default group-commit window.
+    pub const WINDOW: Duration = Duration::from_millis(1);
 }
 
 /// Options for a chained log.
@@ -51,23 +80,72 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> L
 pub struct LogOptions {
     /// Rotate when the active file reaches this many bytes.
     pub rotate_bytes: u64,
-    /// `fsync` after every append (survives power loss, at a large cost in throughput).
+    /// `fsync` after every write (survives power loss, at a large cost in throughput).
     pub fsync: bool,
+    pub handoff: Handoff,
 }
 
 impl Default for LogOptions {
     fn default() -> Self {
-        LogOptions { rotate_bytes: 64 * 1024 * 1024, fsync: false }
+        LogOptions { rotate_bytes: 64 * 1024 * 1024, fsync: false, handoff: Handoff::Group { window: Handoff::WINDOW } }
     }
 }
 
+impl LogOptions {
+    /// The values `AGENT_SENTINEL_LEDGER_SYNC` accepts.
+    pub const SYNC_VALUES: &'static [&'static str] = &["group", "entry", "fsync"];
+
+    /// Options from the value of `AGENT_SENTINEL_LEDGER_SYNC`: `group` (the default: written
+    /// within about a millisecond, and at exit), `entry` (each entry written before the call
+    /// returns) or `fsync` (each entry on disk before the call returns).
+    pub fn from_sync_setting(value: &str) -> Result<Self, String> {
+        let d = LogOptions::default();
+        match value.trim().to_ascii_lowercase().as_str() {
+            "" | "group" => Ok(d),
+            "entry" => Ok(LogOptions { handoff: Handoff::EveryEntry, ..d }),
+            "fsync" => Ok(LogOptions { handoff: Handoff::EveryEntry, fsync: true, ..d }),
+            other => Err(format!(
+                "AGENT_SENTINEL_LEDGER_SYNC is `{other}`; expected one of {}",
+                Self::SYNC_VALUES.iter().map(|v| format!("`{v}`")).collect::<Vec<_>>().join(", ")
+            )),
+        }
+    }
+}
+
+/// Groups larger than this are written by the appending thread itself (back-pressure).
+const MAX_PENDING: usize = 4 << 20;
+/// Buffer capacity kept between groups.
+const KEEP_CAPACITY: usize = 256 << 10;
+
+/// What appends change: the chain's end and the lines not yet handed to the writer.
 struct WriterState {
-    file: File,
-    head: File,
-    size: u64,
     seq: u64,
     prev: [u8; 64],
     line: Vec<u8>,
+    pending: Vec<u8>,
+    /// Why the last write failed, while it keeps failing.
+    failed: Option<String>,
+    closed: bool,
+}
+
+/// What writes change: the files and the bytes being written.
+struct IoState {
+    file: File,
+    head: File,
+    size: u64,
+    out: Vec<u8>,
+    /// The chain's end once `out` is written.
+    out_end: (u64, [u8; 64]),
+    /// Part of a line was written and the rest is still in `out`: no rotation until it is done.
+    mid_line: bool,
+}
+
+struct Shared {
+    path: PathBuf,
+    opts: LogOptions,
+    state: Mutex<WriterState>,
+    io: Mutex<IoState>,
+    wake: Condvar,
 }
 
 /// What happened when a log was opened.
@@ -80,9 +158,8 @@ pub struct Recovery {
 
 /// A hash-chained JSONL file that one process appends to.
 pub struct ChainWriter {
-    path: PathBuf,
-    opts: LogOptions,
-    state: Mutex<WriterState>,
+    shared: Arc<Shared>,
+    writer: Option<JoinHandle<()>>,
     _lock: File,
     recovery: Recovery,
     recovery_noted: std::sync::atomic::AtomicBool,
@@ -90,7 +167,7 @@ pub struct ChainWriter {
 
 impl std::fmt::Debug for ChainWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChainWriter").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("ChainWriter").field("path", &self.shared.path).finish_non_exhaustive()
     }
 }
 
@@ -165,25 +242,58 @@ impl ChainWriter {
             .write(true)
             .open(&head_path)
             .map_err(io_err("open", &head_path))?;
-        let w = ChainWriter {
+        if seq > 0 {
+            write_head(&head, seq, &prev).map_err(io_err("write", &head_path))?;
+        }
+        let window = match opts.handoff {
+            Handoff::Group { window } => Some(window),
+            Handoff::EveryEntry => None,
+        };
+        let shared = Arc::new(Shared {
             path: path.to_path_buf(),
             opts,
-            state: Mutex::new(WriterState { file, head, size, seq, prev, line: Vec::with_capacity(1024) }),
+            state: Mutex::new(WriterState {
+                seq,
+                prev,
+                line: Vec::with_capacity(1024),
+                pending: Vec::with_capacity(64 * 1024),
+                failed: None,
+                closed: false,
+            }),
+            io: Mutex::new(IoState {
+                file,
+                head,
+                size,
+                out: Vec::with_capacity(64 * 1024),
+                out_end: (seq, prev),
+                mid_line: false,
+            }),
+            wake: Condvar::new(),
+        });
+        let writer = match window {
+            Some(window) => {
+                let s = Arc::clone(&shared);
+                let name = format!("sentinel-log-{}", path.file_stem().and_then(|n| n.to_str()).unwrap_or("log"));
+                Some(
+                    std::thread::Builder::new()
+                        .name(name)
+                        .spawn(move || s.run_writer(window))
+                        .map_err(io_err("start the writer thread for", path))?,
+                )
+            }
+            None => None,
+        };
+        Ok(ChainWriter {
+            shared,
+            writer,
             _lock: lock,
             recovery,
             recovery_noted: std::sync::atomic::AtomicBool::new(false),
-        };
-        {
-            let st = w.state.lock();
-            if seq > 0 {
-                write_head(&st.head, seq, &st.prev).map_err(io_err("write", &head_path))?;
-            }
-        }
-        Ok(w)
+        })
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.shared.path
     }
 
     pub fn recovery(&self) -> &Recovery {
@@ -197,16 +307,21 @@ impl ChainWriter {
 
     /// The sequence number of the newest entry (0 when empty).
     pub fn seq(&self) -> u64 {
-        self.state.lock().seq
+        self.shared.state.lock().seq
     }
 
-    /// Appends one record (it must serialize to a JSON object). Returns once the line is with the OS.
+    /// Appends one record (it must serialize to a JSON object). When it returns, the entry has
+    /// its place in the chain; when it reaches the OS depends on [`LogOptions::handoff`].
     pub fn append<T: Serialize + ?Sized>(&self, record: &T) -> Result<Appended, LedgerError> {
-        let mut guard = self.state.lock();
-        let st = &mut *guard;
-        if st.size >= self.opts.rotate_bytes && st.seq > 0 {
-            self.rotate(st)?;
+        let sh = &*self.shared;
+        let mut guard = sh.state.lock();
+        if guard.failed.is_some() {
+            // Fail closed while the log cannot be written, unless it can be again now.
+            drop(guard);
+            sh.flush()?;
+            guard = sh.state.lock();
         }
+        let st = &mut *guard;
         // Serialized straight into the reused line buffer: no allocation per entry.
         let line = &mut st.line;
         line.clear();
@@ -231,29 +346,149 @@ impl ChainWriter {
         line.extend_from_slice(HASH_TAIL);
         line.extend_from_slice(&hash);
         line.extend_from_slice(b"\"}\n");
-        st.file.write_all(line).map_err(io_err("append to", &self.path))?;
-        if self.opts.fsync {
-            st.file.sync_data().map_err(io_err("sync", &self.path))?;
-        }
-        st.size += line.len() as u64;
+        let first = st.pending.is_empty();
+        st.pending.extend_from_slice(line);
         st.seq = seq;
         st.prev = hash;
-        write_head(&st.head, seq, &st.prev).map_err(io_err("write", &sidecar(&self.path, "head")))?;
+        let full = st.pending.len() >= MAX_PENDING;
+        drop(guard);
+        match sh.opts.handoff {
+            Handoff::EveryEntry => sh.flush()?,
+            Handoff::Group { .. } if full => sh.flush()?,
+            Handoff::Group { .. } => {
+                if first {
+                    sh.wake.notify_one();
+                }
+            }
+        }
         Ok(Appended { seq, hash })
     }
 
-    fn rotate(&self, st: &mut WriterState) -> Result<(), LedgerError> {
-        st.file.sync_all().map_err(io_err("sync", &self.path))?;
+    /// Hands every appended entry to the OS (and to the disk with `fsync`) before returning.
+    pub fn flush(&self) -> Result<(), LedgerError> {
+        self.shared.flush()
+    }
+}
+
+impl Drop for ChainWriter {
+    fn drop(&mut self) {
+        self.shared.state.lock().closed = true;
+        self.shared.wake.notify_all();
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+        // Whatever is left; an error here has nobody to go to but the next open's recovery.
+        let _ = self.shared.flush();
+    }
+}
+
+impl Shared {
+    /// The group-commit thread: waits for a first entry, gathers for `window`, writes the group.
+    fn run_writer(&self, window: Duration) {
+        loop {
+            {
+                let mut st = self.state.lock();
+                while st.pending.is_empty() && st.failed.is_none() && !st.closed {
+                    self.wake.wait(&mut st);
+                }
+                if st.closed {
+                    return;
+                }
+                if st.failed.is_some() {
+                    // Retry a failing write ten times a second.
+                    self.wake.wait_for(&mut st, Duration::from_millis(100));
+                    if st.closed {
+                        return;
+                    }
+                }
+            }
+            std::thread::sleep(window);
+            let _ = self.flush();
+        }
+    }
+
+    fn flush(&self) -> Result<(), LedgerError> {
+        let mut io = self.io.lock();
+        let io = &mut *io;
+        {
+            let mut st = self.state.lock();
+            if !st.pending.is_empty() {
+                if io.out.is_empty() {
+                    // Swap buffers: the appenders keep the empty one's capacity, nothing is copied.
+                    std::mem::swap(&mut io.out, &mut st.pending);
+                } else {
+                    io.out.extend_from_slice(&st.pending);
+                    st.pending.clear();
+                }
+                io.out_end = (st.seq, st.prev);
+            }
+        }
+        if io.out.is_empty() {
+            return Ok(());
+        }
+        let result = self.write_out(io);
+        let mut st = self.state.lock();
+        match &result {
+            Ok(()) => st.failed = None,
+            Err(e) => st.failed = Some(e.to_string()),
+        }
+        drop(st);
+        result.map_err(|e| LedgerError::Stalled { path: self.path.clone(), problem: e.to_string() })
+    }
+
+    fn write_out(&self, io: &mut IoState) -> Result<(), LedgerError> {
+        if io.size >= self.opts.rotate_bytes && io.size > 0 && !io.mid_line {
+            self.rotate(io)?;
+        }
+        let mut done = 0;
+        while done < io.out.len() {
+            match io.file.write(io.out.get(done..).unwrap_or_default()) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    io.out.drain(..done);
+                    io.size += done as u64;
+                    io.mid_line = io.mid_line || done > 0;
+                    return Err(LedgerError::Io { what: "append to", path: self.path.clone(), source: e });
+                }
+            }
+        }
+        io.size += done as u64;
+        if done < io.out.len() {
+            io.out.drain(..done);
+            io.mid_line = io.mid_line || done > 0;
+            return Err(LedgerError::Io {
+                what: "append to",
+                path: self.path.clone(),
+                source: io::Error::new(io::ErrorKind::WriteZero, "the file system took no more bytes"),
+            });
+        }
+        io.out.clear();
+        if io.out.capacity() > KEEP_CAPACITY {
+            // A burst grew the buffer; do not keep its memory for good.
+            io.out.shrink_to(KEEP_CAPACITY);
+        }
+        io.mid_line = false;
+        if self.opts.fsync {
+            io.file.sync_data().map_err(io_err("sync", &self.path))?;
+        }
+        let (seq, hash) = io.out_end;
+        write_head(&io.head, seq, &hash).map_err(io_err("write", &sidecar(&self.path, "head")))
+    }
+
+    fn rotate(&self, io: &mut IoState) -> Result<(), LedgerError> {
+        io.file.sync_all().map_err(io_err("sync", &self.path))?;
         let next = segments(&self.path)?.iter().filter_map(|(n, _)| *n).max().unwrap_or(0) + 1;
         let target = segment_path(&self.path, next);
         fs::rename(&self.path, &target).map_err(io_err("rotate", &self.path))?;
-        st.file = OpenOptions::new()
+        io.file = OpenOptions::new()
             .create(true)
             .read(true)
             .append(true)
             .open(&self.path)
             .map_err(io_err("open", &self.path))?;
-        st.size = 0;
+        io.size = 0;
         Ok(())
     }
 }
@@ -545,6 +780,8 @@ pub struct VerifyReport {
     pub last_hash: String,
     /// Whether the `.head` anchor was present and matched.
     pub anchored: bool,
+    /// The entry the `.head` anchor records, when it was present and consistent.
+    pub anchor_seq: Option<u64>,
     pub failure: Option<VerifyFailure>,
 }
 
@@ -664,6 +901,7 @@ pub fn verify(path: &Path) -> Result<VerifyReport, LedgerError> {
         last_seq: 0,
         last_hash: GENESIS.to_string(),
         anchored: false,
+        anchor_seq: None,
         failure: None,
     };
     let mut prev = to64(GENESIS.as_bytes());
@@ -749,8 +987,10 @@ pub fn verify(path: &Path) -> Result<VerifyReport, LedgerError> {
                 problem: "the anchor's hash does not match the last entry: the end of the ledger was rewritten".into(),
             });
         } else {
-            // The anchor may trail by one entry after a crash between the two writes.
-            report.anchored = seq + 1 >= report.last_seq;
+            // The anchor trails the end when the writer was stopped between writing a group and
+            // recording it (a crash): entries after it are chained but not anchored.
+            report.anchored = seq == report.last_seq;
+            report.anchor_seq = Some(seq);
         }
     }
     Ok(report)
@@ -778,21 +1018,50 @@ pub fn read_all(path: &Path) -> Result<Vec<serde_json::Value>, LedgerError> {
 
 /// The current time as RFC 3339 with microseconds, in UTC (`2026-11-21T14:30:00.123456Z`).
 pub fn now_rfc3339() -> String {
-    use chrono::{Datelike, Timelike};
-    let t = chrono::Utc::now();
-    let mut s = String::with_capacity(27);
-    let _ = std::fmt::Write::write_fmt(
-        &mut s,
-        format_args!(
-            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
-            t.year(),
-            t.month(),
-            t.day(),
-            t.hour(),
-            t.minute(),
-            t.second(),
-            t.nanosecond().min(999_999_999) / 1000
-        ),
-    );
-    s
+    let b = Rfc3339::now();
+    b.as_str().to_string()
+}
+
+/// An RFC 3339 UTC timestamp with microseconds, formatted on the stack (no allocation; it is
+/// taken for every ledger line).
+pub struct Rfc3339([u8; 27]);
+
+impl Rfc3339 {
+    pub fn now() -> Self {
+        use chrono::{Datelike, Timelike};
+        let t = chrono::Utc::now();
+        let mut b = *b"0000-00-00T00:00:00.000000Z";
+        let mut put = |at: usize, width: usize, mut v: u32| {
+            for i in (at..at + width).rev() {
+                if let Some(d) = b.get_mut(i) {
+                    *d = b'0' + (v % 10) as u8;
+                }
+                v /= 10;
+            }
+        };
+        put(0, 4, t.year().clamp(0, 9999) as u32);
+        put(5, 2, t.month());
+        put(8, 2, t.day());
+        put(11, 2, t.hour());
+        put(14, 2, t.minute());
+        put(17, 2, t.second().min(59));
+        put(20, 6, t.nanosecond().min(999_999_999) / 1000);
+        Rfc3339(b)
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn timestamps_match_chrono_rfc3339() {
+        let ours = super::now_rfc3339();
+        let parsed = chrono::DateTime::parse_from_rfc3339(&ours).expect("valid RFC 3339");
+        let back = parsed.with_timezone(&chrono::Utc).to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        assert_eq!(ours, back);
+        assert_eq!(ours.len(), 27);
+    }
 }

@@ -1,6 +1,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
-//! Durability: a writer killed with SIGKILL loses no entry whose call had returned, and a torn
-//! last line is set aside so the chain continues verifiably.
+//! Durability: a writer killed with SIGKILL loses no entry whose call had returned (handing each
+//! entry to the OS) or that was flushed (group commit), and a torn last line is set aside so the
+//! chain continues verifiably.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -8,29 +9,39 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sentinel_core::guard::{INTERVENTIONS_FILE, LEDGER_FILE};
-use sentinel_core::ledger::{ChainWriter, LogOptions, read_all, verify};
+use sentinel_core::ledger::{ChainWriter, Handoff, LogOptions, read_all, verify};
 use sentinel_core::load::parse_yaml;
 use sentinel_core::{ActionRequest, Begun, CallOutcome, Engine, Guard, PolicySet};
 use serde_json::json;
 
 const CHILD_ENV: &str = "SENTINEL_CRASH_CHILD_DIR";
+const GROUP_ENV: &str = "SENTINEL_CRASH_CHILD_GROUP";
 
 /// Runs only inside the child process: append guarded calls forever, acknowledging each one.
+/// With group commit it acknowledges only what it flushed, every 50 calls.
 #[test]
 fn crash_child() {
     let Some(dir) = std::env::var_os(CHILD_ENV) else {
         return;
     };
+    let group = std::env::var_os(GROUP_ENV).is_some();
+    let handoff = if group { Handoff::Group { window: Handoff::WINDOW } } else { Handoff::EveryEntry };
     let engine = Arc::new(Engine::new(PolicySet::compile(Vec::new()).unwrap()));
-    let guard =
-        Guard::open(std::path::Path::new(&dir), engine, LogOptions { rotate_bytes: 256 * 1024, fsync: false }).unwrap();
+    let opts = LogOptions { rotate_bytes: 256 * 1024, handoff, ..LogOptions::default() };
+    let guard = Guard::open(std::path::Path::new(&dir), engine, opts).unwrap();
     let mut out = std::io::stdout().lock();
     for i in 0u64.. {
         let args = json!({"i": i, "text": "x".repeat((i % 200) as usize)});
         let req = ActionRequest::new("work").args(&args).cost(0.001);
         let Begun::Proceed(permit) = guard.begin(&req, args.clone()).unwrap() else { panic!("denied") };
         let appended = guard.finish(*permit, CallOutcome::Success(json!({"ok": i})), None).unwrap();
-        // The call has returned: acknowledge it.
+        if group {
+            if !appended.seq.is_multiple_of(50) {
+                continue;
+            }
+            guard.flush().unwrap();
+        }
+        // The entry is with the OS: acknowledge it.
         writeln!(out, "{}", appended.seq).unwrap();
         out.flush().unwrap();
     }
@@ -38,9 +49,22 @@ fn crash_child() {
 
 #[test]
 fn sigkill_loses_no_acknowledged_entry() {
+    sigkill_rounds(false);
+}
+
+#[test]
+fn sigkill_with_group_commit_loses_nothing_flushed_and_keeps_the_chain() {
+    sigkill_rounds(true);
+}
+
+fn sigkill_rounds(group: bool) {
     let dir = tempfile::tempdir().unwrap();
     for round in 0..3 {
-        let mut child = Command::new(std::env::current_exe().unwrap())
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        if group {
+            cmd.env(GROUP_ENV, "1");
+        }
+        let mut child = cmd
             .args(["crash_child", "--exact", "--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, dir.path())
             .stdout(Stdio::piped())

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use proptest::prelude::*;
-use sentinel_core::ledger::{ChainWriter, LogOptions, verify};
+use sentinel_core::ledger::{ChainWriter, Handoff, LogOptions, verify};
 use sentinel_core::load::parse_yaml;
 use sentinel_core::{ActionRequest, Engine, ManualClock, PolicySet, Usd};
 use serde_json::json;
@@ -121,6 +121,7 @@ fn write_ledger(dir: &std::path::Path, n: usize, seed: u64) -> Vec<u8> {
         w.append(&json!({"id": i, "action": format!("act_{}", (seed + i as u64) % 7), "cost_usd": 0.01 * i as f64, "payload": {"inputs": {"q": "x".repeat((seed as usize + i) % 5)}}}))
             .unwrap();
     }
+    w.flush().unwrap();
     std::fs::read(&path).unwrap()
 }
 
@@ -207,7 +208,11 @@ fn verify_names_the_first_bad_line() {
 fn chain_continues_across_rotated_files() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ledger.jsonl");
-    let w = ChainWriter::open(&path, LogOptions { rotate_bytes: 600, fsync: false }).unwrap();
+    let w = ChainWriter::open(
+        &path,
+        LogOptions { rotate_bytes: 600, handoff: Handoff::EveryEntry, ..LogOptions::default() },
+    )
+    .unwrap();
     for i in 0..40 {
         w.append(&json!({"i": i, "pad": "p".repeat(50)})).unwrap();
     }
@@ -217,7 +222,11 @@ fn chain_continues_across_rotated_files() {
     assert!(r.files.len() > 3, "expected rotation, got {:?}", r.files);
     assert_eq!(r.entries, 40);
     // Reopening continues the chain from the newest segment.
-    let w = ChainWriter::open(&path, LogOptions { rotate_bytes: 600, fsync: false }).unwrap();
+    let w = ChainWriter::open(
+        &path,
+        LogOptions { rotate_bytes: 600, handoff: Handoff::EveryEntry, ..LogOptions::default() },
+    )
+    .unwrap();
     assert_eq!(w.append(&json!({"i": 40})).unwrap().seq, 41);
     drop(w);
     assert!(verify(&path).unwrap().ok());
@@ -243,7 +252,7 @@ fn parallel_verify_reports_the_exact_line() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ledger.jsonl");
     {
-        let w = ChainWriter::open(&path, LogOptions { rotate_bytes: 1 << 40, fsync: false }).unwrap();
+        let w = ChainWriter::open(&path, LogOptions { rotate_bytes: 1 << 40, ..LogOptions::default() }).unwrap();
         for i in 0..12_000 {
             w.append(&json!({"i": i, "pad": "x".repeat(200)})).unwrap();
         }
@@ -280,4 +289,32 @@ fn opening_a_ledger_with_an_edited_last_line_names_that_line() {
     std::fs::write(&path, ls.concat()).unwrap();
     let e = ChainWriter::open(&path, LogOptions::default()).unwrap_err().to_string();
     assert!(e.contains("line 4") && e.contains("hash does not match"), "{e}");
+}
+
+/// Group commit: entries reach the file by themselves shortly after `append`, in whole lines, and
+/// dropping the writer writes the rest and anchors the end.
+#[test]
+fn group_commit_writes_whole_lines_soon_and_everything_at_drop() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.jsonl");
+    let w = ChainWriter::open(&path, LogOptions::default()).unwrap();
+    for i in 0..100 {
+        w.append(&json!({"i": i})).unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut seen = 0;
+    while seen < 100 && std::time::Instant::now() < deadline {
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(bytes.is_empty() || bytes.ends_with(b"\n"), "a reader only ever sees whole lines");
+        seen = bytes.iter().filter(|b| **b == b'\n').count();
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert_eq!(seen, 100, "the writer thread wrote every entry without being asked");
+    for i in 100..150 {
+        w.append(&json!({"i": i})).unwrap();
+    }
+    drop(w);
+    let r = verify(&path).unwrap();
+    assert!(r.ok() && r.anchored, "{r:?}");
+    assert_eq!((r.entries, r.anchor_seq), (150, Some(150)));
 }

@@ -179,9 +179,12 @@ fn target(kind: &str, id: &str) -> PyResult<HaltTarget> {
     }
 }
 
+/// Every directory's logs this process has open.
+static OPEN: OnceLock<Mutex<HashMap<PathBuf, Weak<Logs>>>> = OnceLock::new();
+
 /// Logs are opened once per directory per process and shared by every guard writing there.
+/// `AGENT_SENTINEL_LEDGER_SYNC` says when entries reach the OS (see `LogOptions::from_sync_setting`).
 fn logs_for(home: &Path) -> PyResult<Arc<Logs>> {
-    static OPEN: OnceLock<Mutex<HashMap<PathBuf, Weak<Logs>>>> = OnceLock::new();
     let key = std::fs::create_dir_all(home)
         .and_then(|()| home.canonicalize())
         .map_err(|e| PyRuntimeError::new_err(format!("cannot use `{}` for the ledger: {e}", home.display())))?;
@@ -189,9 +192,21 @@ fn logs_for(home: &Path) -> PyResult<Arc<Logs>> {
     if let Some(l) = open.get(&key).and_then(Weak::upgrade) {
         return Ok(l);
     }
-    let logs = Logs::open(&key, LogOptions::default()).map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+    let opts = LogOptions::from_sync_setting(&std::env::var("AGENT_SENTINEL_LEDGER_SYNC").unwrap_or_default())
+        .map_err(PyValueError::new_err)?;
+    let logs = Logs::open(&key, opts).map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
     open.insert(key, Arc::downgrade(&logs));
     Ok(logs)
+}
+
+/// Hands every entry appended so far, in every open ledger of this process, to the OS
+/// (`agent_sentinel.flush()`; also run at exit).
+#[pyfunction]
+fn flush_all(py: Python<'_>) -> PyResult<()> {
+    let open: Vec<Arc<Logs>> =
+        OPEN.get().map(|o| o.lock().values().filter_map(Weak::upgrade).collect()).unwrap_or_default();
+    py.detach(|| open.iter().try_for_each(|l| l.flush()))
+        .map_err(|e| PyRuntimeError::new_err(format!("cannot write the ledger: {e}")))
 }
 
 /// An engine writing to the ledger and interventions log of one directory.
@@ -332,6 +347,11 @@ impl Guard {
         self.inner.home().to_path_buf()
     }
 
+    /// Hands every entry appended so far to the OS.
+    fn flush(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.inner.flush()).map_err(|e| PyRuntimeError::new_err(format!("cannot write the ledger: {e}")))
+    }
+
     /// Decides one call. Returns a `Permit` (run it, then `finish`) or a `Stop`.
     /// `names`/`defaults` describe the function's parameters, so rules see arguments by name.
     #[pyo3(signature = (action, cost, tags, args, kwargs, names, defaults, ctx, approval=None, escalation_id=None))]
@@ -405,7 +425,7 @@ impl Guard {
     }
 
     /// The call ran. `ok` says whether it returned (`output` is its result) or raised
-    /// (`output` is the error text). Writes the ledger entry before returning.
+    /// (`output` is the error text). Chains the ledger entry before returning (see `flush`).
     #[pyo3(signature = (permit, ok, output, actual_cost=None))]
     fn finish(
         &self,
@@ -450,7 +470,7 @@ impl Guard {
             .map_err(|e| PyRuntimeError::new_err(format!("cannot record the rejection: {e}")))
     }
 
-    /// Writes a ledger entry directly (`Ledger.record`).
+    /// Writes a ledger entry directly (`Ledger.record`); it is with the OS when this returns.
     #[pyo3(signature = (action, inputs, outputs, cost_usd, duration_ms, outcome, tags, agent_id, run_id, session_id))]
     #[expect(clippy::too_many_arguments, reason = "mirrors Ledger.record")]
     fn record(
@@ -480,7 +500,7 @@ impl Guard {
                 &tags,
                 (agent_id, run_id, session_id),
             )
-            .map(|a| a.seq)
+            .and_then(|a| self.inner.flush().map(|()| a.seq))
             .map_err(|e| PyRuntimeError::new_err(format!("cannot write the ledger: {e}")))
     }
 }
@@ -500,6 +520,7 @@ fn agent_sentinel_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Permit>()?;
     m.add_class::<Stop>()?;
     m.add_function(wrap_pyfunction!(to_record, m)?)?;
+    m.add_function(wrap_pyfunction!(flush_all, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
