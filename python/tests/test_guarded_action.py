@@ -1,6 +1,7 @@
 """The SDK's decorator, engine, tracker and ledger, as its README documents them."""
 
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -375,3 +376,60 @@ def test_group_commit_writes_every_entry_by_exit(tmp_path):
     assert r.returncode == 0, r.stderr
     report = verify(tmp_path / "g" / "ledger.jsonl")
     assert report["entries"] == 500 and report["anchored"], report
+
+
+FULL_DISK_CHILD = r"""
+import json, os, resource, signal, time
+from pathlib import Path
+import agent_sentinel
+from agent_sentinel import guarded_action
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+ledger = Path(os.environ["AGENT_SENTINEL_HOME"]) / "ledger.jsonl"
+ran = []
+
+@guarded_action(name="step")
+def step(i):
+    ran.append(i)
+    return i
+
+step(0)
+agent_sentinel.flush()
+# The ledger file may grow by about two more entries: the disk is "full" after that.
+resource.setrlimit(resource.RLIMIT_FSIZE, (ledger.stat().st_size + 1500, resource.RLIM_INFINITY))
+errors = []
+for i in range(1, 400):
+    try:
+        step(i)
+    except RuntimeError as e:
+        errors.append(str(e))
+        break
+    time.sleep(0.002)
+refused_ran = None
+try:
+    step(1000)  # the ledger is still failing: refused before it runs
+except RuntimeError as e:
+    errors.append(str(e))
+    refused_ran = 1000 in ran
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+step(2000)  # the disk has room again: the kept entries are written first, then this one
+agent_sentinel.flush()
+print(json.dumps({"ran": ran, "errors": errors, "refused_ran": refused_ran}), flush=True)
+"""
+
+
+@pytest.mark.parametrize("sync", ["group", "entry"])
+def test_a_full_disk_fails_closed_and_loses_no_accepted_entry(tmp_path, sync):
+    env = dict(os.environ, AGENT_SENTINEL_HOME=str(tmp_path / sync), AGENT_SENTINEL_LEDGER_SYNC=sync)
+    r = subprocess.run([sys.executable, "-c", FULL_DISK_CHILD], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(out["errors"]) == 2, out
+    assert all("ledger.jsonl" in e and "File too large" in e and "refused" in e for e in out["errors"]), out["errors"]
+    assert out["refused_ran"] is False, "a call must not run while its ledger cannot be written"
+    report = verify(tmp_path / sync / "ledger.jsonl")
+    # Every call that ran has its entry, in order, on a chain that verifies (a line cut in half
+    # by the full disk was completed once there was room).
+    assert report["entries"] == len(out["ran"]), (report, out["ran"])
+    entries = read_jsonl(tmp_path / sync / "ledger.jsonl")
+    assert [e["payload"]["inputs"]["args"][0] for e in entries] == out["ran"]

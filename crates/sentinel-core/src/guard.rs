@@ -205,7 +205,10 @@ impl Guard {
     /// Decides `req` and records any intervention. `inputs` are what the ledger shows as the call's
     /// inputs (redacted); pass a copy of `req.args` when there is nothing better. They are kept in the
     /// permit (or handed back in `Begun::Stop`), never copied.
+    /// Fails (closed) before deciding when the ledger cannot be written: a call must not run
+    /// unrecorded.
     pub fn begin(&self, req: &ActionRequest<'_>, inputs: Value) -> Result<Begun, LedgerError> {
+        self.logs.ledger.check()?;
         let decision = self.engine.decide(req);
         self.after_decision(req, inputs, decision, None)
     }
@@ -218,6 +221,7 @@ impl Guard {
         approval: ApprovalRecord,
         escalation_id: Option<&str>,
     ) -> Result<Begun, LedgerError> {
+        self.logs.ledger.check()?;
         let decision = self.engine.decide_approved(req);
         if decision.permits() {
             let rec = self.intervention(

@@ -50,7 +50,8 @@ pub enum LedgerError {
     #[error("cannot serialize a record: {0}")]
     Serialize(String),
     #[error(
-        "`{path}` cannot be written ({problem}); entries are kept in memory and retried, and new ones are refused until it can"
+        "{problem}; the entries not yet written are kept in memory and retried, and calls are refused until `{}` can be written again",
+        path.display()
     )]
     Stalled { path: PathBuf, problem: String },
 }
@@ -146,6 +147,8 @@ struct Shared {
     state: Mutex<WriterState>,
     io: Mutex<IoState>,
     wake: Condvar,
+    /// `WriterState::failed` is set, readable without the lock (checked before every call).
+    failing: std::sync::atomic::AtomicBool,
 }
 
 /// What happened when a log was opened.
@@ -269,6 +272,7 @@ impl ChainWriter {
                 mid_line: false,
             }),
             wake: Condvar::new(),
+            failing: std::sync::atomic::AtomicBool::new(false),
         });
         let writer = match window {
             Some(window) => {
@@ -368,6 +372,12 @@ impl ChainWriter {
     pub fn flush(&self) -> Result<(), LedgerError> {
         self.shared.flush()
     }
+
+    /// Ok while the log can be written; otherwise retries the write and returns its error. Costs
+    /// one atomic load when all is well.
+    pub fn check(&self) -> Result<(), LedgerError> {
+        if self.shared.failing.load(std::sync::atomic::Ordering::Acquire) { self.shared.flush() } else { Ok(()) }
+    }
 }
 
 impl Drop for ChainWriter {
@@ -432,6 +442,7 @@ impl Shared {
             Ok(()) => st.failed = None,
             Err(e) => st.failed = Some(e.to_string()),
         }
+        self.failing.store(st.failed.is_some(), std::sync::atomic::Ordering::Release);
         drop(st);
         result.map_err(|e| LedgerError::Stalled { path: self.path.clone(), problem: e.to_string() })
     }
