@@ -357,7 +357,8 @@ impl Guard {
     }
 
     /// Settles the reservation with the actual cost (the estimate when `None`) and writes the
-    /// ledger entry. Returns once the entry is with the OS.
+    /// ledger entry. Returns once the entry is chained; it reaches the OS then or within the
+    /// group-commit window (see `LogOptions::handoff`).
     pub fn finish(
         &self,
         mut permit: Permit,
