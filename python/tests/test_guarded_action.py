@@ -398,7 +398,7 @@ agent_sentinel.flush()
 # The ledger file may grow by about two more entries: the disk is "full" after that.
 resource.setrlimit(resource.RLIMIT_FSIZE, (ledger.stat().st_size + 1500, resource.RLIM_INFINITY))
 errors = []
-for i in range(1, 400):
+for i in range(1, 3000):  # group commit: until the writer thread has met the full disk
     try:
         step(i)
     except RuntimeError as e:
