@@ -20,6 +20,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -64,8 +65,8 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> L
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Handoff {
     /// Group commit: a writer thread writes what was appended within `window` in one `write(2)`.
-    /// A process killed without exiting can lose at most the last window's entries; the chain
-    /// stays intact.
+    /// A process killed without exiting loses the entries not yet written (normally the last
+    /// window's; more if the writer thread was held up); the chain stays intact.
     Group { window: Duration },
     /// Each entry is written before `append` returns.
     EveryEntry,
@@ -124,8 +125,6 @@ struct WriterState {
     prev: [u8; 64],
     line: Vec<u8>,
     pending: Vec<u8>,
-    /// Why the last write failed, while it keeps failing.
-    failed: Option<String>,
     closed: bool,
 }
 
@@ -147,8 +146,8 @@ struct Shared {
     state: Mutex<WriterState>,
     io: Mutex<IoState>,
     wake: Condvar,
-    /// `WriterState::failed` is set, readable without the lock (checked before every call).
-    failing: std::sync::atomic::AtomicBool,
+    /// The last write failed and the next has not succeeded yet (checked before every call).
+    failing: AtomicBool,
 }
 
 /// What happened when a log was opened.
@@ -165,7 +164,7 @@ pub struct ChainWriter {
     writer: Option<JoinHandle<()>>,
     _lock: File,
     recovery: Recovery,
-    recovery_noted: std::sync::atomic::AtomicBool,
+    recovery_noted: AtomicBool,
 }
 
 impl std::fmt::Debug for ChainWriter {
@@ -248,10 +247,7 @@ impl ChainWriter {
         if seq > 0 {
             write_head(&head, seq, &prev).map_err(io_err("write", &head_path))?;
         }
-        let window = match opts.handoff {
-            Handoff::Group { window } => Some(window),
-            Handoff::EveryEntry => None,
-        };
+        let handoff = opts.handoff;
         let shared = Arc::new(Shared {
             path: path.to_path_buf(),
             opts,
@@ -260,7 +256,6 @@ impl ChainWriter {
                 prev,
                 line: Vec::with_capacity(1024),
                 pending: Vec::with_capacity(64 * 1024),
-                failed: None,
                 closed: false,
             }),
             io: Mutex::new(IoState {
@@ -272,28 +267,18 @@ impl ChainWriter {
                 mid_line: false,
             }),
             wake: Condvar::new(),
-            failing: std::sync::atomic::AtomicBool::new(false),
+            failing: AtomicBool::new(false),
         });
-        let writer = match window {
-            Some(window) => {
+        let writer = match handoff {
+            Handoff::Group { window } => {
                 let s = Arc::clone(&shared);
                 let name = format!("sentinel-log-{}", path.file_stem().and_then(|n| n.to_str()).unwrap_or("log"));
-                Some(
-                    std::thread::Builder::new()
-                        .name(name)
-                        .spawn(move || s.run_writer(window))
-                        .map_err(io_err("start the writer thread for", path))?,
-                )
+                let thread = std::thread::Builder::new().name(name).spawn(move || s.run_writer(window));
+                Some(thread.map_err(io_err("start the writer thread for", path))?)
             }
-            None => None,
+            Handoff::EveryEntry => None,
         };
-        Ok(ChainWriter {
-            shared,
-            writer,
-            _lock: lock,
-            recovery,
-            recovery_noted: std::sync::atomic::AtomicBool::new(false),
-        })
+        Ok(ChainWriter { shared, writer, _lock: lock, recovery, recovery_noted: AtomicBool::new(false) })
     }
 
     pub fn path(&self) -> &Path {
@@ -306,7 +291,7 @@ impl ChainWriter {
 
     /// True exactly once: whoever gets it records the recovery in the ledger.
     pub fn take_recovery_note(&self) -> bool {
-        !self.recovery_noted.swap(true, std::sync::atomic::Ordering::SeqCst)
+        !self.recovery_noted.swap(true, Ordering::SeqCst)
     }
 
     /// The sequence number of the newest entry (0 when empty).
@@ -318,13 +303,9 @@ impl ChainWriter {
     /// its place in the chain; when it reaches the OS depends on [`LogOptions::handoff`].
     pub fn append<T: Serialize + ?Sized>(&self, record: &T) -> Result<Appended, LedgerError> {
         let sh = &*self.shared;
+        // Fail closed while the log cannot be written, unless it can be again now.
+        self.check()?;
         let mut guard = sh.state.lock();
-        if guard.failed.is_some() {
-            // Fail closed while the log cannot be written, unless it can be again now.
-            drop(guard);
-            sh.flush()?;
-            guard = sh.state.lock();
-        }
         let st = &mut *guard;
         // Serialized straight into the reused line buffer: no allocation per entry.
         let line = &mut st.line;
@@ -376,7 +357,7 @@ impl ChainWriter {
     /// Ok while the log can be written; otherwise retries the write and returns its error. Costs
     /// one atomic load when all is well.
     pub fn check(&self) -> Result<(), LedgerError> {
-        if self.shared.failing.load(std::sync::atomic::Ordering::Acquire) { self.shared.flush() } else { Ok(()) }
+        if self.shared.failing.load(Ordering::Acquire) { self.shared.flush() } else { Ok(()) }
     }
 }
 
@@ -398,13 +379,13 @@ impl Shared {
         loop {
             {
                 let mut st = self.state.lock();
-                while st.pending.is_empty() && st.failed.is_none() && !st.closed {
+                while st.pending.is_empty() && !self.failing.load(Ordering::Acquire) && !st.closed {
                     self.wake.wait(&mut st);
                 }
                 if st.closed {
                     return;
                 }
-                if st.failed.is_some() {
+                if self.failing.load(Ordering::Acquire) {
                     // Retry a failing write ten times a second.
                     self.wake.wait_for(&mut st, Duration::from_millis(100));
                     if st.closed {
@@ -437,13 +418,7 @@ impl Shared {
             return Ok(());
         }
         let result = self.write_out(io);
-        let mut st = self.state.lock();
-        match &result {
-            Ok(()) => st.failed = None,
-            Err(e) => st.failed = Some(e.to_string()),
-        }
-        self.failing.store(st.failed.is_some(), std::sync::atomic::Ordering::Release);
-        drop(st);
+        self.failing.store(result.is_err(), Ordering::Release);
         result.map_err(|e| LedgerError::Stalled { path: self.path.clone(), problem: e.to_string() })
     }
 
@@ -451,29 +426,22 @@ impl Shared {
         if io.size >= self.opts.rotate_bytes && io.size > 0 && !io.mid_line {
             self.rotate(io)?;
         }
+        // `write_all` would not say how much was written before an error; the rest is kept.
         let mut done = 0;
-        while done < io.out.len() {
+        let mut error = None;
+        while done < io.out.len() && error.is_none() {
             match io.file.write(io.out.get(done..).unwrap_or_default()) {
-                Ok(0) => break,
+                Ok(0) => error = Some(io::Error::new(io::ErrorKind::WriteZero, "the file system took no more bytes")),
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    io.out.drain(..done);
-                    io.size += done as u64;
-                    io.mid_line = io.mid_line || done > 0;
-                    return Err(LedgerError::Io { what: "append to", path: self.path.clone(), source: e });
-                }
+                Err(e) => error = Some(e),
             }
         }
         io.size += done as u64;
-        if done < io.out.len() {
+        if let Some(source) = error {
             io.out.drain(..done);
-            io.mid_line = io.mid_line || done > 0;
-            return Err(LedgerError::Io {
-                what: "append to",
-                path: self.path.clone(),
-                source: io::Error::new(io::ErrorKind::WriteZero, "the file system took no more bytes"),
-            });
+            io.mid_line |= done > 0;
+            return Err(LedgerError::Io { what: "append to", path: self.path.clone(), source });
         }
         io.out.clear();
         if io.out.capacity() > KEEP_CAPACITY {
