@@ -382,10 +382,21 @@ pub struct Event {
     /// approvers who are email addresses.
     pub approval: Option<ApprovalRow>,
     pub approver_emails: Vec<String>,
-    /// Sent to every enabled channel whatever its event filter (critical interventions).
-    pub always: bool,
+    pub reach: Reach,
+}
+
+/// Which channels an event goes to. Its `emails` and approvers get it too, unless it is aimed at
+/// one channel.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reach {
+    /// Enabled channels whose event filter takes it.
+    Subscribed,
+    /// Every enabled channel whatever its filter (critical interventions).
+    Always,
     /// Only this channel (a "send test").
-    pub only_channel: Option<String>,
+    Channel(String),
+    /// No channel, only the event's addresses (a policy's test alert).
+    Addresses,
 }
 
 impl Event {
@@ -400,8 +411,7 @@ impl Event {
             emails: Vec::new(),
             approval: None,
             approver_emails: Vec::new(),
-            always: false,
-            only_channel: None,
+            reach: Reach::Subscribed,
         }
     }
 }
@@ -429,11 +439,11 @@ pub async fn emit(s: &AppState, ev: Event) -> Result<Vec<String>, ApiError> {
     let n = &s.notifier;
     let channels = n.channels(&s.store).await?;
     let mut msgs = Vec::new();
-    let wanted = |c: &ChannelRow| match &ev.only_channel {
-        Some(id) => c.id == *id,
-        // A test goes only where it was aimed: one channel, or one policy's alert addresses.
-        None if ev.kind == "test" => false,
-        None => c.enabled && (ev.always || c.events.is_empty() || c.events.iter().any(|e| e == ev.kind)),
+    let wanted = |c: &ChannelRow| match &ev.reach {
+        Reach::Channel(id) => c.id == *id,
+        Reach::Addresses => false,
+        Reach::Always => c.enabled,
+        Reach::Subscribed => c.enabled && (c.events.is_empty() || c.events.iter().any(|e| e == ev.kind)),
     };
     for c in channels.iter().filter(|c| wanted(c)) {
         let target = match c.kind.as_str() {
@@ -451,7 +461,7 @@ pub async fn emit(s: &AppState, ev: Event) -> Result<Vec<String>, ApiError> {
         };
         msgs.push(message(&ev, &c.kind, Some(c.id.clone()), &format!("channel:{}", c.id), target, link));
     }
-    if ev.only_channel.is_none() {
+    if !matches!(ev.reach, Reach::Channel(_)) {
         let mut seen = HashSet::new();
         for addr in ev.emails.iter().filter(|a| seen.insert(a.to_ascii_lowercase())) {
             msgs.push(message(&ev, "email", None, &format!("email:{addr}"), addr.clone(), None));
@@ -551,7 +561,9 @@ pub async fn interventions(s: &AppState, items: &[sentinel_store::InterventionIn
             _ => format!("Policy violation blocked: `{}` by agent `{}`", i.action, i.agent_id),
         };
         let mut ev = Event::new(kind, &i.id, title, if critical { "critical" } else { "warning" });
-        ev.always = critical;
+        if critical {
+            ev.reach = Reach::Always;
+        }
         ev.emails = emails;
         ev.data = json!({
             "intervention_id": i.id,
@@ -1231,7 +1243,7 @@ pub async fn test_channel(
         format!("Test notification for channel `{}`", c.name),
         "info",
     );
-    ev.only_channel = Some(c.id.clone());
+    ev.reach = Reach::Channel(c.id.clone());
     ev.data = json!({"channel": c.name, "message": "If you can read this, the channel works."});
     ev.facts = vec![("Channel", c.name.clone()), ("Kind", c.kind.clone())];
     send_now(&s, ev).await
@@ -1288,6 +1300,7 @@ pub async fn test_policy_alert(
         "info",
     );
     ev.emails = vec![alerts.emails.join(",")];
+    ev.reach = Reach::Addresses;
     ev.data = json!({"policy": p.name, "message": "If you can read this, this policy's alerts reach you."});
     ev.facts = vec![
         ("Policy", p.name.clone()),
