@@ -179,6 +179,11 @@ fn target(kind: &str, id: &str) -> PyResult<HaltTarget> {
     }
 }
 
+/// A ledger failure as the `RuntimeError` Python sees, saying what could not be done.
+fn ledger_error(what: &'static str) -> impl Fn(sentinel_core::LedgerError) -> PyErr {
+    move |e| PyRuntimeError::new_err(format!("{what}: {e}"))
+}
+
 /// Every directory's logs this process has open.
 static OPEN: OnceLock<Mutex<HashMap<PathBuf, Weak<Logs>>>> = OnceLock::new();
 
@@ -205,8 +210,7 @@ fn logs_for(home: &Path) -> PyResult<Arc<Logs>> {
 fn flush_all(py: Python<'_>) -> PyResult<()> {
     let open: Vec<Arc<Logs>> =
         OPEN.get().map(|o| o.lock().values().filter_map(Weak::upgrade).collect()).unwrap_or_default();
-    py.detach(|| open.iter().try_for_each(|l| l.flush()))
-        .map_err(|e| PyRuntimeError::new_err(format!("cannot write the ledger: {e}")))
+    py.detach(|| open.iter().try_for_each(|l| l.flush())).map_err(ledger_error("cannot write the ledger"))
 }
 
 /// An engine writing to the ledger and interventions log of one directory.
@@ -349,7 +353,7 @@ impl Guard {
 
     /// Hands every entry appended so far to the OS.
     fn flush(&self, py: Python<'_>) -> PyResult<()> {
-        py.detach(|| self.inner.flush()).map_err(|e| PyRuntimeError::new_err(format!("cannot write the ledger: {e}")))
+        py.detach(|| self.inner.flush()).map_err(ledger_error("cannot write the ledger"))
     }
 
     /// Decides one call. Returns a `Permit` (run it, then `finish`) or a `Stop`.
@@ -405,7 +409,7 @@ impl Guard {
             }
             None => self.inner.begin(&req, inputs),
         }
-        .map_err(|e| PyRuntimeError::new_err(format!("cannot record the decision: {e}")))?;
+        .map_err(ledger_error("cannot record the decision"))?;
         match begun {
             Begun::Proceed(p) => {
                 let verdict = p.decision.verdict.as_str();
@@ -438,10 +442,7 @@ impl Guard {
             return Err(PyRuntimeError::new_err("this permit was already finished"));
         };
         let outcome = if ok { CallOutcome::Success(to_json(output, 0)) } else { CallOutcome::Error(stringify(output)) };
-        let appended = self
-            .inner
-            .finish(p, outcome, actual_cost)
-            .map_err(|e| PyRuntimeError::new_err(format!("cannot write the ledger: {e}")))?;
+        let appended = self.inner.finish(p, outcome, actual_cost).map_err(ledger_error("cannot write the ledger"))?;
         Ok(appended.seq)
     }
 
@@ -467,7 +468,7 @@ impl Guard {
         let req = ActionRequest::new(&stop.action).agent(agent_id).run(run_id).session(session_id).args(&stop.args);
         self.inner
             .record_rejection(&req, &stop.inputs, &stop.decision, record, stop.intervention_id.as_deref())
-            .map_err(|e| PyRuntimeError::new_err(format!("cannot record the rejection: {e}")))
+            .map_err(ledger_error("cannot record the rejection"))
     }
 
     /// Writes a ledger entry directly (`Ledger.record`); it is with the OS when this returns.
@@ -501,7 +502,7 @@ impl Guard {
                 (agent_id, run_id, session_id),
             )
             .and_then(|a| self.inner.flush().map(|()| a.seq))
-            .map_err(|e| PyRuntimeError::new_err(format!("cannot write the ledger: {e}")))
+            .map_err(ledger_error("cannot write the ledger"))
     }
 }
 
