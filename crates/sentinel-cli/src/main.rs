@@ -478,6 +478,10 @@ fn serve(a: ServeArgs) -> Result<ExitCode> {
             ..Default::default()
         },
     };
+    // No transparent huge pages for this process: the allocator asks for them, and the first touch
+    // of each one zeroes 2 MiB while a request waits (measured: p99 of `/decide` at 20,000/s went
+    // from 6-14 ms to under 2 ms without them). Failing to turn them off only costs latency.
+    let _ = rustix::thread::disable_transparent_huge_pages(true);
     let rt =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
     rt.block_on(sentinel_server::run(config))?;

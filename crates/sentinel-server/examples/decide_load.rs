@@ -50,10 +50,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let num = |i: usize, d: f64| args.get(i).and_then(|x| x.parse().ok()).unwrap_or(d);
     let (rate, secs, conns) = (num(3, 20_000.0), num(4, 10.0), num(5, 64.0) as usize);
     let addr: SocketAddr = url.trim_start_matches("http://").trim_end_matches('/').parse()?;
-    let request = format!(
-        "POST /api/v1/decide HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{BODY}",
-        BODY.len()
-    );
+    // `LOAD_PATH=/healthz` measures a trivial GET instead: the peer that shows what the machine,
+    // the HTTP stack and this generator cost by themselves.
+    let request = match std::env::var("LOAD_PATH") {
+        Ok(path) => format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\n\r\n"),
+        Err(_) => format!(
+            "POST /api/v1/decide HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{BODY}",
+            BODY.len()
+        ),
+    };
+    let show_stalls: u32 = std::env::var("SHOW_STALLS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
     let interval = Duration::from_secs_f64(conns as f64 / rate);
     let start = Instant::now() + Duration::from_millis(100);
     let end = start + Duration::from_secs_f64(secs);
@@ -83,7 +89,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 prev_done = Instant::now();
                 let l = prev_done.duration_since(from).as_micros() as u32;
                 lat.push(l);
-                if l > 20_000 && std::env::var_os("SHOW_STALLS").is_some() {
+                if show_stalls > 0 && l > show_stalls {
                     eprintln!(
                         "stall {:.3}s after start: {:.1} ms",
                         from.duration_since(start).as_secs_f64(),

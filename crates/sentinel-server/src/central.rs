@@ -47,9 +47,12 @@ struct Held {
 type Ack = oneshot::Sender<Result<(), String>>;
 
 /// Held reservations by id, and the same ids by expiry so the sweeper only visits expired ones.
+/// B-trees, not hash maps: a hash map that grows rehashes everything at once, and with many
+/// reservations held that pause lands on whichever decision triggered it. Ids are time-ordered
+/// (UUIDv7), so inserts go to the right edge of the tree.
 #[derive(Default)]
 struct Shard {
-    by_id: HashMap<String, Held>,
+    by_id: std::collections::BTreeMap<String, Held>,
     by_expiry: std::collections::BTreeSet<(i64, String)>,
 }
 
@@ -83,8 +86,15 @@ impl Shard {
 /// The in-memory authority's state.
 pub struct Memory {
     held: [Mutex<Shard>; SHARDS],
-    journal: Option<Arc<crate::journal::Journal>>,
-    writer: mpsc::UnboundedSender<(CounterOp, Option<Ack>)>,
+    persist: Persist,
+}
+
+/// Where reservation changes go before a decision is answered.
+enum Persist {
+    /// A database file: the journal beside it (folded into the database in the background).
+    Journal(Arc<crate::journal::Journal>),
+    /// An in-memory database (tests): a group-commit writer straight into it.
+    Direct(mpsc::UnboundedSender<(CounterOp, Option<Ack>)>),
 }
 
 /// Who keeps the counters.
@@ -102,32 +112,54 @@ impl Memory {
         self.held.get(shard_of(id)).unwrap_or(&self.held[0])
     }
 
-    /// Queues a change and waits until it is committed.
+    /// Records a change; returns once it would survive this process.
     async fn persist(&self, op: CounterOp) -> Result<(), ApiError> {
-        let (tx, rx) = oneshot::channel();
-        self.writer.send((op, Some(tx))).map_err(|_| ApiError::unavailable("the reservation writer has stopped"))?;
-        match rx.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "cannot persist a reservation change");
-                Err(ApiError::unavailable("the database did not accept the reservation; nothing was reserved"))
+        let failed = |e: String| {
+            tracing::error!(error = %e, "cannot persist a reservation change");
+            ApiError::unavailable("the reservation could not be recorded; nothing was reserved")
+        };
+        match &self.persist {
+            // One line, one `write(2)` to the page cache, on this thread: a hand-off to a writer
+            // thread and back costs two wake-ups per decision, more than the write itself.
+            Persist::Journal(j) => j.append(op).map_err(|e| failed(format!("reservation journal: {e}"))),
+            Persist::Direct(writer) => {
+                let (tx, rx) = oneshot::channel();
+                let stopped = || ApiError::unavailable("the reservation writer has stopped");
+                writer.send((op, Some(tx))).map_err(|_| stopped())?;
+                match rx.await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(failed(e)),
+                    Err(_) => Err(stopped()),
+                }
             }
-            Err(_) => Err(ApiError::unavailable("the reservation writer has stopped")),
+        }
+    }
+
+    /// Records a change nobody waits for (an expiry); a failure is logged.
+    fn persist_later(&self, op: CounterOp) {
+        match &self.persist {
+            Persist::Journal(j) => {
+                if let Err(e) = j.append(op) {
+                    tracing::error!(error = %e, "cannot journal an expired reservation");
+                }
+            }
+            Persist::Direct(writer) => {
+                let _ = writer.send((op, None));
+            }
         }
     }
 }
 
-/// Starts the group-commit writer: everything queued while one batch is written goes in the next.
-/// With a journal (a database on disk) a batch is one append to it, made on a thread of its own so
-/// a slow disk never blocks the threads that serve requests; without one (in-memory databases), one
-/// SQLite transaction.
-fn spawn_writer(
-    store: Store,
-    journal: Option<Arc<crate::journal::Journal>>,
-) -> mpsc::UnboundedSender<(CounterOp, Option<Ack>)> {
+/// The group-commit writer for an in-memory database: everything queued while one batch is
+/// written goes in the next, one SQLite transaction per batch.
+fn spawn_writer(store: Store) -> mpsc::UnboundedSender<(CounterOp, Option<Ack>)> {
     let (tx, mut rx) = mpsc::unbounded_channel::<(CounterOp, Option<Ack>)>();
-    let gather =
-        |rx: &mut mpsc::UnboundedReceiver<(CounterOp, Option<Ack>)>, ops: &mut Vec<CounterOp>, acks: &mut Vec<Ack>| {
+    tokio::spawn(async move {
+        let mut ops = Vec::with_capacity(1024);
+        let mut acks = Vec::with_capacity(1024);
+        while let Some((op, ack)) = rx.recv().await {
+            ops.push(op);
+            acks.extend(ack);
             while ops.len() < 4096 {
                 match rx.try_recv() {
                     Ok((op, ack)) => {
@@ -137,95 +169,37 @@ fn spawn_writer(
                     Err(_) => break,
                 }
             }
-        };
-    match journal {
-        Some(j) => {
-            let spawned = std::thread::Builder::new().name("sentinel-journal".into()).spawn(move || {
-                let mut ops = Vec::with_capacity(1024);
-                let mut acks = Vec::with_capacity(1024);
-                while let Some((op, ack)) = rx.blocking_recv() {
-                    ops.push(op);
-                    acks.extend(ack);
-                    gather(&mut rx, &mut ops, &mut acks);
-                    let t = Instant::now();
-                    let result = j.append(&ops).map_err(|e| format!("cannot append to the reservation journal: {e}"));
-                    let took = t.elapsed();
-                    metrics::histogram!("sentinel_journal_append_seconds").record(took.as_secs_f64());
-                    if took > Duration::from_millis(5) {
-                        tracing::warn!(
-                            ms = took.as_secs_f64() * 1000.0,
-                            changes = ops.len(),
-                            "slow reservation journal append"
-                        );
-                    }
-                    for a in acks.drain(..) {
-                        let _ = a.send(result.clone());
-                    }
-                    ops.clear();
-                }
-            });
-            if let Err(e) = spawned {
-                // Without the thread every reservation fails closed (its sender is gone).
-                tracing::error!(error = %e, "cannot start the reservation journal thread");
+            let result = store.apply_counter_ops(&ops).await.map_err(|e| e.to_string());
+            for a in acks.drain(..) {
+                let _ = a.send(result.clone());
             }
+            ops.clear();
         }
-        None => {
-            tokio::spawn(async move {
-                let mut ops = Vec::with_capacity(1024);
-                let mut acks = Vec::with_capacity(1024);
-                while let Some((op, ack)) = rx.recv().await {
-                    ops.push(op);
-                    acks.extend(ack);
-                    gather(&mut rx, &mut ops, &mut acks);
-                    let result = store.apply_counter_ops(&ops).await.map_err(|e| e.to_string());
-                    for a in acks.drain(..) {
-                        let _ = a.send(result.clone());
-                    }
-                    ops.clear();
-                }
-            });
-        }
-    }
+    });
     tx
 }
 
-/// Ten times a second, closes the journal file being written and folds it into the database:
-/// small folds keep each burst of database work short, so decisions never queue behind one.
+/// Ten times a second, writes the journaled changes into the database: small folds keep each
+/// burst of database work short, so decisions never queue behind one.
 fn spawn_folder(store: Store, journal: Arc<crate::journal::Journal>) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            fold_once(&store, &journal).await;
+            journal.fold(&store).await;
         }
     });
 }
 
-async fn fold_once(store: &Store, journal: &Arc<crate::journal::Journal>) {
-    let _one_at_a_time = journal.folding.lock().await;
-    let j = Arc::clone(journal);
-    let rotated = tokio::task::spawn_blocking(move || j.rotate())
-        .await
-        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
-    match rotated {
-        Ok(Some(closed)) => {
-            if let Err(e) = crate::journal::fold(store, &closed).await {
-                // The file stays; the next start folds it.
-                tracing::error!(error = %e, "cannot fold the reservation journal");
-            }
-        }
-        Ok(None) => {}
-        Err(e) => tracing::error!(error = %e, "cannot rotate the reservation journal"),
-    }
-}
-
 impl Authority {
-    /// Writes everything journaled so far into the database (at shutdown).
+    /// Writes everything journaled so far into the database (at shutdown, and before reading a
+    /// reservation back from it).
     pub async fn fold_now(&self, store: &Store) {
         if let Authority::Memory(m) = self
-            && let Some(j) = &m.journal
+            && let Persist::Journal(j) = &m.persist
         {
-            fold_once(store, j).await;
+            j.fold(store).await;
         }
     }
 }
@@ -253,7 +227,7 @@ impl Authority {
                     ))
                 })?;
                 for f in left {
-                    let n = crate::journal::fold(store, &f).await.map_err(sentinel_store::StoreError::Invalid)?;
+                    let n = crate::journal::fold_file(store, &f).await.map_err(sentinel_store::StoreError::Invalid)?;
                     tracing::info!(file = %f.display(), changes = n, "reservation journal folded");
                 }
                 Some(Arc::new(j))
@@ -288,11 +262,14 @@ impl Authority {
         if expired > 0 || restored > 0 {
             tracing::info!(expired, restored, "reservations recovered from the database");
         }
-        if let Some(j) = &journal {
-            spawn_folder(store.clone(), Arc::clone(j));
-        }
-        let writer = spawn_writer(store.clone(), journal.clone());
-        Ok(Authority::Memory(Box::new(Memory { held, writer, journal })))
+        let persist = match journal {
+            Some(j) => {
+                spawn_folder(store.clone(), Arc::clone(&j));
+                Persist::Journal(j)
+            }
+            None => Persist::Direct(spawn_writer(store.clone())),
+        };
+        Ok(Authority::Memory(Box::new(Memory { held, persist })))
     }
 }
 
@@ -339,9 +316,7 @@ pub fn spawn_sweeper(state: AppState) {
                     }
                     for (id, h) in expired {
                         h.res.release();
-                        let _ = m
-                            .writer
-                            .send((CounterOp::Finish { id, state: "expired", actual_micros: None, at: now_ms }, None));
+                        m.persist_later(CounterOp::Finish { id, state: "expired", actual_micros: None, at: now_ms });
                         metrics::counter!("sentinel_reservations_expired_total").increment(1);
                     }
                 }

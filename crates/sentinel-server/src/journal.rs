@@ -1,12 +1,14 @@
 //! The reservation journal of the SQLite authority.
 //!
-//! Every reservation change must be durable before `/decide` answers, but a small SQLite commit per
-//! group of decisions rewrites whole pages and makes the checkpointer copy them again: at tens of
-//! thousands of decisions a second that write volume, not the decision, set the latency. So changes
-//! are appended to a plain file first (one `write(2)` per group, handed to the OS like the ledger),
-//! and a background task folds each closed file into SQLite in one large transaction, then deletes
-//! it. At start, files left by an earlier process are folded before the counters are rebuilt, so
-//! SQLite is always the whole truth when the engine restores from it.
+//! Every reservation change must survive the process before `/decide` answers, but a SQLite commit
+//! per decision rewrites whole pages and makes the checkpointer copy them again: at tens of
+//! thousands of decisions a second that write volume, not the decision, set the latency. So each
+//! change is appended to a plain file first (one `write(2)` of one line, handed to the OS like the
+//! ledger) and kept in memory; ten times a second a background task writes what was kept into
+//! SQLite in a few large transactions. The file is only read after a crash: files are rotated every
+//! couple of seconds and deleted once everything in them is in the database. At start, files left
+//! by an earlier process are folded before the counters are rebuilt, so SQLite is always the whole
+//! truth when the engine restores from it.
 //!
 //! Files are `<database>.journal.<NNNNNN>`, one JSON object per line. A last line without its
 //! newline (a crash while writing) was never acknowledged and is ignored. Folding is idempotent
@@ -16,10 +18,18 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use sentinel_store::{CounterOp, ReservationRow, Store};
 use serde::{Deserialize, Serialize};
+
+/// A file is closed (and can be deleted once folded) when it is this old or this big.
+const ROTATE_AFTER: Duration = Duration::from_secs(2);
+const ROTATE_BYTES: u64 = 64 << 20;
+/// Changes per database transaction when folding.
+const FOLD_CHUNK: usize = 2_000;
 
 /// A journal line as read back.
 #[derive(Deserialize)]
@@ -61,19 +71,44 @@ fn from_line(l: Line) -> Option<CounterOp> {
     })
 }
 
-/// The open journal: the file being appended to, and its number.
+/// The file being appended to, and the changes not yet in the database.
+struct Open {
+    number: u64,
+    file: File,
+    opened: Instant,
+    size: u64,
+    /// A write failed part-way: the next line starts on a fresh line, so the torn bytes spoil
+    /// only the line that was refused, never the next one.
+    torn: bool,
+    line: Vec<u8>,
+    unfolded: Vec<CounterOp>,
+}
+
+/// What folding carries between rounds: changes a failed round could not write (retried first,
+/// so order is kept) and closed files that may be deleted once everything taken so far is folded.
+#[derive(Default)]
+pub(crate) struct FoldState {
+    retry: Vec<CounterOp>,
+    closed: Vec<PathBuf>,
+}
+
+/// The open journal.
 pub struct Journal {
     db: PathBuf,
-    current: Mutex<(u64, File)>,
-    /// Files are folded one at a time, in order: a change must never reach the database before
-    /// the reservation it finishes.
-    pub(crate) folding: tokio::sync::Mutex<()>,
+    open: Mutex<Open>,
+    /// One fold at a time, in order: a change must never reach the database before the
+    /// reservation it finishes.
+    pub(crate) folding: tokio::sync::Mutex<FoldState>,
 }
 
 fn numbered(db: &Path, n: u64) -> PathBuf {
     let mut name = db.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     name.push(format!(".journal.{n:06}"));
     db.with_file_name(name)
+}
+
+fn create(db: &Path, n: u64) -> io::Result<File> {
+    OpenOptions::new().create_new(true).append(true).open(numbered(db, n))
 }
 
 /// Journal files beside `db`, oldest first.
@@ -93,37 +128,147 @@ fn existing(db: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
 
 impl Journal {
     /// Opens a new journal file beside the database and returns the files an earlier process left,
-    /// oldest first; fold them before deciding anything.
+    /// oldest first; fold them (with [`fold_file`]) before deciding anything.
     pub fn open(db: &Path) -> io::Result<(Self, Vec<PathBuf>)> {
         let left = existing(db)?;
-        let next = left.last().map_or(1, |(n, _)| n + 1);
-        let file = OpenOptions::new().create_new(true).append(true).open(numbered(db, next))?;
-        let journal =
-            Journal { db: db.to_path_buf(), current: Mutex::new((next, file)), folding: tokio::sync::Mutex::new(()) };
+        let number = left.last().map_or(1, |(n, _)| n + 1);
+        let open = Open {
+            number,
+            file: create(db, number)?,
+            opened: Instant::now(),
+            size: 0,
+            torn: false,
+            line: Vec::with_capacity(512),
+            unfolded: Vec::with_capacity(4096),
+        };
+        let journal = Journal {
+            db: db.to_path_buf(),
+            open: Mutex::new(open),
+            folding: tokio::sync::Mutex::new(FoldState::default()),
+        };
         Ok((journal, left.into_iter().map(|(_, p)| p).collect()))
     }
 
-    /// Appends a group of changes in one write.
-    pub fn append(&self, ops: &[CounterOp]) -> io::Result<()> {
-        let mut buf = Vec::with_capacity(ops.len() * 320);
-        for op in ops {
-            serde_json::to_writer(&mut buf, &to_line(op)).map_err(io::Error::other)?;
-            buf.push(b'\n');
+    /// Appends one change; when this returns `Ok` the line is with the OS (it survives the process)
+    /// and the change will be folded into the database. On an error nothing was recorded.
+    pub fn append(&self, op: CounterOp) -> io::Result<()> {
+        let mut g = self.open.lock();
+        let o = &mut *g;
+        o.line.clear();
+        if o.torn {
+            o.line.push(b'\n');
         }
-        self.current.lock().1.write_all(&buf)
+        serde_json::to_writer(&mut o.line, &to_line(&op)).map_err(io::Error::other)?;
+        o.line.push(b'\n');
+        // `write_all` cannot say how much reached the file before an error; count it ourselves.
+        let mut done = 0;
+        while done < o.line.len() {
+            match o.file.write(o.line.get(done..).unwrap_or_default()) {
+                Ok(0) => {
+                    o.torn |= done > 0;
+                    return Err(io::Error::new(io::ErrorKind::WriteZero, "the file system took no more bytes"));
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    o.torn |= done > 0;
+                    return Err(e);
+                }
+            }
+        }
+        o.torn = false;
+        o.size += done as u64;
+        o.unfolded.push(op);
+        if o.line.capacity() > 64 << 10 {
+            o.line = Vec::with_capacity(512);
+        }
+        Ok(())
     }
 
-    /// Starts a new file; returns the one it replaces when that one holds anything.
-    pub fn rotate(&self) -> io::Result<Option<PathBuf>> {
-        let mut g = self.current.lock();
-        if g.1.metadata()?.len() == 0 {
-            return Ok(None);
+    /// Takes the changes kept since the last call. When the file is old or big enough, the next
+    /// changes go to a new file and the closed one is returned: it may be deleted once what was
+    /// taken (and everything taken before) is in the database.
+    fn take(&self) -> io::Result<(Vec<CounterOp>, Option<PathBuf>)> {
+        let (number, due) = {
+            let g = self.open.lock();
+            (g.number, g.size > 0 && (g.opened.elapsed() >= ROTATE_AFTER || g.size >= ROTATE_BYTES))
+        };
+        // The next file is created before the lock is taken: file system work never holds up an append.
+        let next = if due { Some(create(&self.db, number + 1)?) } else { None };
+        let mut g = self.open.lock();
+        let ops = std::mem::replace(&mut g.unfolded, Vec::with_capacity(4096));
+        let closed = next.map(|file| {
+            g.number = number + 1;
+            g.file = file;
+            g.opened = Instant::now();
+            g.size = 0;
+            g.torn = false;
+            numbered(&self.db, number)
+        });
+        Ok((ops, closed))
+    }
+
+    /// Writes every change kept so far into the database, then deletes the files that held only
+    /// folded changes. A failed round keeps its changes (and the files) for the next one.
+    pub async fn fold(self: &Arc<Self>, store: &Store) {
+        let mut st = self.folding.lock().await;
+        let st = &mut *st;
+        let taken = match self.take_blocking().await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot rotate the reservation journal");
+                return;
+            }
+        };
+        let (ops, closed) = taken;
+        if st.retry.is_empty() {
+            st.retry = ops;
+        } else {
+            st.retry.extend(ops);
         }
-        let n = g.0 + 1;
-        let file = OpenOptions::new().create_new(true).append(true).open(numbered(&self.db, n))?;
-        let old = g.0;
-        *g = (n, file);
-        Ok(Some(numbered(&self.db, old)))
+        st.closed.extend(closed);
+        let mut done = 0;
+        for chunk in st.retry.chunks(FOLD_CHUNK) {
+            if let Err(e) = store.apply_counter_ops(chunk).await {
+                // Kept in memory and on disk: the next round (or the next start) writes them.
+                tracing::error!(error = %e, pending = st.retry.len() - done, "cannot fold the reservation journal");
+                st.retry.drain(..done);
+                return;
+            }
+            done += chunk.len();
+            tokio::task::yield_now().await;
+        }
+        st.retry.clear();
+        if st.retry.capacity() > 64 << 10 {
+            st.retry = Vec::new();
+        }
+        if !st.closed.is_empty() {
+            let files = std::mem::take(&mut st.closed);
+            let removed = tokio::task::spawn_blocking(move || {
+                for f in &files {
+                    if let Err(e) = std::fs::remove_file(f) {
+                        tracing::warn!(file = %f.display(), error = %e, "cannot remove a folded reservation journal");
+                    }
+                }
+            })
+            .await;
+            if let Err(e) = removed {
+                tracing::warn!(error = %e, "cannot remove folded reservation journals");
+            }
+        }
+    }
+
+    /// [`Journal::take`], off the request threads when it creates a file.
+    async fn take_blocking(self: &Arc<Self>) -> io::Result<(Vec<CounterOp>, Option<PathBuf>)> {
+        let due = {
+            let g = self.open.lock();
+            g.size > 0 && (g.opened.elapsed() >= ROTATE_AFTER || g.size >= ROTATE_BYTES)
+        };
+        if !due {
+            return self.take();
+        }
+        let j = Arc::clone(self);
+        tokio::task::spawn_blocking(move || j.take()).await.map_err(io::Error::other)?
     }
 }
 
@@ -145,22 +290,16 @@ pub fn read(path: &Path) -> io::Result<Vec<CounterOp>> {
     Ok(ops)
 }
 
-/// Writes a closed journal file into the database and deletes it.
-pub async fn fold(store: &Store, path: &Path) -> Result<usize, String> {
-    // File work happens off the request threads: a slow disk must not stall them.
+/// Writes a journal file an earlier process left into the database, then deletes it.
+pub async fn fold_file(store: &Store, path: &Path) -> Result<usize, String> {
     let p = path.to_path_buf();
     let ops = tokio::task::spawn_blocking(move || read(&p))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
-    for chunk in ops.chunks(2_000) {
+    for chunk in ops.chunks(FOLD_CHUNK) {
         store.apply_counter_ops(chunk).await.map_err(|e| format!("cannot fold `{}`: {e}", path.display()))?;
-        tokio::task::yield_now().await;
     }
-    let p = path.to_path_buf();
-    tokio::task::spawn_blocking(move || std::fs::remove_file(&p))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("cannot remove `{}`: {e}", path.display()))?;
+    std::fs::remove_file(path).map_err(|e| format!("cannot remove `{}`: {e}", path.display()))?;
     Ok(ops.len())
 }
