@@ -411,7 +411,7 @@ pub async fn wait(
         return Err(ApiError::field("timeout_seconds", "must be between 0 and 60"));
     }
     // Held at most until just before the request timeout, so a long-poll never ends as a 503.
-    let deadline = Instant::now() + Duration::from_secs_f64(t).min(s.long_poll_max);
+    let deadline = Instant::now() + Duration::from_secs_f64(t).min(s.long_poll_max());
     loop {
         let notified = s.approvals_changed.notified();
         let now = sentinel_store::now_ms();

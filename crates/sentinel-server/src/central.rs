@@ -641,8 +641,15 @@ pub async fn decide(
             s.notifier.spent(&agent, &session, &run, &b.action);
         }
     }
-    metrics::counter!("sentinel_decisions_total", "verdict" => decision.verdict.as_str()).increment(1);
-    metrics::histogram!("sentinel_decide_seconds").record(started.elapsed().as_secs_f64());
+    let m = decide_metrics();
+    let counter = match decision.verdict {
+        Verdict::Allow => &m.allow,
+        Verdict::Warn => &m.warn,
+        Verdict::Deny => &m.deny,
+        Verdict::RequireApproval => &m.require_approval,
+    };
+    counter.increment(1);
+    m.latency.record(started.elapsed().as_secs_f64());
 
     let approval_request = if decision.verdict == Verdict::RequireApproval {
         let spend = spend_view(&s, &req).await;
@@ -663,30 +670,73 @@ pub async fn decide(
     } else {
         None
     };
-    let mut body = serde_json::to_value(&decision).unwrap_or_default();
-    if let Value::Object(m) = &mut body {
-        if let Some(a) = approval_request {
-            m.insert(
-                "approval_request".into(),
-                json!({"id": a.id, "status": a.status, "expires_at": a.expires_at,
-                       "wait": format!("/api/v1/approvals/{}/wait", a.id)}),
-            );
+    let out = DecideOut {
+        decision: &decision,
+        approval_request: approval_request.map(|a| {
+            let wait = format!("/api/v1/approvals/{}/wait", a.id);
+            ApprovalRequestOut { id: a.id, status: a.status, expires_at: a.expires_at, wait }
+        }),
+        paused,
+        decision_id,
+        agent_id: agent,
+        run_id: run,
+        session_id: session,
+        intervention_id,
+        reservation,
+    };
+    Ok(Json(out).into_response())
+}
+
+/// The `/decide` series, registered once: looking a labelled series up costs a hash and a lock.
+struct DecideMetrics {
+    allow: metrics::Counter,
+    warn: metrics::Counter,
+    deny: metrics::Counter,
+    require_approval: metrics::Counter,
+    latency: metrics::Histogram,
+}
+
+fn decide_metrics() -> &'static DecideMetrics {
+    static M: std::sync::OnceLock<DecideMetrics> = std::sync::OnceLock::new();
+    M.get_or_init(|| {
+        let by = |v: Verdict| metrics::counter!("sentinel_decisions_total", "verdict" => v.as_str());
+        DecideMetrics {
+            allow: by(Verdict::Allow),
+            warn: by(Verdict::Warn),
+            deny: by(Verdict::Deny),
+            require_approval: by(Verdict::RequireApproval),
+            latency: metrics::histogram!("sentinel_decide_seconds"),
         }
-        if paused {
-            m.insert("paused".into(), Value::Bool(true));
-        }
-        m.insert("decision_id".into(), Value::String(decision_id));
-        m.insert("agent_id".into(), Value::String(agent));
-        m.insert("run_id".into(), Value::String(run));
-        m.insert("session_id".into(), Value::String(session));
-        if let Some(i) = intervention_id {
-            m.insert("intervention_id".into(), Value::String(i));
-        }
-        if let Some(r) = reservation {
-            m.insert("reservation".into(), serde_json::to_value(r).unwrap_or_default());
-        }
-    }
-    Ok(Json(body).into_response())
+    })
+}
+
+/// The `/decide` answer: the decision's own fields, then what the server adds. Serialized in one
+/// pass, straight into the response body.
+#[derive(Serialize)]
+struct DecideOut<'a> {
+    #[serde(flatten)]
+    decision: &'a Decision,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    approval_request: Option<ApprovalRequestOut>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    paused: bool,
+    decision_id: String,
+    agent_id: String,
+    run_id: String,
+    session_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    intervention_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reservation: Option<ReservationOut>,
+}
+
+#[derive(Serialize)]
+struct ApprovalRequestOut {
+    id: String,
+    status: String,
+    expires_at: i64,
+    /// Where to long-poll for the answer.
+    wait: String,
 }
 
 /// One budget that applies to a call, and what has been spent against it.

@@ -102,9 +102,20 @@ pub const KEY_CACHE_TTL: Duration = Duration::from_secs(1);
 /// Authenticated keys by hash, with when they were read.
 type KeyCache = HashMap<Vec<u8>, (Arc<ApiKey>, Instant)>;
 
-/// Shared by every request.
+/// Shared by every request. One reference count to clone: axum clones the state for every
+/// extractor of every request.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<StateInner>);
+
+impl std::ops::Deref for AppState {
+    type Target = StateInner;
+    fn deref(&self) -> &StateInner {
+        &self.0
+    }
+}
+
+/// What [`AppState`] holds.
+pub struct StateInner {
     pub store: Store,
     secret: Arc<[u8]>,
     /// Keys used since the last flush, with when; written in one batch, never per request.
@@ -120,8 +131,8 @@ pub struct AppState {
     pub(crate) approvals_changed: Arc<tokio::sync::Notify>,
     /// Set when the server begins to stop: long-polls answer at once, so shutdown never waits on them.
     pub(crate) shutting_down: Arc<std::sync::atomic::AtomicBool>,
-    /// The longest a long-poll is held, kept below the request timeout.
-    pub long_poll_max: Duration,
+    /// The longest a long-poll is held, in milliseconds, kept below the request timeout.
+    long_poll_max_ms: std::sync::atomic::AtomicU64,
     pub(crate) notifier: Arc<notify::Notifier>,
     /// The stored policies' alert settings, refreshed with the policies.
     pub(crate) alerts: Arc<RwLock<notify::PolicyAlerts>>,
@@ -132,11 +143,24 @@ pub fn prometheus() -> Option<&'static PrometheusHandle> {
     static PROM: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
     PROM.get_or_init(|| {
         let buckets = [0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
-        PrometheusBuilder::new()
+        let handle = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
             .ok()?
             .install_recorder()
-            .ok()
+            .ok()?;
+        // Histogram samples wait in a buffer until a scrape or an upkeep folds them into their
+        // buckets; without a scraper that buffer would grow with every decision.
+        let h = handle.clone();
+        let upkeep = std::thread::Builder::new().name("sentinel-metrics".into()).spawn(move || {
+            loop {
+                std::thread::sleep(Duration::from_secs(5));
+                h.run_upkeep();
+            }
+        });
+        if let Err(e) = upkeep {
+            tracing::warn!(error = %e, "cannot start the metrics upkeep thread; histograms are folded only when scraped");
+        }
+        Some(handle)
     })
     .as_ref()
 }
@@ -210,7 +234,7 @@ impl AppState {
         let authority = central::Authority::open(&store, &engine).await?;
         let activity = Arc::new(central::Activity::default());
         store.spawn_checkpointer();
-        let state = AppState {
+        let state = AppState(Arc::new(StateInner {
             store,
             secret: secret.into(),
             touches: Arc::default(),
@@ -221,10 +245,10 @@ impl AppState {
             policy_mark: Arc::new(Mutex::new(mark)),
             approvals_changed: Arc::default(),
             shutting_down: Arc::default(),
-            long_poll_max: Duration::from_secs(25),
+            long_poll_max_ms: std::sync::atomic::AtomicU64::new(25_000),
             notifier,
             alerts: Arc::default(),
-        };
+        }));
         state.set_alerts(alerts);
         central::spawn_activity(state.clone());
         Ok(state)
@@ -233,6 +257,16 @@ impl AppState {
     /// Starts delivering notifications (and escalating approvals, and checking budget thresholds).
     pub fn spawn_notifications(&self) -> tokio::task::JoinHandle<()> {
         notify::spawn_dispatcher(self.clone())
+    }
+
+    /// The longest a long-poll is held.
+    pub fn long_poll_max(&self) -> Duration {
+        Duration::from_millis(self.long_poll_max_ms.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    pub fn set_long_poll_max(&self, d: Duration) {
+        let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        self.long_poll_max_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn notifier(&self) -> &notify::Notifier {
@@ -431,9 +465,19 @@ impl<S: Send + Sync, T: DeserializeOwned> axum::extract::FromRequest<S> for ApiJ
                 ApiError::new(StatusCode::BAD_REQUEST, "Bad request", e.body_text())
             }
         })?;
+        // Well-formed bodies take the plain parser; only a failure pays for tracking the field path.
+        let plain = match serde_json::from_slice::<T>(&bytes) {
+            Ok(v) => return Ok(ApiJson(v)),
+            Err(e) => e,
+        };
         let de = &mut serde_json::Deserializer::from_slice(&bytes);
         match serde_path_to_error::deserialize::<_, T>(de) {
-            Ok(v) => Ok(ApiJson(v)),
+            // The value parsed, but something follows it.
+            Ok(_) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "Malformed JSON",
+                sentinel_core::load::improve_message(&plain.to_string()),
+            )),
             Err(e) if e.inner().is_syntax() || e.inner().is_eof() => Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "Malformed JSON",
@@ -1048,11 +1092,10 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         // One server owns a SQLite database: leases left by a previous run are stale.
         store.release_leases().await?;
     }
-    let mut state = AppState::open_with(store.clone(), secret, config.notify.clone()).await?;
-    state.long_poll_max = config
-        .request_timeout
-        .saturating_sub(Duration::from_secs(2))
-        .clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let state = AppState::open_with(store.clone(), secret, config.notify.clone()).await?;
+    state.set_long_poll_max(
+        config.request_timeout.saturating_sub(Duration::from_secs(2)).clamp(Duration::from_secs(1), Duration::from_secs(60)),
+    );
     let check = hex::encode(state.hash_key("sentinel secret check"));
     if store.agree_meta("secret_check", &check).await? != check {
         return Err(ServerError::SecretMismatch(secret_path));
