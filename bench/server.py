@@ -133,6 +133,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--skip-pg", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3, help="open-loop runs of /decide and of the /healthz peer per rate")
+    ap.add_argument("--only-sqlite-latency", action="store_true", help="stop after the open-loop SQLite latency runs")
     a = ap.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is needed: apt-get install wrk")
@@ -140,17 +142,45 @@ def main() -> None:
     load = TARGET / "release" / "examples" / "ingest_load"
     summary = []
 
-    # 1. SQLite, one server: the open-loop rates each on a fresh server (steady state, not the
-    # recovery after a saturating run), then wrk's closed-loop maximum, then ingest.
-    for rate in (10000, 20000):
+    # 1. SQLite, one server: latency at a fixed offered rate (open loop), each run on a fresh
+    # server, next to the same generator against `/healthz` (the peer: what this machine, the HTTP
+    # stack and the generator cost by themselves; these machines are noisy, so the runs alternate
+    # and the ratio is reported); then wrk's closed-loop maximum, then ingest.
+    decide_load = TARGET / "release" / "examples" / "decide_load"
+
+    def open_loop(rate: int, path: str | None) -> dict:
         with tempfile.TemporaryDirectory() as d:
             s = Server(binary, Path(d))
             key = (Path(d) / "bootstrap-admin-key").read_text().strip()
             call(s.url, key, "POST", "/api/v1/policies", POLICY)
-            out = subprocess.run([str(TARGET / "release" / "examples" / "decide_load"), s.url, key, str(rate),
-                                  str(a.seconds), "64"], capture_output=True, text=True, check=True)
-            summary.append(out.stdout.strip().replace("SUMMARY decide open-loop:", "SUMMARY decide sqlite open-loop:"))
+            env = {**os.environ, **({"LOAD_PATH": path} if path else {})}
+            out = subprocess.run([str(decide_load), s.url, key, str(rate), str(a.seconds), "64"],
+                                 capture_output=True, text=True, check=True, env=env).stdout
             s.stop()
+        got = {k: float(v) for k, v in re.findall(r"(p50|p90|p99|p99\.9|max) ([\d.]+) ms", out)}
+        got["rate"] = float(re.search(r"achieved (\d+)/s", out).group(1))
+        got["non200"] = int(re.search(r"non-200 (\d+)", out).group(1))
+        return got
+
+    for rate in (10000, 20000):
+        runs = {"decide": [], "healthz": []}
+        for _ in range(a.rounds):
+            runs["healthz"].append(open_loop(rate, "/healthz"))
+            runs["decide"].append(open_loop(rate, None))
+        for what, rs in runs.items():
+            p99 = sorted(r["p99"] for r in rs)
+            p50 = sorted(r["p50"] for r in rs)
+            summary.append(
+                f"SUMMARY {what} sqlite open-loop at {rate}/s ({a.rounds} fresh servers, 64 connections): "
+                f"achieved {min(r['rate'] for r in rs):.0f}/s or more; p50 median {p50[len(p50) // 2]:.2f} ms; "
+                f"p99 median {p99[len(p99) // 2]:.2f} ms (runs: {', '.join(f'{x:.2f}' for x in p99)}); "
+                f"non-200 {sum(r['non200'] for r in rs)}")
+        ratio = [d["p99"] / h["p99"] for d, h in zip(runs["decide"], runs["healthz"])]
+        summary.append(f"SUMMARY decide/healthz p99 ratio at {rate}/s, run by run: "
+                       + ", ".join(f"{x:.1f}x" for x in ratio))
+    if a.only_sqlite_latency:
+        print("\n".join(summary))
+        return
     with tempfile.TemporaryDirectory() as d:
         s = Server(binary, Path(d))
         key = (Path(d) / "bootstrap-admin-key").read_text().strip()

@@ -303,3 +303,65 @@ pub async fn fold_file(store: &Store, path: &Path) -> Result<usize, String> {
     std::fs::remove_file(path).map_err(|e| format!("cannot remove `{}`: {e}", path.display()))?;
     Ok(ops.len())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+    use super::*;
+
+    fn finish(id: &str) -> CounterOp {
+        CounterOp::Finish { id: id.into(), state: "settled", actual_micros: Some(1), at: 2 }
+    }
+
+    fn ids(ops: &[CounterOp]) -> Vec<String> {
+        ops.iter()
+            .map(|o| match o {
+                CounterOp::Finish { id, .. } => id.clone(),
+                CounterOp::Reserve(r) => r.id.clone(),
+            })
+            .collect()
+    }
+
+    /// A write that failed part-way leaves bytes in the file; the next change must still be read
+    /// back whole after a crash, and the refused one not at all.
+    #[test]
+    fn a_torn_write_spoils_only_its_own_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("s.db");
+        let (j, left) = Journal::open(&db).unwrap();
+        assert!(left.is_empty());
+        j.append(finish("a")).unwrap();
+        {
+            // What a short write leaves: part of a line, and the flag `append` sets.
+            let mut g = j.open.lock();
+            g.file.write_all(br#"{"op":"finish","id":"refu"#).unwrap();
+            g.torn = true;
+        }
+        j.append(finish("b")).unwrap();
+        j.append(finish("c")).unwrap();
+        assert_eq!(ids(&read(&numbered(&db, 1)).unwrap()), ["a", "b", "c"]);
+        // What a fold would write: every acknowledged change, in order.
+        let (ops, closed) = j.take().unwrap();
+        assert_eq!(ids(&ops), ["a", "b", "c"]);
+        assert!(closed.is_none(), "a young, small file is not rotated");
+    }
+
+    /// A rotation hands back the closed file; later changes go to the next one.
+    #[test]
+    fn rotation_closes_the_file_and_keeps_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("s.db");
+        let (j, _) = Journal::open(&db).unwrap();
+        j.append(finish("a")).unwrap();
+        j.open.lock().opened -= ROTATE_AFTER;
+        let (ops, closed) = j.take().unwrap();
+        assert_eq!(ids(&ops), ["a"]);
+        assert_eq!(closed, Some(numbered(&db, 1)));
+        j.append(finish("b")).unwrap();
+        assert_eq!(ids(&read(&numbered(&db, 2)).unwrap()), ["b"]);
+        // A new process finds both files, oldest first.
+        drop(j);
+        let (_, left) = Journal::open(&db).unwrap();
+        assert_eq!(left, [numbered(&db, 1), numbered(&db, 2)]);
+    }
+}

@@ -1094,7 +1094,10 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     }
     let state = AppState::open_with(store.clone(), secret, config.notify.clone()).await?;
     state.set_long_poll_max(
-        config.request_timeout.saturating_sub(Duration::from_secs(2)).clamp(Duration::from_secs(1), Duration::from_secs(60)),
+        config
+            .request_timeout
+            .saturating_sub(Duration::from_secs(2))
+            .clamp(Duration::from_secs(1), Duration::from_secs(60)),
     );
     let check = hex::encode(state.hash_key("sentinel secret check"));
     if store.agree_meta("secret_check", &check).await? != check {
