@@ -114,28 +114,57 @@ impl LogOptions {
     }
 }
 
-/// Groups larger than this are written by the appending thread itself (back-pressure).
+/// Groups larger than this (bytes of records serialized by their callers, or records left for
+/// the writer to serialize) are written by the appending thread itself (back-pressure).
 const MAX_PENDING: usize = 4 << 20;
+const MAX_PENDING_RECORDS: usize = 16 << 10;
 /// Buffer capacity kept between groups.
 const KEEP_CAPACITY: usize = 256 << 10;
 
-/// What appends change: the chain's end and the lines not yet handed to the writer.
+/// A record that owns its data, so it can be serialized by whoever writes the group (normally
+/// the writer thread) instead of the thread that appended it.
+pub trait OwnedRecord: Send + 'static {
+    fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()>;
+}
+
+impl<T: Serialize + Send + 'static> OwnedRecord for T {
+    fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        serde_json::to_writer(out, self)
+    }
+}
+
+/// One appended entry waiting to be chained, in sequence order.
+enum Pending {
+    /// Serialized by the caller: the next `len` bytes of `WriterState::raw`.
+    Raw(usize),
+    /// Serialized when the group is written.
+    Owned(Box<dyn OwnedRecord>),
+}
+
+/// What appends change: the last sequence number given out and the entries not yet chained.
 struct WriterState {
     seq: u64,
-    prev: [u8; 64],
-    line: Vec<u8>,
-    pending: Vec<u8>,
+    /// Caller-serialized records, back to back (see [`Pending::Raw`]).
+    raw: Vec<u8>,
+    pending: Vec<Pending>,
     closed: bool,
 }
 
-/// What writes change: the files and the bytes being written.
+/// What writes change: the chain's end, the files and the bytes being written.
 struct IoState {
+    /// The chain's end: the last entry serialized into `out` (written or not).
+    seq: u64,
+    prev: [u8; 64],
+    /// Reused buffer for one line.
+    line: Vec<u8>,
+    /// The queue buffers last taken from the appenders, emptied: swapped back in at the next
+    /// group, so neither side allocates a queue per group.
+    spare_raw: Vec<u8>,
+    spare_pending: Vec<Pending>,
     file: File,
     head: File,
     size: u64,
     out: Vec<u8>,
-    /// The chain's end once `out` is written.
-    out_end: (u64, [u8; 64]),
     /// Part of a line was written and the rest is still in `out`: no rotation until it is done.
     mid_line: bool,
 }
@@ -173,18 +202,10 @@ impl std::fmt::Debug for ChainWriter {
     }
 }
 
-/// Where one appended line ended up.
+/// Where one appended entry goes: its place in the chain.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Appended {
     pub seq: u64,
-    hash: [u8; 64],
-}
-
-impl Appended {
-    /// The line's hash, as 64 lowercase hex digits.
-    pub fn hash(&self) -> &str {
-        std::str::from_utf8(&self.hash).unwrap_or_default()
-    }
 }
 
 impl ChainWriter {
@@ -253,17 +274,20 @@ impl ChainWriter {
             opts,
             state: Mutex::new(WriterState {
                 seq,
-                prev,
-                line: Vec::with_capacity(1024),
-                pending: Vec::with_capacity(64 * 1024),
+                raw: Vec::with_capacity(16 * 1024),
+                pending: Vec::with_capacity(1024),
                 closed: false,
             }),
             io: Mutex::new(IoState {
+                seq,
+                prev,
+                line: Vec::with_capacity(1024),
+                spare_raw: Vec::with_capacity(16 * 1024),
+                spare_pending: Vec::with_capacity(1024),
                 file,
                 head,
                 size,
                 out: Vec::with_capacity(64 * 1024),
-                out_end: (seq, prev),
                 mid_line: false,
             }),
             wake: Condvar::new(),
@@ -299,44 +323,47 @@ impl ChainWriter {
         self.shared.state.lock().seq
     }
 
-    /// Appends one record (it must serialize to a JSON object). When it returns, the entry has
-    /// its place in the chain; when it reaches the OS depends on [`LogOptions::handoff`].
+    /// Appends one record (it must serialize to a JSON object), serialized now. When this returns
+    /// the entry has its sequence number; it is chained and handed to the OS with its group (see
+    /// [`LogOptions::handoff`]).
     pub fn append<T: Serialize + ?Sized>(&self, record: &T) -> Result<Appended, LedgerError> {
-        let sh = &*self.shared;
-        // Fail closed while the log cannot be written, unless it can be again now.
         self.check()?;
-        let mut guard = sh.state.lock();
+        let mut guard = self.shared.state.lock();
         let st = &mut *guard;
-        // Serialized straight into the reused line buffer: no allocation per entry.
-        let line = &mut st.line;
-        line.clear();
-        serde_json::to_writer(&mut *line, record).map_err(|e| LedgerError::Serialize(e.to_string()))?;
-        if line.last() != Some(&b'}') || line.first() != Some(&b'{') {
+        let before = st.raw.len();
+        if let Err(e) = serde_json::to_writer(&mut st.raw, record) {
+            st.raw.truncate(before);
+            return Err(LedgerError::Serialize(e.to_string()));
+        }
+        let len = st.raw.len() - before;
+        if st.raw.get(before) != Some(&b'{') || st.raw.last() != Some(&b'}') {
+            st.raw.truncate(before);
             return Err(LedgerError::Serialize("a ledger record must be a JSON object".into()));
         }
-        line.pop();
-        let seq = st.seq + 1;
-        if line.len() > 1 {
-            line.extend_from_slice(SEQ_KEY);
-        } else {
-            line.extend_from_slice(SEQ_KEY.get(1..).unwrap_or_default());
-        }
-        let mut digits = [0u8; 20];
-        line.extend_from_slice(format_u64(seq, &mut digits));
-        line.extend_from_slice(PREV_KEY);
-        line.extend_from_slice(&st.prev);
-        line.push(b'"');
-        let mut hash = [0u8; 64];
-        let _ = hex::encode_to_slice(Sha256::digest(&line[..]), &mut hash);
-        line.extend_from_slice(HASH_TAIL);
-        line.extend_from_slice(&hash);
-        line.extend_from_slice(b"\"}\n");
+        self.queue(guard, Pending::Raw(len))
+    }
+
+    /// Appends a record that owns its data; serializing it (and redacting, hashing, writing) is
+    /// left to the writer thread, so the caller pays for a queue push. The record must serialize
+    /// to a JSON object; one that does not is recorded as an error entry in its place.
+    pub fn append_owned(&self, record: Box<dyn OwnedRecord>) -> Result<Appended, LedgerError> {
+        self.check()?;
+        let guard = self.shared.state.lock();
+        self.queue(guard, Pending::Owned(record))
+    }
+
+    fn queue(
+        &self,
+        mut st: parking_lot::MutexGuard<'_, WriterState>,
+        entry: Pending,
+    ) -> Result<Appended, LedgerError> {
+        let sh = &*self.shared;
         let first = st.pending.is_empty();
-        st.pending.extend_from_slice(line);
-        st.seq = seq;
-        st.prev = hash;
-        let full = st.pending.len() >= MAX_PENDING;
-        drop(guard);
+        st.pending.push(entry);
+        st.seq += 1;
+        let seq = st.seq;
+        let full = st.raw.len() >= MAX_PENDING || st.pending.len() >= MAX_PENDING_RECORDS;
+        drop(st);
         match sh.opts.handoff {
             Handoff::EveryEntry => sh.flush()?,
             Handoff::Group { .. } if full => sh.flush()?,
@@ -346,7 +373,7 @@ impl ChainWriter {
                 }
             }
         }
-        Ok(Appended { seq, hash })
+        Ok(Appended { seq })
     }
 
     /// Hands every appended entry to the OS (and to the disk with `fsync`) before returning.
@@ -401,19 +428,48 @@ impl Shared {
     fn flush(&self) -> Result<(), LedgerError> {
         let mut io = self.io.lock();
         let io = &mut *io;
+        // Take the queue (appenders go on in the spare buffers), then chain it here.
+        let mut raw = std::mem::take(&mut io.spare_raw);
+        let mut pending = std::mem::take(&mut io.spare_pending);
         {
             let mut st = self.state.lock();
-            if !st.pending.is_empty() {
-                if io.out.is_empty() {
-                    // Swap buffers: the appenders keep the empty one's capacity, nothing is copied.
-                    std::mem::swap(&mut io.out, &mut st.pending);
-                } else {
-                    io.out.extend_from_slice(&st.pending);
-                    st.pending.clear();
-                }
-                io.out_end = (st.seq, st.prev);
-            }
+            std::mem::swap(&mut st.raw, &mut raw);
+            std::mem::swap(&mut st.pending, &mut pending);
         }
+        let mut at = 0;
+        for p in &pending {
+            let IoState { line, seq, prev, out, .. } = &mut *io;
+            line.clear();
+            match p {
+                Pending::Raw(len) => {
+                    line.extend_from_slice(raw.get(at..at + len).unwrap_or_default());
+                    at += len;
+                }
+                Pending::Owned(r) => {
+                    if let Err(e) = r.write_json(line) {
+                        line.clear();
+                        let _ = serde_json::to_writer(&mut *line, &serde_json::json!({"ledger_error": e.to_string()}));
+                    }
+                    if line.first() != Some(&b'{') || line.last() != Some(&b'}') {
+                        line.clear();
+                        line.extend_from_slice(br#"{"ledger_error":"the record is not a JSON object"}"#);
+                    }
+                }
+            }
+            chain(line, seq, prev);
+            out.extend_from_slice(line);
+        }
+        if io.line.capacity() > KEEP_CAPACITY {
+            io.line = Vec::with_capacity(1024);
+        }
+        // The records are dropped here, on this thread; the emptied buffers are the next spares
+        // (smaller again after a burst).
+        raw.clear();
+        pending.clear();
+        raw.shrink_to(KEEP_CAPACITY);
+        pending.shrink_to(MAX_PENDING_RECORDS / 4);
+        io.spare_raw = raw;
+        io.spare_pending = pending;
         if io.out.is_empty() {
             return Ok(());
         }
@@ -452,8 +508,7 @@ impl Shared {
         if self.opts.fsync {
             io.file.sync_data().map_err(io_err("sync", &self.path))?;
         }
-        let (seq, hash) = io.out_end;
-        write_head(&io.head, seq, &hash).map_err(io_err("write", &sidecar(&self.path, "head")))
+        write_head(&io.head, io.seq, &io.prev).map_err(io_err("write", &sidecar(&self.path, "head")))
     }
 
     fn rotate(&self, io: &mut IoState) -> Result<(), LedgerError> {
@@ -470,6 +525,29 @@ impl Shared {
         io.size = 0;
         Ok(())
     }
+}
+
+/// Turns one serialized record (`{...}`) into its chained line: the next sequence number, the
+/// previous hash, and the hash of everything before `,"hash":`, then a newline. Advances the chain.
+fn chain(line: &mut Vec<u8>, seq: &mut u64, prev: &mut [u8; 64]) {
+    line.pop();
+    *seq += 1;
+    if line.len() > 1 {
+        line.extend_from_slice(SEQ_KEY);
+    } else {
+        line.extend_from_slice(SEQ_KEY.get(1..).unwrap_or_default());
+    }
+    let mut digits = [0u8; 20];
+    line.extend_from_slice(format_u64(*seq, &mut digits));
+    line.extend_from_slice(PREV_KEY);
+    line.extend_from_slice(prev);
+    line.push(b'"');
+    let mut hash = [0u8; 64];
+    let _ = hex::encode_to_slice(Sha256::digest(&line[..]), &mut hash);
+    line.extend_from_slice(HASH_TAIL);
+    line.extend_from_slice(&hash);
+    line.extend_from_slice(b"\"}\n");
+    *prev = hash;
 }
 
 /// Decimal digits of `n`, written into `buf`.
@@ -1007,8 +1085,13 @@ pub struct Rfc3339([u8; 27]);
 
 impl Rfc3339 {
     pub fn now() -> Self {
+        Self::at(std::time::SystemTime::now())
+    }
+
+    /// The timestamp of `at`.
+    pub fn at(at: std::time::SystemTime) -> Self {
         use chrono::{Datelike, Timelike};
-        let t = chrono::Utc::now();
+        let t = chrono::DateTime::<chrono::Utc>::from(at);
         let mut b = *b"0000-00-00T00:00:00.000000Z";
         let mut put = |at: usize, width: usize, mut v: u32| {
             for i in (at..at + width).rev() {

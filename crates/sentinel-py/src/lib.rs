@@ -1,6 +1,13 @@
 //! PyO3 glue for `agent_sentinel`: converts Python values to the core's types and back, and maps
 //! errors. Decisions, counters and ledger writing all happen in `sentinel-core`.
 
+/// Ledger entries are built on the caller's thread and freed on the log's writer thread; glibc's
+/// allocator makes every such free contend for the allocating thread's arena (and trims and
+/// re-faults pages), mimalloc hands them back cheaply. This covers the extension's own
+/// allocations only; Python objects keep Python's allocator.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock, Weak};

@@ -1,0 +1,62 @@
+//! One thread deciding and finishing guarded calls as fast as it can, on the Python benchmark's
+//! policy (budgets, 1,000 denied names, a rate limit, 20 rules), with the ledger on: the calling
+//! thread's cost per call, and how long the writer thread then needs to write what is left.
+//!
+//! `cargo run --release -p sentinel-core --example guard_loop [CALLS=200000]`
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
+/// As in the Python extension: entries are freed on the writer thread.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Instant;
+
+use sentinel_core::guard::CallOutcome;
+use sentinel_core::ledger::LogOptions;
+use sentinel_core::{ActionRequest, Begun, Engine, Guard, PolicySet, load};
+use serde_json::json;
+
+fn main() {
+    let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(200_000);
+    let mut y = String::from("budgets:\n  session: 1000000\n  run: 1000000\ndenied_actions:\n");
+    for i in 0..1000 {
+        let _ = writeln!(y, "  - forbidden_tool_{i:04}");
+    }
+    y.push_str("rate_limits:\n  tool: { max_count: 10000000, window_seconds: 1 }\nrules:\n");
+    for i in 0..20 {
+        let pattern = if i % 2 == 0 { "tool" } else { "tool*" };
+        let action = if i % 3 == 0 { "require_approval" } else { "block" };
+        let _ = writeln!(
+            y,
+            "  - {{ id: rule_{i}, function_pattern: \"{pattern}\", conditions: [{{ param: amount, operator: gt, value: {} }}], action: {action} }}",
+            1_000_000 + i
+        );
+    }
+    let docs = load::parse_yaml("bench.yaml", "bench", &y).unwrap();
+    let engine = Arc::new(Engine::new(PolicySet::compile(docs).unwrap()));
+    let dir = tempfile::tempdir().unwrap();
+    let g = Guard::open(dir.path(), engine, LogOptions::default()).unwrap();
+    let tags: Vec<String> = Vec::new();
+    let t = Instant::now();
+    for i in 0..n {
+        let args = json!({"query": "q", "amount": i});
+        let req = ActionRequest::new("tool").agent("a").run("r").session("s").cost(0.000_001).args(&args).tags(&tags);
+        let inputs = json!({"args": ["q"], "kwargs": {"amount": i}});
+        match g.begin(&req, inputs).unwrap() {
+            Begun::Proceed(p) => {
+                g.finish(*p, CallOutcome::Success(json!(i)), None).unwrap();
+            }
+            Begun::Stop { .. } => panic!("the benchmark call must be allowed"),
+        }
+    }
+    let calls = t.elapsed();
+    g.flush().unwrap();
+    let all = t.elapsed();
+    println!(
+        "caller: {:.0} ns per call; writer caught up {:.1} ms after the last call ({:.0} ns per call overall)",
+        calls.as_secs_f64() * 1e9 / n as f64,
+        (all - calls).as_secs_f64() * 1e3,
+        all.as_secs_f64() * 1e9 / n as f64
+    );
+}
