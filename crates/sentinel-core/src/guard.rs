@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use serde_json::Value;
 
@@ -64,48 +64,6 @@ impl OwnedRequest {
             cost: if r.cost_usd.is_finite() { r.cost_usd } else { 0.0 },
             tags: r.tags.to_vec(),
         }
-    }
-}
-
-/// A finished call's ledger entry, owning its parts so the writer thread can serialize it.
-struct FinishedCall {
-    request: OwnedRequest,
-    inputs: Value,
-    outputs: Value,
-    decision: Decision,
-    outcome: &'static str,
-    cost: f64,
-    duration_ms: f64,
-    at: SystemTime,
-    approval: Option<ApprovalRecord>,
-    intervention_id: Option<String>,
-}
-
-impl serde::Serialize for FinishedCall {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut idbuf = uuid::Uuid::encode_buffer();
-        let id = uuid::Uuid::now_v7().hyphenated().encode_lower(&mut idbuf);
-        let timestamp = crate::ledger::Rfc3339::at(self.at);
-        let r = &self.request;
-        LedgerLine {
-            id,
-            timestamp: timestamp.as_str(),
-            action: &r.action,
-            cost_usd: self.cost,
-            duration_ms: self.duration_ms,
-            outcome: self.outcome,
-            tags: &r.tags,
-            payload: PayloadRef { inputs: Redacted(&self.inputs), outputs: Redacted(&self.outputs) },
-            agent_id: &r.agent_id,
-            run_id: &r.run_id,
-            session_id: &r.session_id,
-            estimated_cost_usd: r.cost,
-            decision: Some(DecisionRef::from(&self.decision)),
-            policy_version: &self.decision.policy_version,
-            approval: self.approval.as_ref(),
-            intervention_id: self.intervention_id.as_deref(),
-        }
-        .serialize(s)
     }
 }
 
@@ -398,9 +356,9 @@ impl Guard {
         }
     }
 
-    /// Settles the reservation with the actual cost (the estimate when `None`) and appends the
-    /// ledger entry. The entry is serialized, redacted, chained and written by the log's writer
-    /// thread (see `LogOptions::handoff`): the caller only settles and queues it.
+    /// Settles the reservation with the actual cost (the estimate when `None`) and writes the
+    /// ledger entry. Returns once the entry is chained; it reaches the OS then or within the
+    /// group-commit window (see `LogOptions::handoff`).
     pub fn finish(
         &self,
         mut permit: Permit,
@@ -413,23 +371,21 @@ impl Guard {
         if let Some(r) = permit.decision.take_reservation() {
             r.settle(actual);
         }
-        let (outcome, outputs) = match outcome {
+        let (name, outputs) = match outcome {
             CallOutcome::Success(v) => ("success", v),
             CallOutcome::Error(msg) => ("error", Value::String(msg)),
         };
-        let Permit { decision, request, inputs, approval, intervention_id, .. } = permit;
-        self.logs.ledger.append_owned(Box::new(FinishedCall {
-            request,
-            inputs,
-            outputs,
-            decision,
-            outcome,
-            cost: actual.as_f64(),
+        self.write_line(
+            &permit.request,
+            &permit.inputs,
+            Some(&permit.decision),
+            name,
+            actual.as_f64(),
             duration_ms,
-            at: SystemTime::now(),
-            approval,
-            intervention_id,
-        }))
+            &outputs,
+            permit.approval.as_ref(),
+            permit.intervention_id.as_deref(),
+        )
     }
 
     /// The action never ran: release its reservation and record nothing as spent.

@@ -114,39 +114,19 @@ impl LogOptions {
     }
 }
 
-/// Groups larger than this (bytes of records serialized by their callers, or records left for
-/// the writer to serialize) are written by the appending thread itself (back-pressure).
-const MAX_PENDING: usize = 4 << 20;
-const MAX_PENDING_RECORDS: usize = 16 << 10;
+/// Groups larger than this are written by the appending thread itself (back-pressure).
+const MAX_PENDING: usize = 8 << 20;
+/// A queue this long is written at once, without waiting for the group-commit window.
+const GROUP_NOW: usize = 64;
 /// Buffer capacity kept between groups.
 const KEEP_CAPACITY: usize = 256 << 10;
-
-/// A record that owns its data, so it can be serialized by whoever writes the group (normally
-/// the writer thread) instead of the thread that appended it.
-pub trait OwnedRecord: Send + 'static {
-    fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()>;
-}
-
-impl<T: Serialize + Send + 'static> OwnedRecord for T {
-    fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
-        serde_json::to_writer(out, self)
-    }
-}
-
-/// One appended entry waiting to be chained, in sequence order.
-enum Pending {
-    /// Serialized by the caller: the next `len` bytes of `WriterState::raw`.
-    Raw(usize),
-    /// Serialized when the group is written.
-    Owned(Box<dyn OwnedRecord>),
-}
 
 /// What appends change: the last sequence number given out and the entries not yet chained.
 struct WriterState {
     seq: u64,
-    /// Caller-serialized records, back to back (see [`Pending::Raw`]).
+    /// Serialized records not yet chained, back to back; `lens` says where each ends.
     raw: Vec<u8>,
-    pending: Vec<Pending>,
+    lens: Vec<usize>,
     closed: bool,
 }
 
@@ -160,7 +140,7 @@ struct IoState {
     /// The queue buffers last taken from the appenders, emptied: swapped back in at the next
     /// group, so neither side allocates a queue per group.
     spare_raw: Vec<u8>,
-    spare_pending: Vec<Pending>,
+    spare_lens: Vec<usize>,
     file: File,
     head: File,
     size: u64,
@@ -274,16 +254,16 @@ impl ChainWriter {
             opts,
             state: Mutex::new(WriterState {
                 seq,
-                raw: Vec::with_capacity(16 * 1024),
-                pending: Vec::with_capacity(1024),
+                raw: Vec::with_capacity(64 * 1024),
+                lens: Vec::with_capacity(1024),
                 closed: false,
             }),
             io: Mutex::new(IoState {
                 seq,
                 prev,
                 line: Vec::with_capacity(1024),
-                spare_raw: Vec::with_capacity(16 * 1024),
-                spare_pending: Vec::with_capacity(1024),
+                spare_raw: Vec::with_capacity(64 * 1024),
+                spare_lens: Vec::with_capacity(1024),
                 file,
                 head,
                 size,
@@ -340,30 +320,13 @@ impl ChainWriter {
             st.raw.truncate(before);
             return Err(LedgerError::Serialize("a ledger record must be a JSON object".into()));
         }
-        self.queue(guard, Pending::Raw(len))
-    }
-
-    /// Appends a record that owns its data; serializing it (and redacting, hashing, writing) is
-    /// left to the writer thread, so the caller pays for a queue push. The record must serialize
-    /// to a JSON object; one that does not is recorded as an error entry in its place.
-    pub fn append_owned(&self, record: Box<dyn OwnedRecord>) -> Result<Appended, LedgerError> {
-        self.check()?;
-        let guard = self.shared.state.lock();
-        self.queue(guard, Pending::Owned(record))
-    }
-
-    fn queue(
-        &self,
-        mut st: parking_lot::MutexGuard<'_, WriterState>,
-        entry: Pending,
-    ) -> Result<Appended, LedgerError> {
-        let sh = &*self.shared;
-        let first = st.pending.is_empty();
-        st.pending.push(entry);
+        st.lens.push(len);
         st.seq += 1;
         let seq = st.seq;
-        let full = st.raw.len() >= MAX_PENDING || st.pending.len() >= MAX_PENDING_RECORDS;
-        drop(st);
+        let first = st.lens.len() == 1;
+        let full = st.raw.len() >= MAX_PENDING;
+        drop(guard);
+        let sh = &*self.shared;
         match sh.opts.handoff {
             Handoff::EveryEntry => sh.flush()?,
             Handoff::Group { .. } if full => sh.flush()?,
@@ -404,9 +367,9 @@ impl Shared {
     /// The group-commit thread: waits for a first entry, gathers for `window`, writes the group.
     fn run_writer(&self, window: Duration) {
         loop {
-            {
+            let backlog = {
                 let mut st = self.state.lock();
-                while st.pending.is_empty() && !self.failing.load(Ordering::Acquire) && !st.closed {
+                while st.lens.is_empty() && !self.failing.load(Ordering::Acquire) && !st.closed {
                     self.wake.wait(&mut st);
                 }
                 if st.closed {
@@ -419,8 +382,13 @@ impl Shared {
                         return;
                     }
                 }
+                st.lens.len() >= GROUP_NOW
+            };
+            // The window gathers a group; once entries arrive faster than groups are written,
+            // each group is what came in while the last one was written, with no pause between.
+            if !backlog {
+                std::thread::sleep(window);
             }
-            std::thread::sleep(window);
             let _ = self.flush();
         }
     }
@@ -428,48 +396,34 @@ impl Shared {
     fn flush(&self) -> Result<(), LedgerError> {
         let mut io = self.io.lock();
         let io = &mut *io;
-        // Take the queue (appenders go on in the spare buffers), then chain it here.
+        // Take the queue (appenders go on in the spare buffers), then chain it here: hashing is
+        // the writer's work, not the caller's.
         let mut raw = std::mem::take(&mut io.spare_raw);
-        let mut pending = std::mem::take(&mut io.spare_pending);
+        let mut lens = std::mem::take(&mut io.spare_lens);
         {
             let mut st = self.state.lock();
             std::mem::swap(&mut st.raw, &mut raw);
-            std::mem::swap(&mut st.pending, &mut pending);
+            std::mem::swap(&mut st.lens, &mut lens);
         }
         let mut at = 0;
-        for p in &pending {
+        for len in &lens {
             let IoState { line, seq, prev, out, .. } = &mut *io;
             line.clear();
-            match p {
-                Pending::Raw(len) => {
-                    line.extend_from_slice(raw.get(at..at + len).unwrap_or_default());
-                    at += len;
-                }
-                Pending::Owned(r) => {
-                    if let Err(e) = r.write_json(line) {
-                        line.clear();
-                        let _ = serde_json::to_writer(&mut *line, &serde_json::json!({"ledger_error": e.to_string()}));
-                    }
-                    if line.first() != Some(&b'{') || line.last() != Some(&b'}') {
-                        line.clear();
-                        line.extend_from_slice(br#"{"ledger_error":"the record is not a JSON object"}"#);
-                    }
-                }
-            }
+            line.extend_from_slice(raw.get(at..at + len).unwrap_or_default());
+            at += len;
             chain(line, seq, prev);
             out.extend_from_slice(line);
         }
         if io.line.capacity() > KEEP_CAPACITY {
             io.line = Vec::with_capacity(1024);
         }
-        // The records are dropped here, on this thread; the emptied buffers are the next spares
-        // (smaller again after a burst).
+        // The emptied buffers are the next spares (smaller again after a burst).
         raw.clear();
-        pending.clear();
+        lens.clear();
         raw.shrink_to(KEEP_CAPACITY);
-        pending.shrink_to(MAX_PENDING_RECORDS / 4);
+        lens.shrink_to(KEEP_CAPACITY / 256);
         io.spare_raw = raw;
-        io.spare_pending = pending;
+        io.spare_lens = lens;
         if io.out.is_empty() {
             return Ok(());
         }
