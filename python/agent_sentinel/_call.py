@@ -28,14 +28,17 @@ _authority: Any = None
 
 def set_authority(authority: Any) -> None:
     global _authority
+    if _authority is None and authority is not None:
+        _native.slow_path(1)
+    elif _authority is not None and authority is None:
+        _native.slow_path(-1)
     _authority = authority
 
 
 def clear_authority(authority: Any) -> None:
     """Removes `authority` if it is still the one in effect."""
-    global _authority
     if _authority is authority:
-        _authority = None
+        set_authority(None)
 
 
 class CallSpec:
@@ -43,6 +46,7 @@ class CallSpec:
 
     __slots__ = (
         "fn", "action", "cost", "tags", "names", "defaults", "guard", "approver", "context_fn", "context_arity", "current",
+        "slot",
     )
 
     def __init__(
@@ -55,8 +59,11 @@ class CallSpec:
         approver: Callable[[], tuple],
         context_fn: Optional[Callable] = None,
         current: Optional[Callable[[], Any]] = None,
+        slot: Any = None,
     ) -> None:
         self.current = current or _context.current
+        # Where the native fast path finds the guard (``guard()`` fills it when it opens one).
+        self.slot = slot
         try:
             params = list(inspect.signature(fn).parameters.values())
         except (TypeError, ValueError):
@@ -210,14 +217,17 @@ def wrap(spec: CallSpec) -> Callable:
 
         return async_wrapper
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        replay = active_replay()
-        if replay is not None:
-            return replay.next(action, args, kwargs, names, defaults)
-        ctx = current()
-        guard = get_guard()
-        r = guard.begin(action, cost, tags, args, kwargs or None, names, defaults, ctx)
+    def call(args: tuple, kwargs: dict, r: Any = None, ctx: Any = None) -> Any:
+        """The whole call in Python; `r` is a decision already made (by the native path) in `ctx`."""
+        if r is None:
+            replay = active_replay()
+            if replay is not None:
+                return replay.next(action, args, kwargs, names, defaults)
+            ctx = current()
+            guard = get_guard()
+            r = guard.begin(action, cost, tags, args, kwargs or None, names, defaults, ctx)
+        else:
+            guard = get_guard()
         if type(r) is not _Permit:
             if r.verdict != "require_approval":
                 raise error_for(r)
@@ -237,5 +247,27 @@ def wrap(spec: CallSpec) -> Callable:
             central.settle(ticket, cost)
         guard.finish(r, True, result)
         return result
+
+    if spec.slot is None:
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return call(args, kwargs)
+
+        return wrapper
+
+    # The fast path: one crossing into Rust decides, runs, settles and records the call. It hands
+    # the call back to `call` for anything else (a denial or approval, replay, a central authority).
+    def slow(args: tuple, kwargs: Optional[dict], r: Any, ctx: Any) -> Any:
+        return call(args, kwargs or {}, r, ctx)
+
+    native = _native.Wrapped(
+        fn, action, cost, list(tags), list(names), list((defaults or {}).items()), spec.slot, get_guard, current, active_replay, slow,
+    )
+    run = native.run
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return run(args, kwargs)
 
     return wrapper

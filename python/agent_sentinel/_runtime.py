@@ -28,6 +28,8 @@ class Runtime:
         self.config: Any = None
         self.home: Optional[Path] = None
         self._guard: Optional[_native.Guard] = None
+        # The same guard, where the native fast path of a guarded call looks for it.
+        self.slot = _native.GuardSlot()
         self.approval_handler: Any = None
         self.approval_timeout: Optional[float] = None
         # Policies synced from a platform (``sync.py``), by sync: merged after the local sources of
@@ -70,12 +72,14 @@ class Runtime:
             if self._guard is None:
                 self.home = home_from_env()
                 self._guard = _native.Guard(self.engine, str(self.home))
+                self.slot.set(self._guard)
             return self._guard
 
     def reopen(self) -> None:
         """Re-reads ``AGENT_SENTINEL_HOME`` at the next call."""
         with self.lock:
             self._guard = None
+            self.slot.set(None)
 
 
 RUNTIME = Runtime()

@@ -31,7 +31,7 @@ def guarded_action(name: Optional[str] = None, cost_usd: float = 0.0, tags: Opti
     tag_list = [str(t) for t in (tags or [])]
 
     def decorate(fn: Callable) -> Callable:
-        spec = CallSpec(fn, name or fn.__name__, float(cost_usd), tag_list, RUNTIME.guard, _approver)
+        spec = CallSpec(fn, name or fn.__name__, float(cost_usd), tag_list, RUNTIME.guard, _approver, slot=RUNTIME.slot)
         return wrap(spec)
 
     return decorate

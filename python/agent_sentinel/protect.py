@@ -124,6 +124,8 @@ class _Protected:
         except ValueError as e:
             raise PolicyConfigError(str(e), reason="INVALID_POLICY") from None
         self.guard = _native.Guard(self.engine, config.audit_log_dir)
+        self.slot = _native.GuardSlot()
+        self.slot.set(self.guard)
         self.handler = config._handler()
         self.timeout = config.timeout_seconds
 
@@ -146,7 +148,7 @@ def protect(config: SentinelConfig, context_fn: Optional[Callable[..., dict]] = 
             return _context.current()._replace(agent_id=agent)
 
     def decorate(fn: Callable) -> Callable:
-        spec = CallSpec(fn, fn.__name__, 0.0, [], lambda: state.guard, lambda: approver, context_fn, current)
+        spec = CallSpec(fn, fn.__name__, 0.0, [], lambda: state.guard, lambda: approver, context_fn, current, state.slot)
         wrapped = wrap(spec)
         wrapped.sentinel_engine = state.engine  # type: ignore[attr-defined]
         return wrapped

@@ -435,14 +435,18 @@ impl Guard {
         approval: Option<&ApprovalRecord>,
         intervention_id: Option<&str>,
     ) -> Result<Appended, LedgerError> {
+        // One clock reading for the id and the timestamp.
+        let now = std::time::SystemTime::now();
+        let since = now.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let ts = uuid::Timestamp::from_unix(uuid::NoContext, since.as_secs(), since.subsec_nanos());
         let mut idbuf = uuid::Uuid::encode_buffer();
-        let id = uuid::Uuid::now_v7().hyphenated().encode_lower(&mut idbuf);
-        let timestamp = crate::ledger::Rfc3339::now();
+        let id = uuid::Uuid::new_v7(ts).hyphenated().encode_lower(&mut idbuf);
+        let timestamp = crate::ledger::Rfc3339::at(now);
         let version = match d {
             Some(d) => Arc::clone(&d.policy_version),
             None => self.engine.policy_version(),
         };
-        self.logs.ledger.append(&LedgerLine {
+        self.logs.ledger.append_line(&LedgerLine {
             id,
             timestamp: timestamp.as_str(),
             action: &r.action,

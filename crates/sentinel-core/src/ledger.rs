@@ -118,8 +118,10 @@ impl LogOptions {
 const MAX_PENDING: usize = 8 << 20;
 /// A queue this long is written at once, without waiting for the group-commit window.
 const GROUP_NOW: usize = 64;
-/// Buffer capacity kept between groups.
-const KEEP_CAPACITY: usize = 256 << 10;
+/// Buffer capacity kept between groups: enough for a busy millisecond, so a steady stream of
+/// entries reuses the same memory instead of growing a buffer (and faulting in fresh pages) for
+/// every group; what a burst grew beyond it is given back.
+const KEEP_CAPACITY: usize = 2 << 20;
 
 /// What appends change: the last sequence number given out and the entries not yet chained.
 struct WriterState {
@@ -307,11 +309,20 @@ impl ChainWriter {
     /// the entry has its sequence number; it is chained and handed to the OS with its group (see
     /// [`LogOptions::handoff`]).
     pub fn append<T: Serialize + ?Sized>(&self, record: &T) -> Result<Appended, LedgerError> {
+        self.append_with(|out| serde_json::to_writer(out, record))
+    }
+
+    /// [`ChainWriter::append`] for a ledger line, with its own serializer.
+    pub fn append_line(&self, line: &crate::records::LedgerLine<'_>) -> Result<Appended, LedgerError> {
+        self.append_with(|out| line.write_json(out))
+    }
+
+    fn append_with(&self, write: impl FnOnce(&mut Vec<u8>) -> serde_json::Result<()>) -> Result<Appended, LedgerError> {
         self.check()?;
         let mut guard = self.shared.state.lock();
         let st = &mut *guard;
         let before = st.raw.len();
-        if let Err(e) = serde_json::to_writer(&mut st.raw, record) {
+        if let Err(e) = write(&mut st.raw) {
             st.raw.truncate(before);
             return Err(LedgerError::Serialize(e.to_string()));
         }
@@ -414,14 +425,14 @@ impl Shared {
             chain(line, seq, prev);
             out.extend_from_slice(line);
         }
-        if io.line.capacity() > KEEP_CAPACITY {
+        if io.line.capacity() > 64 << 10 {
             io.line = Vec::with_capacity(1024);
         }
         // The emptied buffers are the next spares (smaller again after a burst).
         raw.clear();
         lens.clear();
         raw.shrink_to(KEEP_CAPACITY);
-        lens.shrink_to(KEEP_CAPACITY / 256);
+        lens.shrink_to(KEEP_CAPACITY / 512);
         io.spare_raw = raw;
         io.spare_lens = lens;
         if io.out.is_empty() {
@@ -1042,11 +1053,43 @@ impl Rfc3339 {
         Self::at(std::time::SystemTime::now())
     }
 
-    /// The timestamp of `at`.
+    /// The timestamp of `at`. The date and time of day are formatted once per second per thread
+    /// (chrono does the calendar); within that second only the microseconds are written.
     pub fn at(at: std::time::SystemTime) -> Self {
+        use std::cell::Cell;
+        thread_local! {
+            static SECOND: Cell<(u64, [u8; 19])> = const { Cell::new((u64::MAX, [0; 19])) };
+        }
+        let d = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let secs = d.as_secs();
+        let prefix = SECOND.with(|c| {
+            let (cached, p) = c.get();
+            if cached == secs {
+                return p;
+            }
+            let p = Self::second(at);
+            c.set((secs, p));
+            p
+        });
+        let mut b = *b"0000-00-00T00:00:00.000000Z";
+        if let Some(head) = b.get_mut(..19) {
+            head.copy_from_slice(&prefix);
+        }
+        let mut v = d.subsec_micros();
+        for i in (20..26).rev() {
+            if let Some(x) = b.get_mut(i) {
+                *x = b'0' + (v % 10) as u8;
+            }
+            v /= 10;
+        }
+        Rfc3339(b)
+    }
+
+    /// `YYYY-MM-DDTHH:MM:SS` of `at`.
+    fn second(at: std::time::SystemTime) -> [u8; 19] {
         use chrono::{Datelike, Timelike};
         let t = chrono::DateTime::<chrono::Utc>::from(at);
-        let mut b = *b"0000-00-00T00:00:00.000000Z";
+        let mut b = *b"0000-00-00T00:00:00";
         let mut put = |at: usize, width: usize, mut v: u32| {
             for i in (at..at + width).rev() {
                 if let Some(d) = b.get_mut(i) {
@@ -1061,8 +1104,7 @@ impl Rfc3339 {
         put(11, 2, t.hour());
         put(14, 2, t.minute());
         put(17, 2, t.second().min(59));
-        put(20, 6, t.nanosecond().min(999_999_999) / 1000);
-        Rfc3339(b)
+        b
     }
 
     pub fn as_str(&self) -> &str {
@@ -1079,5 +1121,12 @@ mod tests {
         let back = parsed.with_timezone(&chrono::Utc).to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
         assert_eq!(ours, back);
         assert_eq!(ours.len(), 27);
+        // Within one second (the cached date) and across seconds, days and years.
+        let base = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_767_225_599); // 2025-12-31T23:59:59Z
+        for step_us in [0u64, 1, 999_999, 1_000_000, 1_000_001, 86_400_000_000, 3_000_000_123] {
+            let t = base + std::time::Duration::from_micros(step_us);
+            let want = chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+            assert_eq!(super::Rfc3339::at(t).as_str(), want);
+        }
     }
 }

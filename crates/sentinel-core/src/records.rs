@@ -72,6 +72,101 @@ pub struct LedgerLine<'a> {
     pub intervention_id: Option<&'a str>,
 }
 
+impl LedgerLine<'_> {
+    /// Writes the line's JSON object, byte for byte what `serde_json` writes for it, without
+    /// serde's generic machinery for the fixed fields: this runs once per guarded call, on the
+    /// caller's thread. The payload still goes through [`Redacted`].
+    pub fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        out.extend_from_slice(b"{\"id\":");
+        json_str(out, self.id)?;
+        out.extend_from_slice(b",\"timestamp\":");
+        json_str(out, self.timestamp)?;
+        out.extend_from_slice(b",\"action\":");
+        json_str(out, self.action)?;
+        out.extend_from_slice(b",\"cost_usd\":");
+        serde_json::to_writer(&mut *out, &self.cost_usd)?;
+        out.extend_from_slice(b",\"duration_ms\":");
+        serde_json::to_writer(&mut *out, &self.duration_ms)?;
+        out.extend_from_slice(b",\"outcome\":");
+        json_str(out, self.outcome)?;
+        out.extend_from_slice(b",\"tags\":[");
+        for (i, t) in self.tags.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            json_str(out, t)?;
+        }
+        out.extend_from_slice(b"],\"payload\":{\"inputs\":");
+        serde_json::to_writer(&mut *out, &self.payload.inputs)?;
+        out.extend_from_slice(b",\"outputs\":");
+        serde_json::to_writer(&mut *out, &self.payload.outputs)?;
+        out.extend_from_slice(b"},\"agent_id\":");
+        json_str(out, self.agent_id)?;
+        out.extend_from_slice(b",\"run_id\":");
+        json_str(out, self.run_id)?;
+        out.extend_from_slice(b",\"session_id\":");
+        json_str(out, self.session_id)?;
+        out.extend_from_slice(b",\"estimated_cost_usd\":");
+        serde_json::to_writer(&mut *out, &self.estimated_cost_usd)?;
+        if let Some(d) = &self.decision {
+            out.extend_from_slice(b",\"decision\":{\"verdict\":\"");
+            out.extend_from_slice(d.verdict.as_str().as_bytes());
+            out.extend_from_slice(b"\",\"reason\":\"");
+            out.extend_from_slice(d.reason.as_str().as_bytes());
+            out.push(b'"');
+            if let Some(i) = d.intervention {
+                out.extend_from_slice(b",\"intervention\":\"");
+                out.extend_from_slice(i.as_str().as_bytes());
+                out.push(b'"');
+            }
+            out.extend_from_slice(b",\"message\":");
+            json_str(out, d.message)?;
+            if let Some(p) = d.policy {
+                out.extend_from_slice(b",\"policy\":");
+                json_str(out, p)?;
+            }
+            if let Some(r) = d.rule {
+                out.extend_from_slice(b",\"rule\":");
+                json_str(out, r)?;
+            }
+            if let Some(l) = d.limit {
+                out.extend_from_slice(b",\"limit\":");
+                serde_json::to_writer(&mut *out, l)?;
+            }
+            if let Some(r) = d.retry_after_seconds {
+                out.extend_from_slice(b",\"retry_after_seconds\":");
+                serde_json::to_writer(&mut *out, &r)?;
+            }
+            out.push(b'}');
+        }
+        out.extend_from_slice(b",\"policy_version\":");
+        json_str(out, self.policy_version)?;
+        if let Some(a) = self.approval {
+            out.extend_from_slice(b",\"approval\":");
+            serde_json::to_writer(&mut *out, a)?;
+        }
+        if let Some(i) = self.intervention_id {
+            out.extend_from_slice(b",\"intervention_id\":");
+            json_str(out, i)?;
+        }
+        out.push(b'}');
+        Ok(())
+    }
+}
+
+/// A JSON string: copied as is when nothing in it needs escaping (the common case), else
+/// escaped by `serde_json`.
+fn json_str(out: &mut Vec<u8>, s: &str) -> serde_json::Result<()> {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+        Ok(())
+    } else {
+        serde_json::to_writer(out, s)
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct PayloadRef<'a> {
     pub inputs: Redacted<'a>,

@@ -10,6 +10,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 
 use parking_lot::Mutex;
@@ -238,6 +239,19 @@ struct Permit {
     reason: &'static str,
 }
 
+impl Permit {
+    fn of(p: sentinel_core::Permit) -> Self {
+        let verdict = p.decision.verdict.as_str();
+        let reason = p.decision.reason.as_str();
+        let message = if p.decision.verdict == sentinel_core::Verdict::Allow {
+            String::new()
+        } else {
+            p.decision.message.to_string()
+        };
+        Permit { inner: Mutex::new(Some(p)), verdict, message, reason }
+    }
+}
+
 /// A call that must not run now: a denial, or a request for approval.
 #[pyclass(frozen, module = "agent_sentinel._native")]
 struct Stop {
@@ -307,19 +321,27 @@ impl Stop {
     }
 }
 
-/// Binds a call's arguments by parameter name: positional, then keyword, then defaults.
-fn bind(
-    args: &[Value],
-    kwargs: &Map<String, Value>,
-    names: &Bound<'_, PyTuple>,
-    defaults: Option<&Bound<'_, PyDict>>,
-) -> Value {
+/// A function's parameters as binding needs them: positional names, and defaults by name.
+struct Params<'a, 'py> {
+    names: &'a [String],
+    defaults: &'a [(String, Bound<'py, PyAny>)],
+}
+
+/// A call's arguments twice over: bound by parameter name for the rules (positional, then
+/// keyword, then defaults), and as the ledger records them (`{"args": [...], "kwargs": {...}}`).
+/// Each Python value is converted once.
+fn prepare(args: &Bound<'_, PyTuple>, kwargs: Option<&Bound<'_, PyDict>>, params: &Params<'_, '_>) -> (Value, Value) {
+    let positional: Vec<Value> = args.iter().map(|a| to_json(&a, 0)).collect();
+    let keyword: Map<String, Value> = match kwargs {
+        Some(k) => k.iter().map(|(k, v)| (key_of(&k), to_json(&v, 0))).collect(),
+        None => Map::new(),
+    };
     let mut m = Map::new();
     let mut extra = Vec::new();
-    for (i, a) in args.iter().enumerate() {
-        match names.get_item(i).ok().and_then(|n| n.cast::<PyString>().ok().map(|s| s.to_string_lossy().into_owned())) {
+    for (i, a) in positional.iter().enumerate() {
+        match params.names.get(i) {
             Some(name) => {
-                m.insert(name, a.clone());
+                m.insert(name.clone(), a.clone());
             }
             None => extra.push(a.clone()),
         }
@@ -327,20 +349,32 @@ fn bind(
     if !extra.is_empty() {
         m.insert("args".to_string(), Value::Array(extra));
     }
-    for (k, v) in kwargs {
+    for (k, v) in &keyword {
         m.insert(k.clone(), v.clone());
     }
-    if let Some(d) = defaults {
-        for (k, v) in d.iter() {
-            if let Ok(k) = k.cast::<PyString>() {
-                let k = k.to_string_lossy();
-                if !m.contains_key(k.as_ref()) {
-                    m.insert(k.into_owned(), to_json(&v, 0));
-                }
-            }
+    for (k, v) in params.defaults {
+        if !m.contains_key(k.as_str()) {
+            m.insert(k.clone(), to_json(v, 0));
         }
     }
-    Value::Object(m)
+    let mut inputs = Map::new();
+    inputs.insert("args".into(), Value::Array(positional));
+    inputs.insert("kwargs".into(), Value::Object(keyword));
+    (Value::Object(m), Value::Object(inputs))
+}
+
+fn key_of(k: &Bound<'_, PyAny>) -> String {
+    k.cast::<PyString>().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|_| stringify(k))
+}
+
+/// Names and defaults as the Python side passes them to `Guard.begin`.
+fn params_from<'py>(
+    names: &Bound<'py, PyTuple>,
+    defaults: Option<&Bound<'py, PyDict>>,
+) -> (Vec<String>, Vec<(String, Bound<'py, PyAny>)>) {
+    let names = names.iter().map(|n| key_of(&n)).collect();
+    let defaults = defaults.map(|d| d.iter().map(|(k, v)| (key_of(&k), v)).collect()).unwrap_or_default();
+    (names, defaults)
 }
 
 #[pymethods]
@@ -382,25 +416,8 @@ impl Guard {
         escalation_id: Option<String>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let (agent_id, run_id, session_id) = (ctx.0.to_str()?, ctx.1.to_str()?, ctx.2.to_str()?);
-        let positional: Vec<Value> = args.iter().map(|a| to_json(&a, 0)).collect();
-        let keyword: Map<String, Value> = match kwargs {
-            Some(k) => k
-                .iter()
-                .map(|(k, v)| {
-                    let key = k
-                        .cast::<PyString>()
-                        .map(|s| s.to_string_lossy().into_owned())
-                        .unwrap_or_else(|_| stringify(&k));
-                    (key, to_json(&v, 0))
-                })
-                .collect(),
-            None => Map::new(),
-        };
-        let bound = bind(&positional, &keyword, names, defaults);
-        let mut inputs = Map::new();
-        inputs.insert("args".into(), Value::Array(positional));
-        inputs.insert("kwargs".into(), Value::Object(keyword));
-        let inputs = Value::Object(inputs);
+        let (names, defaults) = params_from(names, defaults);
+        let (bound, inputs) = prepare(args, kwargs, &Params { names: &names, defaults: &defaults });
         let req = ActionRequest::new(action)
             .agent(agent_id)
             .run(run_id)
@@ -418,16 +435,7 @@ impl Guard {
         }
         .map_err(ledger_error("cannot record the decision"))?;
         match begun {
-            Begun::Proceed(p) => {
-                let verdict = p.decision.verdict.as_str();
-                let reason = p.decision.reason.as_str();
-                let message = if p.decision.verdict == sentinel_core::Verdict::Allow {
-                    String::new()
-                } else {
-                    p.decision.message.to_string()
-                };
-                Ok(Bound::new(py, Permit { inner: Mutex::new(Some(*p)), verdict, message, reason })?.into_any())
-            }
+            Begun::Proceed(p) => Ok(Bound::new(py, Permit::of(*p))?.into_any()),
             Begun::Stop { decision, intervention_id, inputs } => {
                 Ok(Bound::new(py, Stop { decision, intervention_id, action: action.to_string(), inputs, args: bound })?
                     .into_any())
@@ -513,6 +521,150 @@ impl Guard {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The fast path of a guarded sync call: decide, run, settle and record in one crossing into Rust.
+
+/// Reasons every guarded call must take the Python path (a central authority decides too): while
+/// any holds, [`Wrapped::run`] hands the call to Python before deciding anything.
+static SLOW_PATH: AtomicUsize = AtomicUsize::new(0);
+
+/// `+1` when a reason to take the Python path begins, `-1` when it ends.
+#[pyfunction]
+fn slow_path(delta: i64) {
+    if delta > 0 {
+        SLOW_PATH.fetch_add(1, Ordering::SeqCst);
+    } else {
+        let _ = SLOW_PATH.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+    }
+}
+
+/// Where wrappers find their guard; set by Python when the guard is opened or dropped.
+#[pyclass(frozen, module = "agent_sentinel._native")]
+struct GuardSlot {
+    guard: Mutex<Option<Py<Guard>>>,
+}
+
+#[pymethods]
+impl GuardSlot {
+    #[new]
+    fn new() -> Self {
+        GuardSlot { guard: Mutex::new(None) }
+    }
+
+    fn set(&self, guard: Option<Py<Guard>>) {
+        *self.guard.lock() = guard;
+    }
+}
+
+/// One decorated sync function: what does not change between calls, and the call itself.
+#[pyclass(frozen, module = "agent_sentinel._native")]
+struct Wrapped {
+    func: Py<PyAny>,
+    action: String,
+    cost: f64,
+    tags: Vec<String>,
+    names: Vec<String>,
+    defaults: Vec<(String, Py<PyAny>)>,
+    slot: Py<GuardSlot>,
+    /// Opens the guard when the slot is empty (and fills the slot).
+    open_guard: Py<PyAny>,
+    /// `() -> (agent_id, run_id, session_id)`: the context that applies here.
+    current: Py<PyAny>,
+    /// `() -> replay or None`: a replay in effect here takes the Python path.
+    replaying: Py<PyAny>,
+    /// `(args, kwargs, stop, ctx) -> result`: the rest of the call in Python, for a call that was
+    /// stopped (`stop`, with the `ctx` it was decided in) or that cannot take this path at all
+    /// (`stop` and `ctx` are `None`).
+    slow: Py<PyAny>,
+}
+
+#[pymethods]
+impl Wrapped {
+    #[new]
+    #[expect(clippy::too_many_arguments, reason = "built once per decorated function")]
+    fn new(
+        func: Py<PyAny>,
+        action: String,
+        cost: f64,
+        tags: Vec<String>,
+        names: Vec<String>,
+        defaults: Vec<(String, Py<PyAny>)>,
+        slot: Py<GuardSlot>,
+        open_guard: Py<PyAny>,
+        current: Py<PyAny>,
+        replaying: Py<PyAny>,
+        slow: Py<PyAny>,
+    ) -> Self {
+        Wrapped { func, action, cost, tags, names, defaults, slot, open_guard, current, replaying, slow }
+    }
+
+    /// Decides the call, runs it if allowed, settles and records it, and returns its result.
+    /// The function's own exceptions propagate unchanged (recorded with outcome `error`).
+    #[pyo3(signature = (args, kwargs=None))]
+    fn run<'py>(
+        &self,
+        py: Python<'py>,
+        args: &Bound<'py, PyTuple>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        if SLOW_PATH.load(Ordering::Relaxed) > 0 || !self.replaying.bind(py).call0()?.is_none() {
+            return self.slow.bind(py).call1((args, kwargs, py.None(), py.None()));
+        }
+        let ctx = self.current.bind(py).call0()?;
+        let guard = {
+            let held = self.slot.get().guard.lock().as_ref().map(|g| g.clone_ref(py));
+            match held {
+                Some(g) => g.into_bound(py),
+                None => self.open_guard.bind(py).call0()?.cast_into::<Guard>()?,
+            }
+        };
+        let guard = guard.get();
+        let ids = ctx.cast::<PyTuple>()?;
+        let (agent, run, session) = (ids.get_item(0)?, ids.get_item(1)?, ids.get_item(2)?);
+        let (agent_id, run_id, session_id) = (
+            agent.cast::<PyString>()?.to_str()?,
+            run.cast::<PyString>()?.to_str()?,
+            session.cast::<PyString>()?.to_str()?,
+        );
+        let defaults: Vec<(String, Bound<'py, PyAny>)> =
+            self.defaults.iter().map(|(k, v)| (k.clone(), v.bind(py).clone())).collect();
+        let (bound, inputs) = prepare(args, kwargs, &Params { names: &self.names, defaults: &defaults });
+        let req = ActionRequest::new(&self.action)
+            .agent(agent_id)
+            .run(run_id)
+            .session(session_id)
+            .cost(self.cost)
+            .args(&bound)
+            .tags(&self.tags);
+        let begun = guard.inner.begin(&req, inputs).map_err(ledger_error("cannot record the decision"))?;
+        let permit = match begun {
+            Begun::Proceed(p) => p,
+            Begun::Stop { decision, intervention_id, inputs } => {
+                let stop = Stop { decision, intervention_id, action: self.action.clone(), inputs, args: bound };
+                return self.slow.bind(py).call1((args, kwargs, stop, ctx));
+            }
+        };
+        match self.func.bind(py).call(args, kwargs) {
+            Ok(result) => {
+                guard
+                    .inner
+                    .finish(*permit, CallOutcome::Success(to_json(&result, 0)), None)
+                    .map_err(ledger_error("cannot write the ledger"))?;
+                Ok(result)
+            }
+            Err(e) => {
+                let kind = e.get_type(py).name().map(|n| n.to_string()).unwrap_or_default();
+                let text = e.value(py).str().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                guard
+                    .inner
+                    .finish(*permit, CallOutcome::Error(format!("{kind}: {text}")), None)
+                    .map_err(ledger_error("cannot write the ledger"))?;
+                Err(e)
+            }
+        }
+    }
+}
+
 /// Converts a Python value to the JSON the ledger records (for replay comparisons).
 #[pyfunction]
 fn to_record(py: Python<'_>, value: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
@@ -527,6 +679,9 @@ fn agent_sentinel_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Guard>()?;
     m.add_class::<Permit>()?;
     m.add_class::<Stop>()?;
+    m.add_class::<GuardSlot>()?;
+    m.add_class::<Wrapped>()?;
+    m.add_function(wrap_pyfunction!(slow_path, m)?)?;
     m.add_function(wrap_pyfunction!(to_record, m)?)?;
     m.add_function(wrap_pyfunction!(flush_all, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
