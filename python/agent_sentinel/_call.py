@@ -46,7 +46,7 @@ class CallSpec:
 
     __slots__ = (
         "fn", "action", "cost", "tags", "names", "defaults", "guard", "approver", "context_fn", "context_arity", "current",
-        "slot",
+        "slot", "agent",
     )
 
     def __init__(
@@ -60,8 +60,12 @@ class CallSpec:
         context_fn: Optional[Callable] = None,
         current: Optional[Callable[[], Any]] = None,
         slot: Any = None,
+        agent: Optional[str] = None,
     ) -> None:
+        # `current` gives the context in Python; `agent` (protect's `agent_id`) is the agent the
+        # native path substitutes, as `current` does.
         self.current = current or _context.current
+        self.agent = agent
         # Where the native fast path finds the guard (``guard()`` fills it when it opens one).
         self.slot = slot
         try:
@@ -262,7 +266,8 @@ def wrap(spec: CallSpec) -> Callable:
         return call(args, kwargs or {}, r, ctx)
 
     native = _native.Wrapped(
-        fn, action, cost, list(tags), list(names), list((defaults or {}).items()), spec.slot, get_guard, current, active_replay, slow,
+        fn, action, cost, list(tags), list(names), list((defaults or {}).items()), spec.slot, get_guard,
+        _context._task_get, _context, spec.agent, active_replay, slow,
     )
     run = native.run
 

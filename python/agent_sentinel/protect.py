@@ -148,7 +148,7 @@ def protect(config: SentinelConfig, context_fn: Optional[Callable[..., dict]] = 
             return _context.current()._replace(agent_id=agent)
 
     def decorate(fn: Callable) -> Callable:
-        spec = CallSpec(fn, fn.__name__, 0.0, [], lambda: state.guard, lambda: approver, context_fn, current, state.slot)
+        spec = CallSpec(fn, fn.__name__, 0.0, [], lambda: state.guard, lambda: approver, context_fn, current, state.slot, config.agent_id or None)
         wrapped = wrap(spec)
         wrapped.sentinel_engine = state.engine  # type: ignore[attr-defined]
         return wrapped

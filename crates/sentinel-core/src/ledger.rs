@@ -115,13 +115,13 @@ impl LogOptions {
 }
 
 /// Groups larger than this are written by the appending thread itself (back-pressure).
-const MAX_PENDING: usize = 8 << 20;
+const MAX_PENDING: usize = 4 << 20;
 /// A queue this long is written at once, without waiting for the group-commit window.
 const GROUP_NOW: usize = 64;
 /// Buffer capacity kept between groups: enough for a busy millisecond, so a steady stream of
 /// entries reuses the same memory instead of growing a buffer (and faulting in fresh pages) for
 /// every group; what a burst grew beyond it is given back.
-const KEEP_CAPACITY: usize = 2 << 20;
+const KEEP_CAPACITY: usize = 4 << 20;
 
 /// What appends change: the last sequence number given out and the entries not yet chained.
 struct WriterState {
