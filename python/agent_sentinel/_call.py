@@ -232,6 +232,7 @@ def wrap(spec: CallSpec) -> Callable:
             r = guard.begin(action, cost, tags, args, kwargs or None, names, defaults, ctx)
         else:
             guard = get_guard()
+            ctx = ctx or current()
         if type(r) is not _Permit:
             if r.verdict != "require_approval":
                 raise error_for(r)

@@ -433,3 +433,72 @@ def test_a_full_disk_fails_closed_and_loses_no_accepted_entry(tmp_path, sync):
     assert report["entries"] == len(out["ran"]), (report, out["ran"])
     entries = read_jsonl(tmp_path / sync / "ledger.jsonl")
     assert [e["payload"]["inputs"]["args"][0] for e in entries] == out["ran"]
+
+
+def _comparable(e: dict) -> dict:
+    """An entry without what differs between any two calls (id, time, duration, chain)."""
+    return {k: v for k, v in e.items() if k not in ("id", "timestamp", "duration_ms", "seq", "prev_hash", "hash")}
+
+
+def test_the_native_path_records_what_the_python_path_records(home):
+    """A plain allowed call takes one crossing into Rust; with a reason to take the Python path
+    (here forced, as a central authority does) the same call must leave the same entry."""
+    from agent_sentinel import _native
+
+    PolicyEngine.configure(run_budget=10.0, denied_actions=["drop_table"])
+
+    @guarded_action(name="pay", cost_usd=0.25, tags=["billing"])
+    def pay(amount, currency="EUR", *extra, note=None):
+        return {"paid": amount}
+
+    with agent_sentinel.context(run_id="r-native"):
+        assert pay(3, "USD", "x", note="n") == {"paid": 3}
+        _native.slow_path(1)
+        try:
+            assert pay(3, "USD", "x", note="n") == {"paid": 3}
+        finally:
+            _native.slow_path(-1)
+        assert CostTracker.get_run_total() == 0.5
+    fast, slow = read_jsonl(home / "ledger.jsonl")
+    assert _comparable(fast) == _comparable(slow)
+    assert fast["payload"]["inputs"] == {"args": [3, "USD", "x"], "kwargs": {"note": "n"}}
+    assert fast["run_id"] == "r-native"
+
+
+def test_the_native_path_passes_exceptions_through_and_records_them(home):
+    class Boom(Exception):
+        pass
+
+    @guarded_action(name="flaky", cost_usd=0.1)
+    def flaky():
+        raise Boom("it broke")
+
+    with pytest.raises(Boom, match="it broke") as info:
+        flaky()
+    assert info.traceback[-1].name == "flaky", "the traceback still ends in the function"
+    [e] = read_jsonl(home / "ledger.jsonl")
+    assert e["outcome"] == "error"
+    assert e["payload"]["outputs"] == "Boom: it broke"
+    assert CostTracker.get_session_total() == pytest.approx(0.1), "a call that raised still costs"
+
+
+def test_the_native_path_sees_denials_and_context_changes(home):
+    PolicyEngine.configure(denied_actions=["drop_table"])
+
+    @guarded_action(name="drop_table")
+    def drop_table():
+        raise AssertionError("must not run")
+
+    @guarded_action(name="read")
+    def read():
+        return agent_sentinel.get_context().agent_id
+
+    with pytest.raises(PolicyViolationError):
+        drop_table()
+    agent_sentinel.set_context(agent_id="agent-a")
+    assert read() == "agent-a"
+    with agent_sentinel.context(agent_id="agent-b"):
+        assert read() == "agent-b"
+    entries = read_jsonl(home / "ledger.jsonl")
+    assert [e["agent_id"] for e in entries] == ["default", "agent-a", "agent-b"]
+    assert entries[0]["outcome"] == "blocked"

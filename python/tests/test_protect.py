@@ -259,3 +259,29 @@ def test_anomaly_detection_blocks_outliers(home, tmp_path):
         pay(5000)
     assert err.value.reason == "ANOMALY_DETECTED"
     assert pay(75) == 75
+
+
+def test_sync_calls_are_made_as_the_configured_agent(home, rules, tmp_path):
+    """A plain allowed sync call takes the native path; it must still be made (and recorded) as
+    `SentinelConfig(agent_id=...)`, with its arguments bound by name for the rules."""
+    seen = []
+
+    def approver(req):
+        seen.append(req)
+        return Approval(True, "alice@corp.com", "ok")
+
+    @protect(config(rules, tmp_path, approval_interface=approver, agent_id="sales-agent"))
+    def transfer_funds(amount: float, destination: str = "vendor") -> str:
+        return f"sent {amount}"
+
+    assert transfer_funds(50) == "sent 50"
+    assert seen == []
+    assert transfer_funds(amount=500) == "sent 500"
+    assert seen[0].arguments == {"amount": 500, "destination": "vendor"}, "keyword and default bound by name"
+    ledger = read_jsonl(tmp_path / "logs" / "ledger.jsonl")
+    assert [(e["agent_id"], e["outcome"]) for e in ledger] == [
+        ("sales-agent", "success"),
+        ("sales-agent", "escalated"),
+        ("sales-agent", "success"),
+    ]
+    assert ledger[0]["payload"]["inputs"] == {"args": [50], "kwargs": {}}

@@ -578,9 +578,8 @@ struct Wrapped {
     agent: Option<String>,
     /// `() -> replay or None`: a replay in effect here takes the Python path.
     replaying: Py<PyAny>,
-    /// `(args, kwargs, stop, ctx) -> result`: the rest of the call in Python, for a call that was
-    /// stopped (`stop`, with the `ctx` it was decided in) or that cannot take this path at all
-    /// (`stop` and `ctx` are `None`).
+    /// `(args, kwargs, stop, None) -> result`: the rest of the call in Python, for a call that was
+    /// stopped (`stop`) or that cannot take this path at all (`stop` is `None`).
     slow: Py<PyAny>,
 }
 
@@ -667,7 +666,8 @@ impl Wrapped {
             Begun::Proceed(p) => p,
             Begun::Stop { decision, intervention_id, inputs } => {
                 let stop = Stop { decision, intervention_id, action: self.action.clone(), inputs, args: bound };
-                return self.slow.bind(py).call1((args, kwargs, stop, ctx));
+                // The Python side takes the context again (the same one: nothing ran in between).
+                return self.slow.bind(py).call1((args, kwargs, stop, py.None()));
             }
         };
         match self.func.bind(py).call(args, kwargs) {
