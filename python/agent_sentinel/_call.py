@@ -182,44 +182,44 @@ def wrap(spec: CallSpec) -> Callable:
     current = spec.current
     active_replay = _replay_var.get
 
-    if inspect.iscoroutinefunction(fn):
-
-        @functools.wraps(fn)
-        async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+    async def call_async(args: tuple, kwargs: dict, r: Any = None) -> Any:
+        """The whole call in Python; `r` is a decision the native path already made."""
+        if r is None:
             replay = active_replay()
             if replay is not None:
                 return replay.next(action, args, kwargs, names, defaults)
             ctx = current()
             guard = get_guard()
             r = guard.begin(action, cost, tags, args, kwargs or None, names, defaults, ctx)
-            if type(r) is not _Permit:
-                if r.verdict != "require_approval":
-                    raise error_for(r)
-                handler, timeout, approvers = _timeouts(spec, r)
-                req = _request(spec, r, ctx, args, kwargs, timeout, approvers)
-                if handler is not None and handler != "terminal" and inspect.iscoroutinefunction(handler):
-                    try:
-                        answer = normalize(await asyncio.wait_for(handler(req), timeout), handler.__name__)
-                    except asyncio.TimeoutError:
-                        answer = None
-                else:
-                    answer = await asyncio.to_thread(_ask_blocking, handler, req)
-                r = _resolve(spec, guard, r, ctx, answer, timeout, args, kwargs)
-            central = _authority
-            ticket = None if central is None else await central.decide_async(spec, guard, r, ctx, args, kwargs)
-            try:
-                result = await fn(*args, **kwargs)
-            except BaseException as e:
-                if ticket is not None:
-                    central.settle_later(ticket, cost)
-                guard.finish(r, False, f"{type(e).__name__}: {e}")
-                raise
+        else:
+            ctx = current()
+            guard = get_guard()
+        if type(r) is not _Permit:
+            if r.verdict != "require_approval":
+                raise error_for(r)
+            handler, timeout, approvers = _timeouts(spec, r)
+            req = _request(spec, r, ctx, args, kwargs, timeout, approvers)
+            if handler is not None and handler != "terminal" and inspect.iscoroutinefunction(handler):
+                try:
+                    answer = normalize(await asyncio.wait_for(handler(req), timeout), handler.__name__)
+                except asyncio.TimeoutError:
+                    answer = None
+            else:
+                answer = await asyncio.to_thread(_ask_blocking, handler, req)
+            r = _resolve(spec, guard, r, ctx, answer, timeout, args, kwargs)
+        central = _authority
+        ticket = None if central is None else await central.decide_async(spec, guard, r, ctx, args, kwargs)
+        try:
+            result = await fn(*args, **kwargs)
+        except BaseException as e:
             if ticket is not None:
                 central.settle_later(ticket, cost)
-            guard.finish(r, True, result)
-            return result
-
-        return async_wrapper
+            guard.finish(r, False, f"{type(e).__name__}: {e}")
+            raise
+        if ticket is not None:
+            central.settle_later(ticket, cost)
+        guard.finish(r, True, result)
+        return result
 
     def call(args: tuple, kwargs: dict, r: Any = None, ctx: Any = None) -> Any:
         """The whole call in Python; `r` is a decision already made (by the native path) in `ctx`."""
@@ -253,13 +253,21 @@ def wrap(spec: CallSpec) -> Callable:
         guard.finish(r, True, result)
         return result
 
+    is_async = inspect.iscoroutinefunction(fn)
     if spec.slot is None:
+        if is_async:
+
+            @functools.wraps(fn)
+            async def plain_async(*args: Any, **kwargs: Any) -> Any:
+                return await call_async(args, kwargs)
+
+            return plain_async
 
         @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
+        def plain(*args: Any, **kwargs: Any) -> Any:
             return call(args, kwargs)
 
-        return wrapper
+        return plain
 
     # The fast path: one crossing into Rust decides, runs, settles and records the call. It hands
     # the call back to `call` for anything else (a denial or approval, replay, a central authority).
@@ -270,6 +278,26 @@ def wrap(spec: CallSpec) -> Callable:
         fn, action, cost, list(tags), list(names), list((defaults or {}).items()), spec.slot, get_guard,
         _context._task_get, _context, spec.agent, active_replay, slow,
     )
+
+    if is_async:
+        # Async functions are awaited here, between the two crossings into Rust.
+        begin, finish = native.begin, native.finish
+
+        @functools.wraps(fn)
+        async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+            r = begin(args, kwargs)
+            if type(r) is not _Permit:
+                return await call_async(args, kwargs, r)
+            try:
+                result = await fn(*args, **kwargs)
+            except BaseException as e:
+                finish(r, False, f"{type(e).__name__}: {e}")
+                raise
+            finish(r, True, result)
+            return result
+
+        return async_wrapper
+
     run = native.run
 
     @functools.wraps(fn)

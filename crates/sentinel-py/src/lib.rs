@@ -233,6 +233,8 @@ struct Guard {
 #[pyclass(module = "agent_sentinel._native")]
 struct Permit {
     inner: Mutex<Option<sentinel_core::Permit>>,
+    /// The guard that issued it, when `Wrapped.begin` did (its `finish` needs no guard argument).
+    guard: Option<Py<Guard>>,
     #[pyo3(get)]
     verdict: &'static str,
     #[pyo3(get)]
@@ -250,7 +252,7 @@ impl Permit {
         } else {
             p.decision.message.to_string()
         };
-        Permit { inner: Mutex::new(Some(p)), verdict, message, reason }
+        Permit { inner: Mutex::new(Some(p)), guard: None, verdict, message, reason }
     }
 }
 
@@ -628,19 +630,76 @@ impl Wrapped {
         args: &Bound<'py, PyTuple>,
         kwargs: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyAny>> {
+        let (guard, permit) = match self.decide(py, args, kwargs)? {
+            Decided::Go(guard, permit) => (guard, permit),
+            Decided::Python(stop) => return self.slow.bind(py).call1((args, kwargs, stop, py.None())),
+        };
+        let result = self.func.bind(py).call(args, kwargs);
+        let outcome = match &result {
+            Ok(r) => CallOutcome::Success(to_json(r, 0)),
+            Err(e) => CallOutcome::Error(error_text(py, e)),
+        };
+        guard.get().inner.finish(*permit, outcome, None).map_err(ledger_error("cannot write the ledger"))?;
+        result
+    }
+
+    /// The first half of a call made from Python (async functions): a `Permit` to run it (then
+    /// pass it to `finish`), a `Stop`, or `None` when the call must take the Python path.
+    #[pyo3(signature = (args, kwargs=None))]
+    fn begin<'py>(
+        &self,
+        py: Python<'py>,
+        args: &Bound<'py, PyTuple>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        match self.decide(py, args, kwargs)? {
+            Decided::Go(guard, permit) => {
+                let mut p = Permit::of(*permit);
+                p.guard = Some(guard.unbind());
+                Ok(Bound::new(py, p)?.into_any())
+            }
+            Decided::Python(None) => Ok(py.None().into_bound(py)),
+            Decided::Python(Some(stop)) => Ok(Bound::new(py, stop)?.into_any()),
+        }
+    }
+
+    /// The call `begin` permitted ran: `ok` and its result, or the error text.
+    fn finish(&self, permit: &Bound<'_, Permit>, ok: bool, output: &Bound<'_, PyAny>) -> PyResult<()> {
+        let p = permit.borrow();
+        let (Some(guard), Some(inner)) = (p.guard.as_ref(), p.inner.lock().take()) else {
+            return Err(PyRuntimeError::new_err("this permit was already finished"));
+        };
+        let outcome = if ok { CallOutcome::Success(to_json(output, 0)) } else { CallOutcome::Error(stringify(output)) };
+        guard.get().inner.finish(inner, outcome, None).map_err(ledger_error("cannot write the ledger"))?;
+        Ok(())
+    }
+}
+
+/// What [`Wrapped::decide`] found.
+enum Decided<'py> {
+    /// Allowed: run it, then finish the permit on this guard.
+    Go(Bound<'py, Guard>, Box<sentinel_core::Permit>),
+    /// Python takes it from here: a stopped call, or (`None`) one that cannot take this path.
+    Python(Option<Stop>),
+}
+
+impl Wrapped {
+    fn decide<'py>(
+        &self,
+        py: Python<'py>,
+        args: &Bound<'py, PyTuple>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Decided<'py>> {
         if SLOW_PATH.load(Ordering::Relaxed) > 0 || !self.replaying.bind(py).call0()?.is_none() {
-            return self.slow.bind(py).call1((args, kwargs, py.None(), py.None()));
+            return Ok(Decided::Python(None));
         }
         let task = self.task_context.bind(py).call0()?;
         let ctx = if task.is_none() { self.context_module.bind(py).getattr(intern!(py, "_process"))? } else { task };
-        let guard = {
-            let held = self.slot.get().guard.lock().as_ref().map(|g| g.clone_ref(py));
-            match held {
-                Some(g) => g.into_bound(py),
-                None => self.open_guard.bind(py).call0()?.cast_into::<Guard>()?,
-            }
+        let held = self.slot.get().guard.lock().as_ref().map(|g| g.clone_ref(py));
+        let guard = match held {
+            Some(g) => g.into_bound(py),
+            None => self.open_guard.bind(py).call0()?.cast_into::<Guard>()?,
         };
-        let guard = guard.get();
         let ids = ctx.cast::<PyTuple>()?;
         let (agent, run, session) = (ids.get_item(0)?, ids.get_item(1)?, ids.get_item(2)?);
         let (agent_id, run_id, session_id) = (
@@ -661,34 +720,25 @@ impl Wrapped {
             .cost(self.cost)
             .args(&bound)
             .tags(&self.tags);
-        let begun = guard.inner.begin(&req, inputs).map_err(ledger_error("cannot record the decision"))?;
-        let permit = match begun {
-            Begun::Proceed(p) => p,
-            Begun::Stop { decision, intervention_id, inputs } => {
-                let stop = Stop { decision, intervention_id, action: self.action.clone(), inputs, args: bound };
-                // The Python side takes the context again (the same one: nothing ran in between).
-                return self.slow.bind(py).call1((args, kwargs, stop, py.None()));
-            }
-        };
-        match self.func.bind(py).call(args, kwargs) {
-            Ok(result) => {
-                guard
-                    .inner
-                    .finish(*permit, CallOutcome::Success(to_json(&result, 0)), None)
-                    .map_err(ledger_error("cannot write the ledger"))?;
-                Ok(result)
-            }
-            Err(e) => {
-                let kind = e.get_type(py).name().map(|n| n.to_string()).unwrap_or_default();
-                let text = e.value(py).str().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-                guard
-                    .inner
-                    .finish(*permit, CallOutcome::Error(format!("{kind}: {text}")), None)
-                    .map_err(ledger_error("cannot write the ledger"))?;
-                Err(e)
-            }
+        match guard.get().inner.begin(&req, inputs).map_err(ledger_error("cannot record the decision"))? {
+            Begun::Proceed(p) => Ok(Decided::Go(guard, p)),
+            // The Python side takes the context again (the same one: nothing ran in between).
+            Begun::Stop { decision, intervention_id, inputs } => Ok(Decided::Python(Some(Stop {
+                decision,
+                intervention_id,
+                action: self.action.clone(),
+                inputs,
+                args: bound,
+            }))),
         }
     }
+}
+
+/// How a raised exception is recorded: `TypeName: message`, as the Python path writes it.
+fn error_text(py: Python<'_>, e: &PyErr) -> String {
+    let kind = e.get_type(py).name().map(|n| n.to_string()).unwrap_or_default();
+    let text = e.value(py).str().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    format!("{kind}: {text}")
 }
 
 /// Converts a Python value to the JSON the ledger records (for replay comparisons).
