@@ -276,7 +276,7 @@ def wrap(spec: CallSpec) -> Callable:
 
     native = _native.Wrapped(
         fn, action, cost, list(tags), list(names), list((defaults or {}).items()), spec.slot, get_guard,
-        _context._task_get, _context, spec.agent, active_replay, slow,
+        _context._task_get, _context, spec.agent, slow,
     )
 
     if is_async:

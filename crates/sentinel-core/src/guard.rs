@@ -31,7 +31,7 @@ pub const INTERVENTIONS_FILE: &str = "interventions.jsonl";
 #[derive(Debug)]
 pub struct Permit {
     pub decision: Decision,
-    request: OwnedRequest,
+    request: CallParts,
     inputs: Value,
     started: Instant,
     approval: Option<ApprovalRecord>,
@@ -44,25 +44,29 @@ impl Permit {
     }
 }
 
+/// What a permit keeps of its request until the call is recorded. Shared strings, so a caller
+/// that makes the same call often (a decorated function, one agent and run) can hand the same
+/// ones in every time ([`Guard::begin_parts`]) instead of copying them per call.
 #[derive(Debug, Clone)]
-struct OwnedRequest {
-    action: String,
-    agent_id: String,
-    run_id: String,
-    session_id: String,
-    cost: f64,
-    tags: Vec<String>,
+pub struct CallParts {
+    pub action: Arc<str>,
+    pub agent_id: Arc<str>,
+    pub run_id: Arc<str>,
+    pub session_id: Arc<str>,
+    pub cost: f64,
+    pub tags: Arc<[String]>,
 }
 
-impl OwnedRequest {
-    fn of(r: &ActionRequest<'_>) -> Self {
-        OwnedRequest {
-            action: r.action.to_string(),
-            agent_id: r.agent_id.to_string(),
-            run_id: r.run_id.to_string(),
-            session_id: r.session_id.to_string(),
+impl CallParts {
+    /// Copies of `r`'s parts.
+    pub fn of(r: &ActionRequest<'_>) -> Self {
+        CallParts {
+            action: Arc::from(r.action),
+            agent_id: Arc::from(r.agent_id),
+            run_id: Arc::from(r.run_id),
+            session_id: Arc::from(r.session_id),
             cost: if r.cost_usd.is_finite() { r.cost_usd } else { 0.0 },
-            tags: r.tags.to_vec(),
+            tags: Arc::from(r.tags),
         }
     }
 }
@@ -208,9 +212,14 @@ impl Guard {
     /// Fails (closed) before deciding when the ledger cannot be written: a call must not run
     /// unrecorded.
     pub fn begin(&self, req: &ActionRequest<'_>, inputs: Value) -> Result<Begun, LedgerError> {
+        self.begin_parts(req, inputs, CallParts::of(req))
+    }
+
+    /// [`Guard::begin`] with the request's parts already shared: `parts` must describe `req`.
+    pub fn begin_parts(&self, req: &ActionRequest<'_>, inputs: Value, parts: CallParts) -> Result<Begun, LedgerError> {
         self.logs.ledger.check()?;
         let decision = self.engine.decide(req);
-        self.after_decision(req, inputs, decision, None)
+        self.after_decision(req, inputs, decision, None, parts)
     }
 
     /// Decides a call a human approved (every check but approval runs again) and records the approval.
@@ -236,7 +245,7 @@ impl Guard {
             );
             self.logs.interventions.append(&rec)?;
         }
-        self.after_decision(req, inputs, decision, Some(approval))
+        self.after_decision(req, inputs, decision, Some(approval), CallParts::of(req))
     }
 
     /// Records that a human rejected (or did not answer) an escalated call. Nothing is spent.
@@ -259,7 +268,7 @@ impl Guard {
             escalation_id,
         );
         self.logs.interventions.append(&rec)?;
-        let r = OwnedRequest::of(req);
+        let r = CallParts::of(req);
         self.write_line(
             &r,
             inputs,
@@ -280,6 +289,7 @@ impl Guard {
         inputs: Value,
         mut decision: Decision,
         approval: Option<ApprovalRecord>,
+        parts: CallParts,
     ) -> Result<Begun, LedgerError> {
         for f in &decision.shadow {
             let mut rec = self.intervention(
@@ -303,7 +313,7 @@ impl Guard {
         match decision.verdict {
             Verdict::Allow => Ok(Begun::Proceed(Box::new(Permit {
                 decision,
-                request: OwnedRequest::of(req),
+                request: parts,
                 inputs,
                 started: Instant::now(),
                 approval,
@@ -328,7 +338,7 @@ impl Guard {
                 }
                 Ok(Begun::Proceed(Box::new(Permit {
                     decision,
-                    request: OwnedRequest::of(req),
+                    request: parts,
                     inputs,
                     started: Instant::now(),
                     approval,
@@ -349,8 +359,17 @@ impl Guard {
                 );
                 self.logs.interventions.append(&rec)?;
                 let outcome = if escalate { "escalated" } else { "blocked" };
-                let r = OwnedRequest::of(req);
-                self.write_line(&r, &inputs, Some(&decision), outcome, 0.0, 0.0, &Value::Null, None, Some(&rec.id))?;
+                self.write_line(
+                    &parts,
+                    &inputs,
+                    Some(&decision),
+                    outcome,
+                    0.0,
+                    0.0,
+                    &Value::Null,
+                    None,
+                    Some(&rec.id),
+                )?;
                 Ok(Begun::Stop { decision, intervention_id: Some(rec.id), inputs })
             }
         }
@@ -409,13 +428,13 @@ impl Guard {
         ids: (&str, &str, &str),
     ) -> Result<Appended, LedgerError> {
         let cost = Usd::from_f64(cost_usd).map_err(|e| LedgerError::Serialize(format!("`cost_usd`: {e}")))?;
-        let r = OwnedRequest {
-            action: action.to_string(),
-            agent_id: ids.0.to_string(),
-            run_id: ids.1.to_string(),
-            session_id: ids.2.to_string(),
+        let r = CallParts {
+            action: Arc::from(action),
+            agent_id: Arc::from(ids.0),
+            run_id: Arc::from(ids.1),
+            session_id: Arc::from(ids.2),
             cost: cost.as_f64(),
-            tags: tags.to_vec(),
+            tags: Arc::from(tags),
         };
         let duration_ms = if duration_ms.is_finite() && duration_ms >= 0.0 { duration_ms } else { 0.0 };
         self.write_line(&r, inputs, None, outcome, cost.as_f64(), duration_ms, outputs, None, None)
@@ -425,7 +444,7 @@ impl Guard {
     #[expect(clippy::too_many_arguments, reason = "internal record builder")]
     fn write_line(
         &self,
-        r: &OwnedRequest,
+        r: &CallParts,
         inputs: &Value,
         d: Option<&Decision>,
         outcome: &str,

@@ -23,7 +23,7 @@ use sentinel_core::decision::{ApprovalSpec, Decision};
 use sentinel_core::guard::{CallOutcome, Logs};
 use sentinel_core::ledger::LogOptions;
 use sentinel_core::records::ApprovalRecord;
-use sentinel_core::{ActionRequest, Begun, HaltTarget, PolicySet, Usd, load};
+use sentinel_core::{ActionRequest, Begun, CallParts, HaltTarget, PolicySet, Usd, load};
 use serde_json::{Map, Number, Value};
 
 /// Nesting deeper than this is recorded as the value's string form (it also stops cycles).
@@ -528,8 +528,8 @@ impl Guard {
 // ---------------------------------------------------------------------------------------------
 // The fast path of a guarded sync call: decide, run, settle and record in one crossing into Rust.
 
-/// Reasons every guarded call must take the Python path (a central authority decides too): while
-/// any holds, [`Wrapped::run`] hands the call to Python before deciding anything.
+/// Reasons every guarded call must take the Python path (a replay exists, a central authority
+/// decides too): while any holds, [`Wrapped::run`] hands the call to Python before deciding.
 static SLOW_PATH: AtomicUsize = AtomicUsize::new(0);
 
 /// `+1` when a reason to take the Python path begins, `-1` when it ends.
@@ -564,9 +564,9 @@ impl GuardSlot {
 #[pyclass(frozen, module = "agent_sentinel._native")]
 struct Wrapped {
     func: Py<PyAny>,
-    action: String,
+    action: Arc<str>,
     cost: f64,
-    tags: Vec<String>,
+    tags: Arc<[String]>,
     names: Vec<String>,
     defaults: Vec<(String, Py<PyAny>)>,
     slot: Py<GuardSlot>,
@@ -577,9 +577,10 @@ struct Wrapped {
     task_context: Py<PyAny>,
     context_module: Py<PyAny>,
     /// `protect(SentinelConfig(agent_id=...))`: the agent every call is made as.
-    agent: Option<String>,
-    /// `() -> replay or None`: a replay in effect here takes the Python path.
-    replaying: Py<PyAny>,
+    agent: Option<Arc<str>>,
+    /// The last context object seen and its ids as shared strings: the same context (the
+    /// process's, or one `with context(...)` block's) is copied once, not on every call.
+    last_ids: Mutex<Option<(Py<PyAny>, [Arc<str>; 3])>>,
     /// `(args, kwargs, stop, None) -> result`: the rest of the call in Python, for a call that was
     /// stopped (`stop`) or that cannot take this path at all (`stop` is `None`).
     slow: Py<PyAny>,
@@ -601,22 +602,21 @@ impl Wrapped {
         task_context: Py<PyAny>,
         context_module: Py<PyAny>,
         agent: Option<String>,
-        replaying: Py<PyAny>,
         slow: Py<PyAny>,
     ) -> Self {
         Wrapped {
             func,
-            action,
+            action: Arc::from(action),
             cost,
-            tags,
+            tags: Arc::from(tags),
             names,
             defaults,
             slot,
             open_guard,
             task_context,
             context_module,
-            agent,
-            replaying,
+            agent: agent.map(Arc::from),
+            last_ids: Mutex::new(None),
             slow,
         }
     }
@@ -690,7 +690,7 @@ impl Wrapped {
         args: &Bound<'py, PyTuple>,
         kwargs: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Decided<'py>> {
-        if SLOW_PATH.load(Ordering::Relaxed) > 0 || !self.replaying.bind(py).call0()?.is_none() {
+        if SLOW_PATH.load(Ordering::Relaxed) > 0 {
             return Ok(Decided::Python(None));
         }
         let task = self.task_context.bind(py).call0()?;
@@ -700,37 +700,55 @@ impl Wrapped {
             Some(g) => g.into_bound(py),
             None => self.open_guard.bind(py).call0()?.cast_into::<Guard>()?,
         };
-        let ids = ctx.cast::<PyTuple>()?;
-        let (agent, run, session) = (ids.get_item(0)?, ids.get_item(1)?, ids.get_item(2)?);
-        let (agent_id, run_id, session_id) = (
-            match &self.agent {
-                Some(a) => a.as_str(),
-                None => agent.cast::<PyString>()?.to_str()?,
-            },
-            run.cast::<PyString>()?.to_str()?,
-            session.cast::<PyString>()?.to_str()?,
-        );
+        let [agent_id, run_id, session_id] = self.ids_of(&ctx)?;
         let defaults: Vec<(String, Bound<'py, PyAny>)> =
             self.defaults.iter().map(|(k, v)| (k.clone(), v.bind(py).clone())).collect();
         let (bound, inputs) = prepare(args, kwargs, &Params { names: &self.names, defaults: &defaults });
         let req = ActionRequest::new(&self.action)
-            .agent(agent_id)
-            .run(run_id)
-            .session(session_id)
+            .agent(&agent_id)
+            .run(&run_id)
+            .session(&session_id)
             .cost(self.cost)
             .args(&bound)
             .tags(&self.tags);
-        match guard.get().inner.begin(&req, inputs).map_err(ledger_error("cannot record the decision"))? {
+        let parts = CallParts {
+            action: Arc::clone(&self.action),
+            agent_id: Arc::clone(&agent_id),
+            run_id: Arc::clone(&run_id),
+            session_id: Arc::clone(&session_id),
+            cost: self.cost,
+            tags: Arc::clone(&self.tags),
+        };
+        match guard.get().inner.begin_parts(&req, inputs, parts).map_err(ledger_error("cannot record the decision"))? {
             Begun::Proceed(p) => Ok(Decided::Go(guard, p)),
             // The Python side takes the context again (the same one: nothing ran in between).
             Begun::Stop { decision, intervention_id, inputs } => Ok(Decided::Python(Some(Stop {
                 decision,
                 intervention_id,
-                action: self.action.clone(),
+                action: self.action.to_string(),
                 inputs,
                 args: bound,
             }))),
         }
+    }
+
+    /// `(agent_id, run_id, session_id)` of a context object, shared.
+    fn ids_of(&self, ctx: &Bound<'_, PyAny>) -> PyResult<[Arc<str>; 3]> {
+        let mut last = self.last_ids.lock();
+        if let Some((seen, ids)) = last.as_ref()
+            && seen.is(ctx)
+        {
+            return Ok(ids.clone());
+        }
+        let t = ctx.cast::<PyTuple>()?;
+        let text = |i: usize| -> PyResult<Arc<str>> { Ok(Arc::from(t.get_item(i)?.cast::<PyString>()?.to_str()?)) };
+        let agent = match &self.agent {
+            Some(a) => Arc::clone(a),
+            None => text(0)?,
+        };
+        let ids = [agent, text(1)?, text(2)?];
+        *last = Some((ctx.clone().unbind(), ids.clone()));
+        Ok(ids)
     }
 }
 
