@@ -580,7 +580,7 @@ struct Wrapped {
     agent: Option<Arc<str>>,
     /// The last context object seen and its ids as shared strings: the same context (the
     /// process's, or one `with context(...)` block's) is copied once, not on every call.
-    last_ids: Mutex<Option<(Py<PyAny>, [Arc<str>; 3])>>,
+    last_ids: Mutex<Option<SeenContext>>,
     /// `(args, kwargs, stop, None) -> result`: the rest of the call in Python, for a call that was
     /// stopped (`stop`) or that cannot take this path at all (`stop` is `None`).
     slow: Py<PyAny>,
@@ -632,7 +632,7 @@ impl Wrapped {
     ) -> PyResult<Bound<'py, PyAny>> {
         let (guard, permit) = match self.decide(py, args, kwargs)? {
             Decided::Go(guard, permit) => (guard, permit),
-            Decided::Python(stop) => return self.slow.bind(py).call1((args, kwargs, stop, py.None())),
+            Decided::Python(stop) => return self.slow.bind(py).call1((args, kwargs, stop.map(|s| *s), py.None())),
         };
         let result = self.func.bind(py).call(args, kwargs);
         let outcome = match &result {
@@ -659,7 +659,7 @@ impl Wrapped {
                 Ok(Bound::new(py, p)?.into_any())
             }
             Decided::Python(None) => Ok(py.None().into_bound(py)),
-            Decided::Python(Some(stop)) => Ok(Bound::new(py, stop)?.into_any()),
+            Decided::Python(Some(stop)) => Ok(Bound::new(py, *stop)?.into_any()),
         }
     }
 
@@ -675,12 +675,15 @@ impl Wrapped {
     }
 }
 
+/// A context object and its `(agent_id, run_id, session_id)`.
+type SeenContext = (Py<PyAny>, [Arc<str>; 3]);
+
 /// What [`Wrapped::decide`] found.
 enum Decided<'py> {
     /// Allowed: run it, then finish the permit on this guard.
     Go(Bound<'py, Guard>, Box<sentinel_core::Permit>),
     /// Python takes it from here: a stopped call, or (`None`) one that cannot take this path.
-    Python(Option<Stop>),
+    Python(Option<Box<Stop>>),
 }
 
 impl Wrapped {
@@ -722,13 +725,13 @@ impl Wrapped {
         match guard.get().inner.begin_parts(&req, inputs, parts).map_err(ledger_error("cannot record the decision"))? {
             Begun::Proceed(p) => Ok(Decided::Go(guard, p)),
             // The Python side takes the context again (the same one: nothing ran in between).
-            Begun::Stop { decision, intervention_id, inputs } => Ok(Decided::Python(Some(Stop {
+            Begun::Stop { decision, intervention_id, inputs } => Ok(Decided::Python(Some(Box::new(Stop {
                 decision,
                 intervention_id,
                 action: self.action.to_string(),
                 inputs,
                 args: bound,
-            }))),
+            })))),
         }
     }
 
