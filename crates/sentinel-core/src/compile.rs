@@ -41,6 +41,9 @@ impl CompiledPolicy {
 
 pub(crate) struct CompiledCondition {
     pub path: Vec<Box<str>>,
+    /// The path's number among the policy's distinct paths ([`CompiledPolicy::paths`]): a call's
+    /// argument is looked up once per path, however many conditions read it.
+    pub slot: usize,
     pub op: Operator,
     pub value: Value,
     pub num: Option<f64>,
@@ -69,6 +72,8 @@ pub(crate) struct CompiledPolicy {
     pub denied: HashSet<Box<str>>,
     pub allowed: Option<HashSet<Box<str>>>,
     pub rules: Vec<CompiledRule>,
+    /// How many distinct argument paths the rules' conditions read.
+    pub paths: usize,
     pub globs: GlobSet,
     /// Which rules' patterns match an action name: a pure function of the name, so it is
     /// remembered (up to [`MATCH_CACHE_NAMES`] names). Conditions are still checked on every call.
@@ -236,6 +241,7 @@ fn compile_one(d: &PolicyDoc) -> Result<CompiledPolicy, PolicyError> {
     // Higher priority first; equal priorities keep file order (the sort is stable).
     order.sort_by_key(|i| std::cmp::Reverse(d.rules.get(*i).map_or(0, |r| r.priority)));
     let mut rules = Vec::new();
+    let mut paths: HashMap<&str, usize> = HashMap::new();
     let mut gsb = GlobSetBuilder::new();
     for i in order {
         let Some(r) = d.rules.get(i) else { continue };
@@ -253,8 +259,11 @@ fn compile_one(d: &PolicyDoc) -> Result<CompiledPolicy, PolicyError> {
                 }
                 _ => None,
             };
+            let next = paths.len();
+            let slot = *paths.entry(c.param.as_str()).or_insert(next);
             conditions.push(CompiledCondition {
                 path: c.param.split('.').map(Box::from).collect(),
+                slot,
                 op: c.operator,
                 num: c.value.as_f64(),
                 value: c.value.clone(),
@@ -318,6 +327,7 @@ fn compile_one(d: &PolicyDoc) -> Result<CompiledPolicy, PolicyError> {
             .filter(|a| !a.is_empty())
             .map(|a| a.iter().map(|s| Box::from(s.as_str())).collect()),
         rules,
+        paths: paths.len(),
         globs,
         match_cache: ArcSwap::from_pointee(HashMap::new()),
         default_action: d.default_action.unwrap_or(RuleAction::Allow),

@@ -885,12 +885,13 @@ fn rules_step<'p>(p: &'p CompiledPolicy, req: &ActionRequest<'_>, pending: &mut 
     }
     let mut fired: Option<(RuleAction, &'p crate::compile::CompiledRule)> = None;
     let mut any_match = false;
+    let mut args = Resolved::new(req.args, p.paths);
     for &i in p.matching_rules(req.action).iter() {
         let Some(rule) = p.rules.get(i as usize) else {
             continue;
         };
         let restrictive = rule.action != RuleAction::Allow;
-        if !rule.conditions.iter().all(|c| condition_met(c, req.args, restrictive)) {
+        if !rule.conditions.iter().all(|c| condition_met(c, args.get(c), restrictive)) {
             continue;
         }
         any_match = true;
@@ -974,8 +975,32 @@ fn json_eq(a: &Value, b: &Value) -> bool {
     }
 }
 
-fn eval(c: &CompiledCondition, args: &Value) -> Tri {
-    let Some(v) = lookup(args, &c.path) else {
+/// A call's arguments, each condition path looked up at most once per call.
+struct Resolved<'v> {
+    args: &'v Value,
+    /// By path slot: `None` not looked up yet, `Some(found)` looked up. Policies with more
+    /// distinct paths than fit look the rest up every time.
+    seen: [Option<Option<&'v Value>>; 16],
+    paths: usize,
+}
+
+impl<'v> Resolved<'v> {
+    fn new(args: &'v Value, paths: usize) -> Self {
+        Resolved { args, seen: [None; 16], paths }
+    }
+
+    fn get(&mut self, c: &CompiledCondition) -> Option<&'v Value> {
+        let args = self.args;
+        match self.seen.get_mut(c.slot).filter(|_| c.slot < self.paths) {
+            Some(Some(found)) => *found,
+            Some(slot) => *slot.insert(lookup(args, &c.path)),
+            None => lookup(args, &c.path),
+        }
+    }
+}
+
+fn eval(c: &CompiledCondition, v: Option<&Value>) -> Tri {
+    let Some(v) = v else {
         return Tri::Unknown;
     };
     let b = |x: bool| if x { Tri::True } else { Tri::False };
@@ -1025,8 +1050,8 @@ fn eval(c: &CompiledCondition, args: &Value) -> Tri {
 }
 
 /// Missing evidence never opens a door: unknown counts as met for restricting rules, not met for `allow`.
-fn condition_met(c: &CompiledCondition, args: &Value, restrictive: bool) -> bool {
-    match eval(c, args) {
+fn condition_met(c: &CompiledCondition, v: Option<&Value>, restrictive: bool) -> bool {
+    match eval(c, v) {
         Tri::True => true,
         Tri::False => false,
         Tri::Unknown => restrictive,
