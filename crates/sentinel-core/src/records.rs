@@ -387,3 +387,103 @@ pub fn assess_risk(given: Option<RiskLevel>, kind: InterventionType, action: &st
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+    use super::*;
+    use crate::decision::LimitKind;
+    use serde_json::json;
+
+    fn both(line: &LedgerLine<'_>) -> (String, String) {
+        let mut ours = Vec::new();
+        line.write_json(&mut ours).unwrap();
+        (String::from_utf8(ours).unwrap(), serde_json::to_string(line).unwrap())
+    }
+
+    /// The hand-written serializer writes what serde writes, for every optional part, escape and
+    /// enum name, so ledgers read back the same whichever wrote them.
+    #[test]
+    fn ledger_lines_serialize_exactly_like_serde() {
+        let inputs = json!({"args": ["q\n\"x\"", 1.5], "kwargs": {"api_key": "sk-abcdefghijklmnopqrstuv", "é": [true, null]}});
+        let outputs = json!({"ok": f64::MAX});
+        let tags = vec!["a\\b".to_string(), "ünï".to_string(), String::new()];
+        let limit = Limit {
+            kind: LimitKind::RateLimit,
+            limit: 10.0,
+            used: 10.0,
+            requested: 1.0,
+            window_seconds: Some(60.0),
+            field: None,
+        };
+        let approval =
+            ApprovalRecord { approved: true, approver: "alice\t(ops)".into(), reason: "ok".into(), decided_at: "t".into() };
+        let verdicts = [Verdict::Allow, Verdict::Warn, Verdict::Deny, Verdict::RequireApproval];
+        let reasons = [
+            ReasonCode::Allowed,
+            ReasonCode::Halted,
+            ReasonCode::DeniedAction,
+            ReasonCode::NotAllowlisted,
+            ReasonCode::RuleBlock,
+            ReasonCode::RuleWarn,
+            ReasonCode::RuleApproval,
+            ReasonCode::DefaultBlock,
+            ReasonCode::RateLimited,
+            ReasonCode::LoopDetected,
+            ReasonCode::ActionBudgetExceeded,
+            ReasonCode::RunBudgetExceeded,
+            ReasonCode::SessionBudgetExceeded,
+            ReasonCode::ApprovalRequired,
+            ReasonCode::ApprovalCostThreshold,
+            ReasonCode::AnomalyDetected,
+            ReasonCode::InvalidRequest,
+            ReasonCode::InternalError,
+        ];
+        let kinds = [
+            None,
+            Some(InterventionType::HardBlock),
+            Some(InterventionType::ApprovalRequired),
+            Some(InterventionType::RateLimited),
+            Some(InterventionType::BudgetExceeded),
+            Some(InterventionType::Downgrade),
+            Some(InterventionType::Warning),
+            Some(InterventionType::Halted),
+        ];
+        let mut checked = 0;
+        for (i, reason) in reasons.iter().enumerate() {
+            let full = i % 2 == 0;
+            let decision = DecisionRef {
+                verdict: verdicts[i % verdicts.len()],
+                reason: *reason,
+                intervention: kinds[i % kinds.len()],
+                message: if full { "limit \"reached\"\u{1}" } else { "allowed" },
+                policy: full.then_some("prod/ü"),
+                rule: full.then_some("r1"),
+                limit: full.then_some(&limit),
+                retry_after_seconds: full.then_some(12.25),
+            };
+            let line = LedgerLine {
+                id: "0196-id",
+                timestamp: "2026-12-02T18:01:02.063568Z",
+                action: if full { "tool\u{7f}/x" } else { "tool" },
+                cost_usd: if full { f64::NAN } else { 1e-6 },
+                duration_ms: 0.008442,
+                outcome: "success",
+                tags: if full { &tags } else { &[] },
+                payload: PayloadRef { inputs: Redacted(&inputs), outputs: Redacted(&outputs) },
+                agent_id: "agent",
+                run_id: "run\r",
+                session_id: "",
+                estimated_cost_usd: 123456789.125,
+                decision: (i != 3).then_some(decision),
+                policy_version: "4f53cda18c2baa0c",
+                approval: full.then_some(&approval),
+                intervention_id: full.then_some("iv-1"),
+            };
+            let (ours, serde) = both(&line);
+            assert_eq!(ours, serde);
+            checked += 1;
+        }
+        assert_eq!(checked, reasons.len());
+    }
+}
