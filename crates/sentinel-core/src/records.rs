@@ -405,7 +405,8 @@ mod tests {
     /// enum name, so ledgers read back the same whichever wrote them.
     #[test]
     fn ledger_lines_serialize_exactly_like_serde() {
-        let inputs = json!({"args": ["q\n\"x\"", 1.5], "kwargs": {"api_key": "sk-abcdefghijklmnopqrstuv", "é": [true, null]}});
+        let inputs =
+            json!({"args": ["q\n\"x\"", 1.5], "kwargs": {"api_key": "sk-abcdefghijklmnopqrstuv", "é": [true, null]}});
         let outputs = json!({"ok": f64::MAX});
         let tags = vec!["a\\b".to_string(), "ünï".to_string(), String::new()];
         let limit = Limit {
@@ -416,8 +417,12 @@ mod tests {
             window_seconds: Some(60.0),
             field: None,
         };
-        let approval =
-            ApprovalRecord { approved: true, approver: "alice\t(ops)".into(), reason: "ok".into(), decided_at: "t".into() };
+        let approval = ApprovalRecord {
+            approved: true,
+            approver: "alice\t(ops)".into(),
+            reason: "ok".into(),
+            decided_at: "t".into(),
+        };
         let verdicts = [Verdict::Allow, Verdict::Warn, Verdict::Deny, Verdict::RequireApproval];
         let reasons = [
             ReasonCode::Allowed,

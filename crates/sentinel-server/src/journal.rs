@@ -161,6 +161,7 @@ impl Journal {
         serde_json::to_writer(&mut o.line, &to_line(&op)).map_err(io::Error::other)?;
         o.line.push(b'\n');
         // `write_all` cannot say how much reached the file before an error; count it ourselves.
+        let started = Instant::now();
         let mut done = 0;
         while done < o.line.len() {
             match o.file.write(o.line.get(done..).unwrap_or_default()) {
@@ -175,6 +176,10 @@ impl Journal {
                     return Err(e);
                 }
             }
+        }
+        let took = started.elapsed();
+        if took > Duration::from_millis(2) {
+            tracing::warn!(ms = took.as_secs_f64() * 1000.0, "slow reservation journal write");
         }
         o.torn = false;
         o.size += done as u64;
