@@ -454,15 +454,54 @@ async fn ledger_ingest_is_idempotent_and_finds_tampering() {
 #[tokio::test]
 async fn openapi_document_lists_the_endpoints() {
     let doc = serde_json::to_value(sentinel_server::openapi_doc()).unwrap();
-    for p in [
-        "/api/v1/decide",
-        "/api/v1/settle",
-        "/api/v1/halts",
-        "/api/v1/ledger",
-        "/api/v1/interventions",
-        "/api/v1/agents",
-    ] {
-        assert!(doc["paths"].get(p).is_some(), "{p} missing");
+    // Every route the API serves (the router in `app`), with its methods.
+    let routes: &[(&str, &[&str])] = &[
+        ("/healthz", &["get"]),
+        ("/readyz", &["get"]),
+        ("/metrics", &["get"]),
+        ("/api/v1/users/me", &["get"]),
+        ("/api/v1/keys", &["get", "post"]),
+        ("/api/v1/keys/{id}", &["delete"]),
+        ("/api/v1/keys/{id}/activate", &["post"]),
+        ("/api/v1/keys/{id}/deactivate", &["post"]),
+        ("/api/v1/policies", &["get", "post"]),
+        ("/api/v1/policies/sync", &["get"]),
+        ("/api/v1/policies/{id}", &["get", "put", "delete"]),
+        ("/api/v1/policies/{id}/history", &["get"]),
+        ("/api/v1/policies/{id}/test-alert", &["post"]),
+        ("/api/v1/decide", &["post"]),
+        ("/api/v1/settle", &["post"]),
+        ("/api/v1/halts", &["get", "post", "delete"]),
+        ("/api/v1/ledger", &["post"]),
+        ("/api/v1/ledger/streams", &["get"]),
+        ("/api/v1/events", &["post"]),
+        ("/api/v1/findings", &["get"]),
+        ("/api/v1/interventions", &["get"]),
+        ("/api/v1/interventions/stats", &["get"]),
+        ("/api/v1/interventions/{id}", &["get"]),
+        ("/api/v1/agents", &["get"]),
+        ("/api/v1/agents/{id}", &["get"]),
+        ("/api/v1/approvals", &["get"]),
+        ("/api/v1/approvals/{id}", &["get"]),
+        ("/api/v1/approvals/{id}/approve", &["post"]),
+        ("/api/v1/approvals/{id}/reject", &["post"]),
+        ("/api/v1/approvals/{id}/wait", &["get"]),
+        ("/api/v1/notifications", &["get"]),
+        ("/api/v1/notifications/{id}", &["get"]),
+        ("/api/v1/notifications/{id}/retry", &["post"]),
+        ("/api/v1/notifications/channels", &["get", "post"]),
+        ("/api/v1/notifications/channels/{id}", &["get", "put", "delete"]),
+        ("/api/v1/notifications/channels/{id}/test", &["post"]),
+    ];
+    for (p, methods) in routes {
+        for m in *methods {
+            assert!(doc["paths"][p][m].is_object(), "{m} {p} is not in the OpenAPI document");
+        }
+    }
+    // And nothing the router does not serve.
+    let documented: Vec<&String> = doc["paths"].as_object().unwrap().keys().collect();
+    for d in documented {
+        assert!(routes.iter().any(|(p, _)| p == d), "{d} is documented but not in this list");
     }
     assert!(doc["components"]["schemas"]["DecideBody"]["properties"]["cost_usd"].is_object());
 }
