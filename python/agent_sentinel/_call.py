@@ -182,18 +182,24 @@ def wrap(spec: CallSpec) -> Callable:
     current = spec.current
     active_replay = _replay_var.get
 
-    async def call_async(args: tuple, kwargs: dict, r: Any = None) -> Any:
-        """The whole call in Python; `r` is a decision the native path already made."""
+    def start(args: tuple, kwargs: dict, r: Any) -> tuple:
+        """`(ctx, guard, decision)`: the decision the native path made (`r`), else one made here;
+        under replay `(None, None, recorded result)`."""
         if r is None:
             replay = active_replay()
             if replay is not None:
-                return replay.next(action, args, kwargs, names, defaults)
+                return None, None, replay.next(action, args, kwargs, names, defaults)
             ctx = current()
             guard = get_guard()
-            r = guard.begin(action, cost, tags, args, kwargs or None, names, defaults, ctx)
-        else:
-            ctx = current()
-            guard = get_guard()
+            return ctx, guard, guard.begin(action, cost, tags, args, kwargs or None, names, defaults, ctx)
+        # The context the native path decided in: nothing ran in between, so it is still current.
+        return current(), get_guard(), r
+
+    async def call_async(args: tuple, kwargs: dict, r: Any = None) -> Any:
+        """The whole call in Python; `r` is a decision the native path already made."""
+        ctx, guard, r = start(args, kwargs, r)
+        if ctx is None:
+            return r
         if type(r) is not _Permit:
             if r.verdict != "require_approval":
                 raise error_for(r)
@@ -221,18 +227,11 @@ def wrap(spec: CallSpec) -> Callable:
         guard.finish(r, True, result)
         return result
 
-    def call(args: tuple, kwargs: dict, r: Any = None, ctx: Any = None) -> Any:
-        """The whole call in Python; `r` is a decision already made (by the native path) in `ctx`."""
-        if r is None:
-            replay = active_replay()
-            if replay is not None:
-                return replay.next(action, args, kwargs, names, defaults)
-            ctx = current()
-            guard = get_guard()
-            r = guard.begin(action, cost, tags, args, kwargs or None, names, defaults, ctx)
-        else:
-            guard = get_guard()
-            ctx = ctx or current()
+    def call(args: tuple, kwargs: dict, r: Any = None) -> Any:
+        """The whole call in Python; `r` is a decision the native path already made."""
+        ctx, guard, r = start(args, kwargs, r)
+        if ctx is None:
+            return r
         if type(r) is not _Permit:
             if r.verdict != "require_approval":
                 raise error_for(r)
@@ -271,8 +270,8 @@ def wrap(spec: CallSpec) -> Callable:
 
     # The fast path: one crossing into Rust decides, runs, settles and records the call. It hands
     # the call back to `call` for anything else (a denial or approval, replay, a central authority).
-    def slow(args: tuple, kwargs: Optional[dict], r: Any, ctx: Any) -> Any:
-        return call(args, kwargs or {}, r, ctx)
+    def slow(args: tuple, kwargs: Optional[dict], r: Any) -> Any:
+        return call(args, kwargs or {}, r)
 
     native = _native.Wrapped(
         fn, action, cost, list(tags), list(names), list((defaults or {}).items()), spec.slot, get_guard,

@@ -560,7 +560,8 @@ impl GuardSlot {
     }
 }
 
-/// One decorated sync function: what does not change between calls, and the call itself.
+/// One decorated function: what does not change between calls, and the call itself (`run` for
+/// a sync function; `begin` and `finish` around the await of an async one).
 #[pyclass(frozen, module = "agent_sentinel._native")]
 struct Wrapped {
     func: Py<PyAny>,
@@ -581,7 +582,7 @@ struct Wrapped {
     /// The last context object seen and its ids as shared strings: the same context (the
     /// process's, or one `with context(...)` block's) is copied once, not on every call.
     last_ids: Mutex<Option<SeenContext>>,
-    /// `(args, kwargs, stop, None) -> result`: the rest of the call in Python, for a call that was
+    /// `(args, kwargs, stop) -> result`: the rest of the call in Python, for a call that was
     /// stopped (`stop`) or that cannot take this path at all (`stop` is `None`).
     slow: Py<PyAny>,
 }
@@ -632,7 +633,7 @@ impl Wrapped {
     ) -> PyResult<Bound<'py, PyAny>> {
         let (guard, permit) = match self.decide(py, args, kwargs)? {
             Decided::Go(guard, permit) => (guard, permit),
-            Decided::Python(stop) => return self.slow.bind(py).call1((args, kwargs, stop.map(|s| *s), py.None())),
+            Decided::Python(stop) => return self.slow.bind(py).call1((args, kwargs, stop.map(|s| *s))),
         };
         let result = self.func.bind(py).call(args, kwargs);
         let outcome = match &result {
