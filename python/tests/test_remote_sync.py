@@ -423,7 +423,11 @@ def test_sigkill_in_the_middle_of_uploads_then_restart_every_entry_exactly_once(
     server.start()
     r = sync.flush_now()
     assert r["ok"], r
-    assert interrupted["ledger"] + r["ledger"] - r["duplicates"] == n
+    # The second flush starts where the server last acknowledged. If the kill landed after a batch
+    # was stored but before its answer arrived, that batch is sent again and counted as duplicates
+    # (at most one batch); either way the server ends up with each entry once.
+    assert interrupted["ledger"] + r["ledger"] == n
+    assert r["duplicates"] <= 10, r
     s = server.streams()[sync.stream]
     assert (s["entries"], s["last_seq"]) == (n, n)
     status, findings = server.api("GET", "/api/v1/findings")

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use serde_json::Value;
 
@@ -14,8 +14,8 @@ use crate::engine::Engine;
 use crate::ledger::{Appended, ChainWriter, LedgerError, LogOptions, now_rfc3339};
 use crate::money::Usd;
 use crate::records::{
-    ApprovalRecord, DecisionRef, Intent, InterventionOutcome, InterventionRecord, LedgerEntry, LedgerLine, Payload,
-    PayloadRef, assess_risk,
+    ApprovalRecord, CallLine, DecisionRef, Intent, InterventionOutcome, InterventionRecord, LedgerEntry, LedgerLine,
+    LinePayload, Payload, PayloadRef, assess_risk,
 };
 use crate::redact::{Redacted, redacted};
 
@@ -394,17 +394,30 @@ impl Guard {
             CallOutcome::Success(v) => ("success", v),
             CallOutcome::Error(msg) => ("error", Value::String(msg)),
         };
-        self.write_line(
-            &permit.request,
-            &permit.inputs,
-            Some(&permit.decision),
-            name,
-            actual.as_f64(),
+        // The caller serializes (and redacts) the payload, which needs the call's values; the
+        // writer thread formats the rest of the line from what the permit owned.
+        let Permit { decision: d, request, inputs, approval, intervention_id, .. } = permit;
+        let line = CallLine {
+            at: SystemTime::now(),
+            parts: request,
+            cost_usd: actual.as_f64(),
             duration_ms,
-            &outputs,
-            permit.approval.as_ref(),
-            permit.intervention_id.as_deref(),
-        )
+            outcome: name,
+            verdict: d.verdict,
+            reason: d.reason,
+            intervention: d.intervention,
+            message: d.message,
+            policy: d.policy,
+            rule: d.rule,
+            limit: d.limit,
+            retry_after_seconds: d.retry_after_seconds,
+            policy_version: d.policy_version,
+            approval,
+            intervention_id,
+        };
+        self.logs.ledger.append_call(line, |out| {
+            PayloadRef { inputs: Redacted(&inputs), outputs: Redacted(&outputs) }.write_json(out)
+        })
     }
 
     /// The action never ran: release its reservation and record nothing as spent.

@@ -26,6 +26,8 @@ use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
+
+use crate::records::CallLine;
 use sha2::{Digest, Sha256};
 
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -123,12 +125,25 @@ const GROUP_NOW: usize = 64;
 /// every group; what a burst grew beyond it is given back.
 const KEEP_CAPACITY: usize = 4 << 20;
 
+/// One entry waiting to be chained, in sequence order.
+#[expect(clippy::large_enum_variant, reason = "kept inline: a box would be freed on the writer's thread")]
+enum Pending {
+    /// A whole record: the next `n` bytes of the queue buffer.
+    Record(usize),
+    /// A finished call: its payload is the next `n` bytes; the writer formats the rest.
+    Call(usize, CallLine),
+}
+
+/// Entries queued past this many are written by the appending thread itself (back-pressure).
+const MAX_PENDING_ENTRIES: usize = 16 << 10;
+
 /// What appends change: the last sequence number given out and the entries not yet chained.
 struct WriterState {
     seq: u64,
-    /// Serialized records not yet chained, back to back; `lens` says where each ends.
+    /// Serialized records (or call payloads) not yet chained, back to back; `pending` says where
+    /// each ends.
     raw: Vec<u8>,
-    lens: Vec<usize>,
+    pending: Vec<Pending>,
     closed: bool,
 }
 
@@ -142,7 +157,7 @@ struct IoState {
     /// The queue buffers last taken from the appenders, emptied: swapped back in at the next
     /// group, so neither side allocates a queue per group.
     spare_raw: Vec<u8>,
-    spare_lens: Vec<usize>,
+    spare_pending: Vec<Pending>,
     file: File,
     head: File,
     size: u64,
@@ -257,7 +272,7 @@ impl ChainWriter {
             state: Mutex::new(WriterState {
                 seq,
                 raw: Vec::with_capacity(64 * 1024),
-                lens: Vec::with_capacity(1024),
+                pending: Vec::with_capacity(1024),
                 closed: false,
             }),
             io: Mutex::new(IoState {
@@ -265,7 +280,7 @@ impl ChainWriter {
                 prev,
                 line: Vec::with_capacity(1024),
                 spare_raw: Vec::with_capacity(64 * 1024),
-                spare_lens: Vec::with_capacity(1024),
+                spare_pending: Vec::with_capacity(1024),
                 file,
                 head,
                 size,
@@ -309,15 +324,36 @@ impl ChainWriter {
     /// the entry has its sequence number; it is chained and handed to the OS with its group (see
     /// [`LogOptions::handoff`]).
     pub fn append<T: Serialize + ?Sized>(&self, record: &T) -> Result<Appended, LedgerError> {
-        self.append_with(|out| serde_json::to_writer(out, record))
+        self.append_record(|out| serde_json::to_writer(out, record))
     }
 
     /// [`ChainWriter::append`] for a ledger line, with its own serializer.
     pub fn append_line(&self, line: &crate::records::LedgerLine<'_>) -> Result<Appended, LedgerError> {
-        self.append_with(|out| line.write_json(out))
+        self.append_record(|out| line.write_json(out))
     }
 
-    fn append_with(&self, write: impl FnOnce(&mut Vec<u8>) -> serde_json::Result<()>) -> Result<Appended, LedgerError> {
+    /// Appends a finished call's line: `payload` writes its payload object now (on the caller's
+    /// thread, where the call's values are); the writer thread formats the rest from `line`.
+    pub fn append_call(
+        &self,
+        line: CallLine,
+        payload: impl FnOnce(&mut Vec<u8>) -> serde_json::Result<()>,
+    ) -> Result<Appended, LedgerError> {
+        self.append_with(payload, |len| Pending::Call(len, line))
+    }
+
+    fn append_record(
+        &self,
+        write: impl FnOnce(&mut Vec<u8>) -> serde_json::Result<()>,
+    ) -> Result<Appended, LedgerError> {
+        self.append_with(write, Pending::Record)
+    }
+
+    fn append_with(
+        &self,
+        write: impl FnOnce(&mut Vec<u8>) -> serde_json::Result<()>,
+        entry: impl FnOnce(usize) -> Pending,
+    ) -> Result<Appended, LedgerError> {
         self.check()?;
         let mut guard = self.shared.state.lock();
         let st = &mut *guard;
@@ -331,11 +367,11 @@ impl ChainWriter {
             st.raw.truncate(before);
             return Err(LedgerError::Serialize("a ledger record must be a JSON object".into()));
         }
-        st.lens.push(len);
+        st.pending.push(entry(len));
         st.seq += 1;
         let seq = st.seq;
-        let first = st.lens.len() == 1;
-        let full = st.raw.len() >= MAX_PENDING;
+        let first = st.pending.len() == 1;
+        let full = st.raw.len() >= MAX_PENDING || st.pending.len() >= MAX_PENDING_ENTRIES;
         drop(guard);
         let sh = &*self.shared;
         match sh.opts.handoff {
@@ -380,7 +416,7 @@ impl Shared {
         loop {
             let backlog = {
                 let mut st = self.state.lock();
-                while st.lens.is_empty() && !self.failing.load(Ordering::Acquire) && !st.closed {
+                while st.pending.is_empty() && !self.failing.load(Ordering::Acquire) && !st.closed {
                     self.wake.wait(&mut st);
                 }
                 if st.closed {
@@ -393,7 +429,7 @@ impl Shared {
                         return;
                     }
                 }
-                st.lens.len() >= GROUP_NOW
+                st.pending.len() >= GROUP_NOW
             };
             // The window gathers a group; once entries arrive faster than groups are written,
             // each group is what came in while the last one was written, with no pause between.
@@ -410,18 +446,32 @@ impl Shared {
         // Take the queue (appenders go on in the spare buffers), then chain it here: hashing is
         // the writer's work, not the caller's.
         let mut raw = std::mem::take(&mut io.spare_raw);
-        let mut lens = std::mem::take(&mut io.spare_lens);
+        let mut pending = std::mem::take(&mut io.spare_pending);
         {
             let mut st = self.state.lock();
             std::mem::swap(&mut st.raw, &mut raw);
-            std::mem::swap(&mut st.lens, &mut lens);
+            std::mem::swap(&mut st.pending, &mut pending);
         }
         let mut at = 0;
-        for len in &lens {
+        for p in &pending {
             let IoState { line, seq, prev, out, .. } = &mut *io;
             line.clear();
-            line.extend_from_slice(raw.get(at..at + len).unwrap_or_default());
-            at += len;
+            let (n, call) = match p {
+                Pending::Record(n) => (*n, None),
+                Pending::Call(n, c) => (*n, Some(c)),
+            };
+            let bytes = raw.get(at..at + n).unwrap_or_default();
+            at += n;
+            match call {
+                None => line.extend_from_slice(bytes),
+                Some(c) => {
+                    if let Err(e) = c.write_json(bytes, line) {
+                        // Cannot happen for these fields; the entry keeps its place in the chain.
+                        line.clear();
+                        let _ = serde_json::to_writer(&mut *line, &serde_json::json!({"ledger_error": e.to_string()}));
+                    }
+                }
+            }
             chain(line, seq, prev);
             out.extend_from_slice(line);
         }
@@ -430,11 +480,11 @@ impl Shared {
         }
         // The emptied buffers are the next spares (smaller again after a burst).
         raw.clear();
-        lens.clear();
+        pending.clear();
         raw.shrink_to(KEEP_CAPACITY);
-        lens.shrink_to(KEEP_CAPACITY / 512);
+        pending.shrink_to(MAX_PENDING_ENTRIES / 4);
         io.spare_raw = raw;
-        io.spare_lens = lens;
+        io.spare_pending = pending;
         if io.out.is_empty() {
             return Ok(());
         }

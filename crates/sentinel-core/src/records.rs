@@ -48,9 +48,10 @@ pub struct Payload {
 }
 
 /// A ledger line as written: borrows everything, and redacts the payload while serializing.
-/// Field for field the same as [`LedgerEntry`], which is how lines are read back.
+/// Field for field the same as [`LedgerEntry`], which is how lines are read back. The payload is
+/// the call's values ([`PayloadRef`]), or their JSON already written ([`RawPayload`]).
 #[derive(Debug, Serialize)]
-pub struct LedgerLine<'a> {
+pub struct LedgerLine<'a, P = PayloadRef<'a>> {
     pub id: &'a str,
     pub timestamp: &'a str,
     pub action: &'a str,
@@ -58,7 +59,7 @@ pub struct LedgerLine<'a> {
     pub duration_ms: f64,
     pub outcome: &'a str,
     pub tags: &'a [String],
-    pub payload: PayloadRef<'a>,
+    pub payload: P,
     pub agent_id: &'a str,
     pub run_id: &'a str,
     pub session_id: &'a str,
@@ -72,7 +73,34 @@ pub struct LedgerLine<'a> {
     pub intervention_id: Option<&'a str>,
 }
 
-impl LedgerLine<'_> {
+/// How a line's payload object (`{"inputs":…,"outputs":…}`) gets into the line.
+pub trait LinePayload {
+    fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()>;
+}
+
+impl LinePayload for PayloadRef<'_> {
+    fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        out.extend_from_slice(b"{\"inputs\":");
+        serde_json::to_writer(&mut *out, &self.inputs)?;
+        out.extend_from_slice(b",\"outputs\":");
+        serde_json::to_writer(&mut *out, &self.outputs)?;
+        out.push(b'}');
+        Ok(())
+    }
+}
+
+/// A payload object already serialized (and redacted) by [`PayloadRef`].
+#[derive(Debug)]
+pub struct RawPayload<'a>(pub &'a [u8]);
+
+impl LinePayload for RawPayload<'_> {
+    fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        out.extend_from_slice(self.0);
+        Ok(())
+    }
+}
+
+impl<P: LinePayload> LedgerLine<'_, P> {
     /// Writes the line's JSON object, byte for byte what `serde_json` writes for it, without
     /// serde's generic machinery for the fixed fields: this runs once per guarded call, on the
     /// caller's thread. The payload still goes through [`Redacted`].
@@ -96,11 +124,9 @@ impl LedgerLine<'_> {
             }
             json_str(out, t)?;
         }
-        out.extend_from_slice(b"],\"payload\":{\"inputs\":");
-        serde_json::to_writer(&mut *out, &self.payload.inputs)?;
-        out.extend_from_slice(b",\"outputs\":");
-        serde_json::to_writer(&mut *out, &self.payload.outputs)?;
-        out.extend_from_slice(b"},\"agent_id\":");
+        out.extend_from_slice(b"],\"payload\":");
+        self.payload.write_json(out)?;
+        out.extend_from_slice(b",\"agent_id\":");
         json_str(out, self.agent_id)?;
         out.extend_from_slice(b",\"run_id\":");
         json_str(out, self.run_id)?;
@@ -151,6 +177,70 @@ impl LedgerLine<'_> {
         }
         out.push(b'}');
         Ok(())
+    }
+}
+
+/// A finished call's ledger line, owning everything but its payload, so the log's writer thread
+/// can format it: the caller serializes only the payload (the part that needs the call's values
+/// and redaction) and hands this over. The id is made and the timestamp formatted when the line
+/// is written, from when the call finished (`at`).
+#[derive(Debug)]
+pub struct CallLine {
+    pub at: std::time::SystemTime,
+    pub parts: crate::guard::CallParts,
+    pub cost_usd: f64,
+    pub duration_ms: f64,
+    pub outcome: &'static str,
+    pub verdict: Verdict,
+    pub reason: ReasonCode,
+    pub intervention: Option<InterventionType>,
+    pub message: std::borrow::Cow<'static, str>,
+    pub policy: Option<std::sync::Arc<str>>,
+    pub rule: Option<std::sync::Arc<str>>,
+    pub limit: Option<Limit>,
+    pub retry_after_seconds: Option<f64>,
+    pub policy_version: std::sync::Arc<str>,
+    pub approval: Option<ApprovalRecord>,
+    pub intervention_id: Option<String>,
+}
+
+impl CallLine {
+    /// The whole line's JSON object around `payload` (what [`PayloadRef`] wrote).
+    pub fn write_json(&self, payload: &[u8], out: &mut Vec<u8>) -> serde_json::Result<()> {
+        let since = self.at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let ts = uuid::Timestamp::from_unix(uuid::NoContext, since.as_secs(), since.subsec_nanos());
+        let mut idbuf = uuid::Uuid::encode_buffer();
+        let id = uuid::Uuid::new_v7(ts).hyphenated().encode_lower(&mut idbuf);
+        let timestamp = crate::ledger::Rfc3339::at(self.at);
+        let p = &self.parts;
+        LedgerLine {
+            id,
+            timestamp: timestamp.as_str(),
+            action: &p.action,
+            cost_usd: self.cost_usd,
+            duration_ms: self.duration_ms,
+            outcome: self.outcome,
+            tags: &p.tags,
+            payload: RawPayload(payload),
+            agent_id: &p.agent_id,
+            run_id: &p.run_id,
+            session_id: &p.session_id,
+            estimated_cost_usd: p.cost,
+            decision: Some(DecisionRef {
+                verdict: self.verdict,
+                reason: self.reason,
+                intervention: self.intervention,
+                message: &self.message,
+                policy: self.policy.as_deref(),
+                rule: self.rule.as_deref(),
+                limit: self.limit.as_ref(),
+                retry_after_seconds: self.retry_after_seconds,
+            }),
+            policy_version: &self.policy_version,
+            approval: self.approval.as_ref(),
+            intervention_id: self.intervention_id.as_deref(),
+        }
+        .write_json(out)
     }
 }
 
@@ -490,5 +580,92 @@ mod tests {
             checked += 1;
         }
         assert_eq!(checked, reasons.len());
+    }
+
+    /// A finished call's line, formatted by the writer from what the permit owned around the
+    /// payload the caller wrote, is the line `LedgerLine` writes, with a fresh id and the time.
+    #[test]
+    fn call_lines_match_ledger_lines() {
+        use std::sync::Arc;
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_micros(1_764_700_000_123_456);
+        let parts = crate::guard::CallParts {
+            action: Arc::from("pay"),
+            agent_id: Arc::from("bot"),
+            run_id: Arc::from("r\"1"),
+            session_id: Arc::from("s"),
+            cost: 0.25,
+            tags: Arc::from(vec!["billing".to_string()]),
+        };
+        let inputs = json!({"args": [3], "kwargs": {"password": "hunter2"}});
+        let outputs = json!({"paid": 3});
+        let limit = Limit {
+            kind: LimitKind::RunBudget,
+            limit: 1.0,
+            used: 0.5,
+            requested: 0.25,
+            window_seconds: None,
+            field: None,
+        };
+        let approval =
+            ApprovalRecord { approved: true, approver: "alice".into(), reason: "ok".into(), decided_at: "t".into() };
+        let call = CallLine {
+            at,
+            parts: parts.clone(),
+            cost_usd: 0.3,
+            duration_ms: 1.5,
+            outcome: "success",
+            verdict: Verdict::Warn,
+            reason: ReasonCode::RuleWarn,
+            intervention: Some(InterventionType::Warning),
+            message: "careful".into(),
+            policy: Some(Arc::from("prod")),
+            rule: Some(Arc::from("w1")),
+            limit: Some(limit.clone()),
+            retry_after_seconds: None,
+            policy_version: Arc::from("v1"),
+            approval: Some(approval.clone()),
+            intervention_id: Some("iv".into()),
+        };
+        let payload = PayloadRef { inputs: Redacted(&inputs), outputs: Redacted(&outputs) };
+        let mut raw = Vec::new();
+        payload.write_json(&mut raw).unwrap();
+        let mut ours = Vec::new();
+        call.write_json(&raw, &mut ours).unwrap();
+        let ours: Value = serde_json::from_slice(&ours).unwrap();
+        let id = ours["id"].as_str().unwrap().to_string();
+        let parsed = uuid::Uuid::parse_str(&id).unwrap();
+        assert_eq!(parsed.get_version_num(), 7);
+        let (secs, _) = parsed.get_timestamp().unwrap().to_unix();
+        assert_eq!(secs, 1_764_700_000);
+        let ts = crate::ledger::Rfc3339::at(at);
+        let expected = LedgerLine {
+            id: &id,
+            timestamp: ts.as_str(),
+            action: "pay",
+            cost_usd: 0.3,
+            duration_ms: 1.5,
+            outcome: "success",
+            tags: &parts.tags,
+            payload,
+            agent_id: "bot",
+            run_id: "r\"1",
+            session_id: "s",
+            estimated_cost_usd: 0.25,
+            decision: Some(DecisionRef {
+                verdict: Verdict::Warn,
+                reason: ReasonCode::RuleWarn,
+                intervention: Some(InterventionType::Warning),
+                message: "careful",
+                policy: Some("prod"),
+                rule: Some("w1"),
+                limit: Some(&limit),
+                retry_after_seconds: None,
+            }),
+            policy_version: "v1",
+            approval: Some(&approval),
+            intervention_id: Some("iv"),
+        };
+        assert_eq!(ours, serde_json::to_value(&expected).unwrap());
+        assert_eq!(ours["payload"]["inputs"]["kwargs"]["password"], "[REDACTED]");
     }
 }
