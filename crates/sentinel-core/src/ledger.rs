@@ -134,6 +134,9 @@ enum Pending {
     Call(usize, CallLine),
 }
 
+/// While a group is chained, its lines are written whenever this many bytes are waiting.
+const WRITE_CHUNK: usize = 1 << 20;
+
 /// Entries queued past this many are written by the appending thread itself (back-pressure).
 const MAX_PENDING_ENTRIES: usize = 16 << 10;
 
@@ -453,7 +456,12 @@ impl Shared {
             std::mem::swap(&mut st.pending, &mut pending);
         }
         let mut at = 0;
+        let mut failed = None;
         for p in &pending {
+            if failed.is_none() && io.out.len() >= WRITE_CHUNK {
+                // A big group goes out in pieces, so its lines are not all held in memory twice.
+                failed = self.write_out(io).err();
+            }
             let IoState { line, seq, prev, out, .. } = &mut *io;
             line.clear();
             let (n, call) = match p {
@@ -485,6 +493,11 @@ impl Shared {
         pending.shrink_to(MAX_PENDING_ENTRIES / 4);
         io.spare_raw = raw;
         io.spare_pending = pending;
+        if let Some(e) = failed {
+            // The rest is chained and kept in `out`, like the unwritten part; the retry writes it.
+            self.failing.store(true, Ordering::Release);
+            return Err(LedgerError::Stalled { path: self.path.clone(), problem: e.to_string() });
+        }
         if io.out.is_empty() {
             return Ok(());
         }
