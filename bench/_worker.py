@@ -1,14 +1,17 @@
 """Runs one implementation on the shared workload and prints JSON timings. Started by overhead.py."""
 
 import asyncio
+import atexit
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
 
 IMPL, MODE, CALLS = sys.argv[1], sys.argv[2], int(sys.argv[3])
 WORK = tempfile.mkdtemp(prefix=f"bench-{IMPL}-")
+atexit.register(shutil.rmtree, WORK, ignore_errors=True)
 os.chdir(WORK)
 os.environ["AGENT_SENTINEL_HOME"] = os.path.join(WORK, "home")
 
@@ -151,12 +154,17 @@ def main():
         for i in range(300_000):
             tool("q", amount=i)
         before = rss_kib()
+        # RSS at every fifth of the run as well, so a plateau is told apart from a slow leak.
+        steps, marks = 5, []
         t = time.perf_counter()
-        for i in range(n):
-            tool("q", amount=i)
+        for s in range(steps):
+            for i in range(s * n // steps, (s + 1) * n // steps):
+                tool("q", amount=i)
+            marks.append(rss_kib())
         result["us_per_call"] = (time.perf_counter() - t) / n * 1e6
         result["rss_before_kib"] = before
-        result["rss_after_kib"] = rss_kib()
+        result["rss_after_kib"] = marks[-1]
+        result["rss_marks_kib"] = marks
     print(json.dumps(result))
 
 

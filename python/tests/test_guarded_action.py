@@ -502,3 +502,52 @@ def test_the_native_path_sees_denials_and_context_changes(home):
     entries = read_jsonl(home / "ledger.jsonl")
     assert [e["agent_id"] for e in entries] == ["default", "agent-a", "agent-b"]
     assert entries[0]["outcome"] == "blocked"
+
+
+def test_recorded_inputs_are_what_replay_compares_them_with(home):
+    """The ledger's inputs are written as the call is decided (before the values move on to the
+    rules); they must match the redacted form replay computes for the same arguments, and be
+    redacted the same way, on the sync and the async path, with rules reading the arguments."""
+    from agent_sentinel import _native
+
+    rules = home.parent / "rules.yaml"
+    rules.write_text("rules:\n  - {id: big, function_pattern: call, conditions: [{param: amount, operator: gt, value: 100}], action: block}\n")
+    PolicyEngine.load_from_yaml(str(rules))
+
+    class Odd:
+        def __str__(self):
+            return "<odd>"
+
+    calls = [
+        (("sk-live-abcdefghijklmnopqrst", 5), {"zeta": [1, {"password": "p", "ok": True}], "alpha": None}),
+        (("a  b   c  d  e  f  g  h",), {"api_key": "k", "headers": {"Authorization": "Bearer abcdefghijklmnopq"}}),
+        ((1.5, 2, "extra", Odd()), {"note": "https://u:pw@h/x", "ñame": "ü"}),
+        ((), {"amount": 7, "query": "q"}),
+    ]
+
+    @guarded_action(name="call")
+    def call(query=None, amount=0, *args, **kwargs):
+        return "ok"
+
+    @guarded_action(name="call")
+    async def acall(query=None, amount=0, *args, **kwargs):
+        return "ok"
+
+    for args, kwargs in calls:
+        call(*args, **kwargs)
+        asyncio.run(acall(*args, **kwargs))
+    with pytest.raises(PolicyViolationError):
+        call("q", 101, token="t")
+    entries = read_jsonl(home / "ledger.jsonl")
+    assert len(entries) == 2 * len(calls) + 1
+    for i, (args, kwargs) in enumerate(calls):
+        want = _native.to_record({"args": list(args), "kwargs": kwargs})
+        assert entries[2 * i]["payload"]["inputs"] == want, args
+        assert entries[2 * i + 1]["payload"]["inputs"] == want, args
+    assert entries[-1]["payload"]["inputs"] == {"args": ["q", 101], "kwargs": {"token": "[REDACTED]"}}
+    assert entries[-1]["outcome"] == "blocked"
+    (blocked,) = read_jsonl(home / "interventions.jsonl")
+    assert blocked["intent"]["inputs"] == {"args": ["q", 101], "kwargs": {"token": "[REDACTED]"}}
+    text = (home / "ledger.jsonl").read_text()
+    for secret in ("abcdefghijklmnopqrst", "abcdefghijklmnopq", "u:pw@"):
+        assert secret not in text

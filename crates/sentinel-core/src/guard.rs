@@ -3,6 +3,7 @@
 //! `begin` decides and records; `finish` settles the reservation and writes the ledger entry
 //! before it returns. Inputs and outputs pass through [`crate::redact::redact`] first.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -17,7 +18,7 @@ use crate::records::{
     ApprovalRecord, CallLine, DecisionRef, Intent, InterventionOutcome, InterventionRecord, LedgerEntry, LedgerLine,
     LinePayload, Payload, PayloadRef, assess_risk,
 };
-use crate::redact::{Redacted, redacted};
+use crate::redact::{Redacted, redacted, write_member};
 
 /// The ledger's directory: `AGENT_SENTINEL_HOME`, or `.agent-sentinel` in the working directory.
 pub fn default_home() -> PathBuf {
@@ -27,12 +28,116 @@ pub fn default_home() -> PathBuf {
 pub const LEDGER_FILE: &str = "ledger.jsonl";
 pub const INTERVENTIONS_FILE: &str = "interventions.jsonl";
 
+/// What the ledger shows as a call's inputs: a value, redacted when it is written, or a call's
+/// arguments already serialized and redacted by [`Inputs::of_call`] (so a caller that needs the
+/// values for the decision too can move them there instead of copying them).
+#[derive(Debug, Clone)]
+pub enum Inputs {
+    Value(Value),
+    /// Kept as written (shrinking it to fit would copy it).
+    Call(Vec<u8>),
+}
+
+impl From<Value> for Inputs {
+    fn from(v: Value) -> Self {
+        Inputs::Value(v)
+    }
+}
+
+impl Inputs {
+    /// `{"args": [...], "kwargs": {...}}`, serialized and redacted as [`Redacted`] would write that
+    /// value (keyword arguments in key order, the last of a repeated key winning).
+    pub fn of_call(args: &[Value], kwargs: &mut [(String, Value)]) -> Self {
+        let mut out = Vec::with_capacity(64 + 16 * (args.len() + kwargs.len()));
+        out.extend_from_slice(b"{\"args\":[");
+        for (i, a) in args.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            if serde_json::to_writer(&mut out, &Redacted(a)).is_err() {
+                out.extend_from_slice(b"null");
+            }
+        }
+        out.extend_from_slice(b"],\"kwargs\":{");
+        kwargs.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut first = true;
+        for (i, (k, v)) in kwargs.iter().enumerate() {
+            if kwargs.get(i + 1).is_some_and(|next| next.0 == *k) {
+                continue;
+            }
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            let at = out.len();
+            if write_member(&mut out, k, v).is_err() {
+                out.truncate(at);
+                out.extend_from_slice(b"\"\":null");
+            }
+        }
+        out.extend_from_slice(b"}}");
+        Inputs::Call(out)
+    }
+
+    /// As a value: parsed back (already redacted) for the rarer paths that need one.
+    pub fn to_value(&self) -> Cow<'_, Value> {
+        match self {
+            Inputs::Value(v) => Cow::Borrowed(v),
+            Inputs::Call(json) => Cow::Owned(serde_json::from_slice(json).unwrap_or(Value::Null)),
+        }
+    }
+}
+
+/// Inputs as a line is written from them: a value to redact, or JSON already redacted.
+#[derive(Clone, Copy)]
+enum InputsRef<'a> {
+    Value(Redacted<'a>),
+    Call(&'a [u8]),
+}
+
+impl<'a> From<&'a Inputs> for InputsRef<'a> {
+    fn from(i: &'a Inputs) -> Self {
+        match i {
+            Inputs::Value(v) => InputsRef::Value(Redacted(v)),
+            Inputs::Call(json) => InputsRef::Call(json),
+        }
+    }
+}
+
+impl<'a> From<Redacted<'a>> for InputsRef<'a> {
+    fn from(r: Redacted<'a>) -> Self {
+        InputsRef::Value(r)
+    }
+}
+
+/// A ledger line's payload: the inputs either way, the outputs redacted as they are written.
+struct CallPayload<'a> {
+    inputs: InputsRef<'a>,
+    outputs: &'a Value,
+}
+
+impl LinePayload for CallPayload<'_> {
+    fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        match self.inputs {
+            InputsRef::Value(inputs) => PayloadRef { inputs, outputs: Redacted(self.outputs) }.write_json(out),
+            InputsRef::Call(json) => {
+                out.extend_from_slice(b"{\"inputs\":");
+                out.extend_from_slice(json);
+                out.extend_from_slice(b",\"outputs\":");
+                serde_json::to_writer(&mut *out, &Redacted(self.outputs))?;
+                out.push(b'}');
+                Ok(())
+            }
+        }
+    }
+}
+
 /// A permitted call, holding its reservation until [`Guard::finish`].
 #[derive(Debug)]
 pub struct Permit {
     pub decision: Decision,
     request: CallParts,
-    inputs: Value,
+    inputs: Inputs,
     started: Instant,
     approval: Option<ApprovalRecord>,
     intervention_id: Option<String>,
@@ -79,7 +184,7 @@ pub enum Begun {
     Proceed(Box<Permit>),
     /// Do not run the action. For `RequireApproval`, ask a human, then call
     /// [`Guard::begin_approved`] or [`Guard::record_rejection`].
-    Stop { decision: Decision, intervention_id: Option<String>, inputs: Value },
+    Stop { decision: Decision, intervention_id: Option<String>, inputs: Inputs },
 }
 
 /// How the action ended.
@@ -211,12 +316,12 @@ impl Guard {
     /// permit (or handed back in `Begun::Stop`), never copied.
     /// Fails (closed) before deciding when the ledger cannot be written: a call must not run
     /// unrecorded.
-    pub fn begin(&self, req: &ActionRequest<'_>, inputs: Value) -> Result<Begun, LedgerError> {
-        self.begin_parts(req, inputs, CallParts::of(req))
+    pub fn begin(&self, req: &ActionRequest<'_>, inputs: impl Into<Inputs>) -> Result<Begun, LedgerError> {
+        self.begin_parts(req, inputs.into(), CallParts::of(req))
     }
 
     /// [`Guard::begin`] with the request's parts already shared: `parts` must describe `req`.
-    pub fn begin_parts(&self, req: &ActionRequest<'_>, inputs: Value, parts: CallParts) -> Result<Begun, LedgerError> {
+    pub fn begin_parts(&self, req: &ActionRequest<'_>, inputs: Inputs, parts: CallParts) -> Result<Begun, LedgerError> {
         self.logs.ledger.check()?;
         let decision = self.engine.decide(req);
         self.after_decision(req, inputs, decision, None, parts)
@@ -226,16 +331,17 @@ impl Guard {
     pub fn begin_approved(
         &self,
         req: &ActionRequest<'_>,
-        inputs: Value,
+        inputs: impl Into<Inputs>,
         approval: ApprovalRecord,
         escalation_id: Option<&str>,
     ) -> Result<Begun, LedgerError> {
+        let inputs = inputs.into();
         self.logs.ledger.check()?;
         let decision = self.engine.decide_approved(req);
         if decision.permits() {
             let rec = self.intervention(
                 req,
-                &inputs,
+                &inputs.to_value(),
                 &decision,
                 InterventionType::ApprovalRequired,
                 InterventionOutcome::ApprovedAfterReview,
@@ -252,14 +358,14 @@ impl Guard {
     pub fn record_rejection(
         &self,
         req: &ActionRequest<'_>,
-        inputs: &Value,
+        inputs: &Inputs,
         decision: &Decision,
         approval: ApprovalRecord,
         escalation_id: Option<&str>,
     ) -> Result<String, LedgerError> {
         let rec = self.intervention(
             req,
-            inputs,
+            &inputs.to_value(),
             decision,
             InterventionType::ApprovalRequired,
             InterventionOutcome::RejectedAfterReview,
@@ -271,7 +377,7 @@ impl Guard {
         let r = CallParts::of(req);
         self.write_line(
             &r,
-            inputs,
+            inputs.into(),
             Some(decision),
             "rejected",
             0.0,
@@ -286,7 +392,7 @@ impl Guard {
     fn after_decision(
         &self,
         req: &ActionRequest<'_>,
-        inputs: Value,
+        inputs: Inputs,
         mut decision: Decision,
         approval: Option<ApprovalRecord>,
         parts: CallParts,
@@ -294,7 +400,7 @@ impl Guard {
         for f in &decision.shadow {
             let mut rec = self.intervention(
                 req,
-                &inputs,
+                &inputs.to_value(),
                 &decision,
                 f.intervention.unwrap_or(InterventionType::Warning),
                 InterventionOutcome::Warned,
@@ -322,7 +428,7 @@ impl Guard {
             Verdict::Warn => {
                 let rec = self.intervention(
                     req,
-                    &inputs,
+                    &inputs.to_value(),
                     &decision,
                     decision.intervention.unwrap_or(InterventionType::Warning),
                     InterventionOutcome::Warned,
@@ -349,7 +455,7 @@ impl Guard {
                 let escalate = decision.verdict == Verdict::RequireApproval;
                 let rec = self.intervention(
                     req,
-                    &inputs,
+                    &inputs.to_value(),
                     &decision,
                     decision.intervention.unwrap_or(InterventionType::HardBlock),
                     if escalate { InterventionOutcome::Escalated } else { InterventionOutcome::Blocked },
@@ -361,7 +467,7 @@ impl Guard {
                 let outcome = if escalate { "escalated" } else { "blocked" };
                 self.write_line(
                     &parts,
-                    &inputs,
+                    (&inputs).into(),
                     Some(&decision),
                     outcome,
                     0.0,
@@ -415,9 +521,9 @@ impl Guard {
             approval,
             intervention_id,
         };
-        self.logs.ledger.append_call(line, |out| {
-            PayloadRef { inputs: Redacted(&inputs), outputs: Redacted(&outputs) }.write_json(out)
-        })
+        self.logs
+            .ledger
+            .append_call(line, |out| CallPayload { inputs: (&inputs).into(), outputs: &outputs }.write_json(out))
     }
 
     /// The action never ran: release its reservation and record nothing as spent.
@@ -450,7 +556,17 @@ impl Guard {
             tags: Arc::from(tags),
         };
         let duration_ms = if duration_ms.is_finite() && duration_ms >= 0.0 { duration_ms } else { 0.0 };
-        self.write_line(&r, inputs, None, outcome, cost.as_f64(), duration_ms, outputs, None, None)
+        self.write_line(
+            &r,
+            InputsRef::Value(Redacted(inputs)),
+            None,
+            outcome,
+            cost.as_f64(),
+            duration_ms,
+            outputs,
+            None,
+            None,
+        )
     }
 
     /// Writes one ledger line from borrowed parts; the payload is redacted as it is serialized.
@@ -458,7 +574,7 @@ impl Guard {
     fn write_line(
         &self,
         r: &CallParts,
-        inputs: &Value,
+        inputs: InputsRef<'_>,
         d: Option<&Decision>,
         outcome: &str,
         cost: f64,
@@ -486,7 +602,7 @@ impl Guard {
             duration_ms,
             outcome,
             tags: &r.tags,
-            payload: PayloadRef { inputs: Redacted(inputs), outputs: Redacted(outputs) },
+            payload: CallPayload { inputs, outputs },
             agent_id: &r.agent_id,
             run_id: &r.run_id,
             session_id: &r.session_id,
@@ -543,6 +659,76 @@ impl Guard {
             shadow,
             approval,
             related_intervention_id: related.map(str::to_string),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    /// What `Inputs::Value` of the same call writes, the reference for `Inputs::of_call`.
+    fn by_value(args: &[Value], kwargs: &[(String, Value)]) -> Vec<u8> {
+        let kw: serde_json::Map<String, Value> = kwargs.iter().cloned().collect();
+        serde_json::to_vec(&Redacted(&json!({"args": args, "kwargs": kw}))).unwrap_or_default()
+    }
+
+    fn of_call(args: &[Value], kwargs: &[(String, Value)]) -> Vec<u8> {
+        match Inputs::of_call(args, &mut kwargs.to_vec()) {
+            Inputs::Call(json) => json,
+            Inputs::Value(_) => Vec::new(),
+        }
+    }
+
+    #[test]
+    fn call_inputs_are_written_as_the_value_would_be() {
+        let args = [json!("sk-live-abcdefghijklmnopqrst"), json!(1.5), json!({"password": "p", "n": [1, null]})];
+        let kwargs = [
+            ("zeta".to_string(), json!("a  b   c  d  e  f  g  h")),
+            ("api_key".to_string(), json!({"nested": "x"})),
+            ("alpha".to_string(), json!(null)),
+            ("zeta".to_string(), json!("the last of a repeated key wins")),
+            ("ñame".to_string(), json!("ü \u{1} \"q\"")),
+        ];
+        assert_eq!(
+            String::from_utf8_lossy(&of_call(&args, &kwargs)),
+            String::from_utf8_lossy(&by_value(&args, &kwargs))
+        );
+        assert_eq!(of_call(&[], &[]), b"{\"args\":[],\"kwargs\":{}}");
+        let parsed = Inputs::of_call(&args, &mut kwargs.to_vec()).to_value().into_owned();
+        assert_eq!(parsed["kwargs"]["api_key"]["nested"], "[REDACTED]");
+    }
+
+    fn leaf() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            "[a-zA-Z_ -]{0,24}".prop_map(Value::String),
+            prop_oneof![Just("sk-live-0123456789abcdef"), Just("Bearer abcdefghijklmnop"), Just("x://u:p@h")]
+                .prop_map(|s| Value::String(s.to_string())),
+        ]
+    }
+
+    fn value() -> impl Strategy<Value = Value> {
+        leaf().prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::vec(("[a-zA-Z_]{1,12}", inner), 0..4)
+                    .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn any_call_is_written_as_its_value_would_be(
+            args in prop::collection::vec(value(), 0..4),
+            kwargs in prop::collection::vec((prop_oneof![Just("token".to_string()), Just("apiKey".to_string()), "[a-z_]{1,10}"], value()), 0..5),
+        ) {
+            prop_assert_eq!(of_call(&args, &kwargs), by_value(&args, &kwargs));
         }
     }
 }

@@ -331,7 +331,10 @@ impl ChainWriter {
     }
 
     /// [`ChainWriter::append`] for a ledger line, with its own serializer.
-    pub fn append_line(&self, line: &crate::records::LedgerLine<'_>) -> Result<Appended, LedgerError> {
+    pub fn append_line<P: crate::records::LinePayload>(
+        &self,
+        line: &crate::records::LedgerLine<'_, P>,
+    ) -> Result<Appended, LedgerError> {
         self.append_record(|out| line.write_json(out))
     }
 

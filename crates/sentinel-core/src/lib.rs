@@ -26,7 +26,7 @@ pub use compile::PolicySet;
 pub use counters::{ActionSpend, Reservation};
 pub use decision::{ActionRequest, Decision, InterventionType, Limit, LimitKind, ReasonCode, RiskLevel, Verdict};
 pub use engine::{BudgetCheck, CounterPlan, Engine, HaltTarget, SpendSnapshot, WindowCheck};
-pub use guard::{Begun, CallOutcome, CallParts, Guard, Logs, Permit};
+pub use guard::{Begun, CallOutcome, CallParts, Guard, Inputs, Logs, Permit};
 pub use ledger::{ChainWriter, LedgerError, LogOptions};
 pub use load::PolicyError;
 pub use model::PolicyDoc;

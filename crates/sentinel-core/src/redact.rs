@@ -231,6 +231,18 @@ impl Serialize for RedactAll<'_> {
     }
 }
 
+/// Writes `"key":value` as [`Redacted`] writes a member of an object: everything under a
+/// sensitive key redacted, secret-shaped strings anywhere else.
+pub fn write_member(out: &mut Vec<u8>, key: &str, v: &Value) -> serde_json::Result<()> {
+    serde_json::to_writer(&mut *out, key)?;
+    out.push(b':');
+    if is_sensitive_key(key) {
+        serde_json::to_writer(out, &RedactAll(v))
+    } else {
+        serde_json::to_writer(out, &Redacted(v))
+    }
+}
+
 /// A redacted copy.
 pub fn redacted(v: &Value) -> Value {
     serde_json::to_value(Redacted(v)).unwrap_or(Value::Null)

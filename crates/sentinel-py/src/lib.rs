@@ -20,7 +20,7 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 use sentinel_core::decision::{ApprovalSpec, Decision};
-use sentinel_core::guard::{CallOutcome, Logs};
+use sentinel_core::guard::{CallOutcome, Inputs, Logs};
 use sentinel_core::ledger::LogOptions;
 use sentinel_core::records::ApprovalRecord;
 use sentinel_core::{ActionRequest, Begun, CallParts, HaltTarget, PolicySet, Usd, load};
@@ -230,9 +230,10 @@ struct Guard {
 }
 
 /// A call that may run. Pass it to `Guard.finish` (or `Guard.abandon`) exactly once.
-#[pyclass(module = "agent_sentinel._native")]
+#[pyclass(frozen, module = "agent_sentinel._native")]
 struct Permit {
-    inner: Mutex<Option<sentinel_core::Permit>>,
+    /// Boxed, so handing it from the core to Python and back moves a pointer, not the decision.
+    inner: Mutex<Option<Box<sentinel_core::Permit>>>,
     /// The guard that issued it, when `Wrapped.begin` did (its `finish` needs no guard argument).
     guard: Option<Py<Guard>>,
     #[pyo3(get)]
@@ -244,7 +245,7 @@ struct Permit {
 }
 
 impl Permit {
-    fn of(p: sentinel_core::Permit) -> Self {
+    fn of(p: Box<sentinel_core::Permit>) -> Self {
         let verdict = p.decision.verdict.as_str();
         let reason = p.decision.reason.as_str();
         let message = if p.decision.verdict == sentinel_core::Verdict::Allow {
@@ -253,6 +254,10 @@ impl Permit {
             p.decision.message.to_string()
         };
         Permit { inner: Mutex::new(Some(p)), guard: None, verdict, message, reason }
+    }
+
+    fn issued_by(p: Box<sentinel_core::Permit>, guard: Py<Guard>) -> Self {
+        Permit { guard: Some(guard), ..Permit::of(p) }
     }
 }
 
@@ -264,7 +269,7 @@ struct Stop {
     intervention_id: Option<String>,
     #[pyo3(get)]
     action: String,
-    inputs: Value,
+    inputs: Inputs,
     args: Value,
 }
 
@@ -326,45 +331,44 @@ impl Stop {
 }
 
 /// A function's parameters as binding needs them: positional names, and defaults by name.
-struct Params<'a, 'py> {
+struct Params<'a> {
     names: &'a [String],
-    defaults: &'a [(String, Bound<'py, PyAny>)],
+    defaults: &'a [(String, Py<PyAny>)],
 }
 
 /// A call's arguments twice over: bound by parameter name for the rules (positional, then
 /// keyword, then defaults), and as the ledger records them (`{"args": [...], "kwargs": {...}}`).
 /// Each Python value is converted once.
-fn prepare(args: &Bound<'_, PyTuple>, kwargs: Option<&Bound<'_, PyDict>>, params: &Params<'_, '_>) -> (Value, Value) {
+fn prepare(args: &Bound<'_, PyTuple>, kwargs: Option<&Bound<'_, PyDict>>, params: &Params<'_>) -> (Value, Inputs) {
     let positional: Vec<Value> = args.iter().map(|a| to_json(&a, 0)).collect();
-    let keyword: Map<String, Value> = match kwargs {
+    let mut keyword: Vec<(String, Value)> = match kwargs {
         Some(k) => k.iter().map(|(k, v)| (key_of(&k), to_json(&v, 0))).collect(),
-        None => Map::new(),
+        None => Vec::new(),
     };
+    // The ledger's copy is written now, so the values themselves can move into the bound ones.
+    let inputs = Inputs::of_call(&positional, &mut keyword);
     let mut m = Map::new();
     let mut extra = Vec::new();
-    for (i, a) in positional.iter().enumerate() {
+    for (i, a) in positional.into_iter().enumerate() {
         match params.names.get(i) {
             Some(name) => {
-                m.insert(name.clone(), a.clone());
+                m.insert(name.clone(), a);
             }
-            None => extra.push(a.clone()),
+            None => extra.push(a),
         }
     }
     if !extra.is_empty() {
         m.insert("args".to_string(), Value::Array(extra));
     }
-    for (k, v) in &keyword {
-        m.insert(k.clone(), v.clone());
+    for (k, v) in keyword {
+        m.insert(k, v);
     }
     for (k, v) in params.defaults {
         if !m.contains_key(k.as_str()) {
-            m.insert(k.clone(), to_json(v, 0));
+            m.insert(k.clone(), to_json(v.bind(args.py()), 0));
         }
     }
-    let mut inputs = Map::new();
-    inputs.insert("args".into(), Value::Array(positional));
-    inputs.insert("kwargs".into(), Value::Object(keyword));
-    (Value::Object(m), Value::Object(inputs))
+    (Value::Object(m), inputs)
 }
 
 fn key_of(k: &Bound<'_, PyAny>) -> String {
@@ -375,9 +379,9 @@ fn key_of(k: &Bound<'_, PyAny>) -> String {
 fn params_from<'py>(
     names: &Bound<'py, PyTuple>,
     defaults: Option<&Bound<'py, PyDict>>,
-) -> (Vec<String>, Vec<(String, Bound<'py, PyAny>)>) {
+) -> (Vec<String>, Vec<(String, Py<PyAny>)>) {
     let names = names.iter().map(|n| key_of(&n)).collect();
-    let defaults = defaults.map(|d| d.iter().map(|(k, v)| (key_of(&k), v)).collect()).unwrap_or_default();
+    let defaults = defaults.map(|d| d.iter().map(|(k, v)| (key_of(&k), v.unbind())).collect()).unwrap_or_default();
     (names, defaults)
 }
 
@@ -439,7 +443,7 @@ impl Guard {
         }
         .map_err(ledger_error("cannot record the decision"))?;
         match begun {
-            Begun::Proceed(p) => Ok(Bound::new(py, Permit::of(*p))?.into_any()),
+            Begun::Proceed(p) => Ok(Bound::new(py, Permit::of(p))?.into_any()),
             Begun::Stop { decision, intervention_id, inputs } => {
                 Ok(Bound::new(py, Stop { decision, intervention_id, action: action.to_string(), inputs, args: bound })?
                     .into_any())
@@ -457,18 +461,18 @@ impl Guard {
         output: &Bound<'_, PyAny>,
         actual_cost: Option<f64>,
     ) -> PyResult<u64> {
-        let Some(p) = permit.borrow().inner.lock().take() else {
+        let Some(p) = permit.get().inner.lock().take() else {
             return Err(PyRuntimeError::new_err("this permit was already finished"));
         };
         let outcome = if ok { CallOutcome::Success(to_json(output, 0)) } else { CallOutcome::Error(stringify(output)) };
-        let appended = self.inner.finish(p, outcome, actual_cost).map_err(ledger_error("cannot write the ledger"))?;
+        let appended = self.inner.finish(*p, outcome, actual_cost).map_err(ledger_error("cannot write the ledger"))?;
         Ok(appended.seq)
     }
 
     /// The call never ran: give back its reservation.
     fn abandon(&self, permit: &Bound<'_, Permit>) {
-        if let Some(p) = permit.borrow().inner.lock().take() {
-            self.inner.abandon(p);
+        if let Some(p) = permit.get().inner.lock().take() {
+            self.inner.abandon(*p);
         }
     }
 
@@ -654,11 +658,7 @@ impl Wrapped {
         kwargs: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         match self.decide(py, args, kwargs)? {
-            Decided::Go(guard, permit) => {
-                let mut p = Permit::of(*permit);
-                p.guard = Some(guard.unbind());
-                Ok(Bound::new(py, p)?.into_any())
-            }
+            Decided::Go(guard, permit) => Ok(Bound::new(py, Permit::issued_by(permit, guard.unbind()))?.into_any()),
             Decided::Python(None) => Ok(py.None().into_bound(py)),
             Decided::Python(Some(stop)) => Ok(Bound::new(py, *stop)?.into_any()),
         }
@@ -666,12 +666,12 @@ impl Wrapped {
 
     /// The call `begin` permitted ran: `ok` and its result, or the error text.
     fn finish(&self, permit: &Bound<'_, Permit>, ok: bool, output: &Bound<'_, PyAny>) -> PyResult<()> {
-        let p = permit.borrow();
+        let p = permit.get();
         let (Some(guard), Some(inner)) = (p.guard.as_ref(), p.inner.lock().take()) else {
             return Err(PyRuntimeError::new_err("this permit was already finished"));
         };
         let outcome = if ok { CallOutcome::Success(to_json(output, 0)) } else { CallOutcome::Error(stringify(output)) };
-        guard.get().inner.finish(inner, outcome, None).map_err(ledger_error("cannot write the ledger"))?;
+        guard.get().inner.finish(*inner, outcome, None).map_err(ledger_error("cannot write the ledger"))?;
         Ok(())
     }
 }
@@ -705,9 +705,7 @@ impl Wrapped {
             None => self.open_guard.bind(py).call0()?.cast_into::<Guard>()?,
         };
         let [agent_id, run_id, session_id] = self.ids_of(&ctx)?;
-        let defaults: Vec<(String, Bound<'py, PyAny>)> =
-            self.defaults.iter().map(|(k, v)| (k.clone(), v.bind(py).clone())).collect();
-        let (bound, inputs) = prepare(args, kwargs, &Params { names: &self.names, defaults: &defaults });
+        let (bound, inputs) = prepare(args, kwargs, &Params { names: &self.names, defaults: &self.defaults });
         let req = ActionRequest::new(&self.action)
             .agent(&agent_id)
             .run(&run_id)
