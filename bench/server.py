@@ -77,7 +77,7 @@ class Server:
             cmd += ["--database-url", db]
         if secret:
             cmd += ["--secret-file", str(secret)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(os.environ["SERVER_LOG"], "w") if os.environ.get("SERVER_LOG") else subprocess.DEVNULL,
                                      env={**os.environ, "RUST_LOG": "warn"})
         deadline = time.time() + 30
         while True:

@@ -671,7 +671,6 @@ pub async fn decide(
         None
     };
     let out = DecideOut {
-        decision: &decision,
         approval_request: approval_request.map(|a| {
             let wait = format!("/api/v1/approvals/{}/wait", a.id);
             ApprovalRequestOut { id: a.id, status: a.status, expires_at: a.expires_at, wait }
@@ -683,6 +682,7 @@ pub async fn decide(
         session_id: session,
         intervention_id,
         reservation,
+        ..DecideOut::of(&decision)
     };
     Ok(Json(out).into_response())
 }
@@ -710,12 +710,27 @@ fn decide_metrics() -> &'static DecideMetrics {
     })
 }
 
-/// The `/decide` answer: the decision's own fields, then what the server adds. Serialized in one
-/// pass, straight into the response body.
+/// The `/decide` answer: the decision's own fields (named and ordered as `Decision` serializes
+/// them; `serde(flatten)` would route every field through a generic map), then what the server adds.
 #[derive(Serialize)]
 struct DecideOut<'a> {
-    #[serde(flatten)]
-    decision: &'a Decision,
+    verdict: Verdict,
+    intervention: Option<sentinel_core::InterventionType>,
+    reason: sentinel_core::ReasonCode,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    policy: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rule: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    limit: Option<&'a sentinel_core::Limit>,
+    policy_version: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_after_seconds: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    approval: Option<&'a sentinel_core::decision::ApprovalSpec>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    shadow: &'a [sentinel_core::decision::ShadowFinding],
     #[serde(skip_serializing_if = "Option::is_none")]
     approval_request: Option<ApprovalRequestOut>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -728,6 +743,33 @@ struct DecideOut<'a> {
     intervention_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     reservation: Option<ReservationOut>,
+}
+
+impl<'a> DecideOut<'a> {
+    /// The decision's part of the answer; the caller fills in the rest.
+    fn of(d: &'a Decision) -> Self {
+        DecideOut {
+            verdict: d.verdict,
+            intervention: d.intervention,
+            reason: d.reason,
+            message: &d.message,
+            policy: d.policy.as_deref(),
+            rule: d.rule.as_deref(),
+            limit: d.limit.as_ref(),
+            policy_version: &d.policy_version,
+            retry_after_seconds: d.retry_after_seconds,
+            approval: d.approval.as_ref(),
+            shadow: &d.shadow,
+            approval_request: None,
+            paused: false,
+            decision_id: String::new(),
+            agent_id: String::new(),
+            run_id: String::new(),
+            session_id: String::new(),
+            intervention_id: None,
+            reservation: None,
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -1034,4 +1076,44 @@ pub async fn list_halts(State(s): State<AppState>, caller: Caller) -> Result<Jso
         halts.retain(|h| h.kind == "run" || h.target == *own);
     }
     Ok(Json(json!({ "halts": halts })))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+    use super::*;
+    use sentinel_core::PolicySet;
+    use sentinel_core::load::parse_yaml;
+
+    /// The answer carries the decision's fields exactly as the decision serializes them.
+    #[test]
+    fn the_answer_holds_the_decision_as_it_serializes() {
+        let yaml = r#"
+policies:
+  - name: main
+    rate_limits: { search: { max_count: 1, window_seconds: 60 } }
+    approvals: { actions: [pay], timeout_seconds: 60, approvers: [a@x.com] }
+  - name: trial
+    mode: shadow
+    denied_actions: [search, pay]
+"#;
+        let engine = Engine::new(PolicySet::compile(parse_yaml("p.yaml", "p", yaml).unwrap()).unwrap());
+        let mut decisions =
+            vec![engine.decide(&ActionRequest::new("search")), engine.decide(&ActionRequest::new("search"))];
+        decisions.push(engine.decide(&ActionRequest::new("pay").cost(1.0)));
+        decisions.push(engine.decide(&ActionRequest::new("other")));
+        assert!(decisions.iter().any(|d| d.limit.is_some() && d.retry_after_seconds.is_some()));
+        assert!(decisions.iter().any(|d| d.approval.is_some()));
+        assert!(decisions.iter().any(|d| !d.shadow.is_empty()));
+        for d in &decisions {
+            let out = DecideOut { decision_id: "d".into(), ..DecideOut::of(d) };
+            let mut got = serde_json::to_value(&out).unwrap();
+            let want = serde_json::to_value(d).unwrap();
+            let m = got.as_object_mut().unwrap();
+            for server_field in ["decision_id", "agent_id", "run_id", "session_id"] {
+                m.remove(server_field);
+            }
+            assert_eq!(got, want);
+        }
+    }
 }

@@ -21,7 +21,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use parking_lot::{Mutex, RwLock};
 use sentinel_store::{CounterOp, ReservationRow, Store};
 use serde::{Deserialize, Serialize};
 
@@ -71,17 +73,17 @@ fn from_line(l: Line) -> Option<CounterOp> {
     })
 }
 
-/// The file being appended to, and the changes not yet in the database.
+/// The file being appended to. Appends share it (each line is one `write(2)` to a file opened
+/// with `O_APPEND`, so concurrent lines never interleave); a rotation swaps it exclusively.
 struct Open {
     number: u64,
     file: File,
     opened: Instant,
-    size: u64,
-    /// A write failed part-way: the next line starts on a fresh line, so the torn bytes spoil
-    /// only the line that was refused, never the next one.
-    torn: bool,
-    line: Vec<u8>,
-    unfolded: Vec<CounterOp>,
+}
+
+thread_local! {
+    /// Each thread serializes its lines here, outside every lock.
+    static LINE: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(512));
 }
 
 /// What folding carries between rounds: changes a failed round could not write (retried first,
@@ -95,7 +97,16 @@ pub(crate) struct FoldState {
 /// The open journal.
 pub struct Journal {
     db: PathBuf,
-    open: Mutex<Open>,
+    /// Read-locked by appends for their write and their push to `unfolded` (so a rotation never
+    /// falls between the two: a change is always taken with the file that holds it), write-locked
+    /// by a rotation.
+    open: RwLock<Open>,
+    size: AtomicU64,
+    /// A write failed part-way: the next lines start on a fresh line, so the torn bytes spoil
+    /// only the line that was refused (the reader also finds a line glued to a torn one).
+    torn: AtomicBool,
+    /// The changes not yet in the database, in the order their appends returned.
+    unfolded: Mutex<Vec<CounterOp>>,
     /// One fold at a time, in order: a change must never reach the database before the
     /// reservation it finishes.
     pub(crate) folding: tokio::sync::Mutex<FoldState>,
@@ -132,18 +143,13 @@ impl Journal {
     pub fn open(db: &Path) -> io::Result<(Self, Vec<PathBuf>)> {
         let left = existing(db)?;
         let number = left.last().map_or(1, |(n, _)| n + 1);
-        let open = Open {
-            number,
-            file: create(db, number)?,
-            opened: Instant::now(),
-            size: 0,
-            torn: false,
-            line: Vec::with_capacity(512),
-            unfolded: Vec::with_capacity(4096),
-        };
+        let open = Open { number, file: create(db, number)?, opened: Instant::now() };
         let journal = Journal {
             db: db.to_path_buf(),
-            open: Mutex::new(open),
+            open: RwLock::new(open),
+            size: AtomicU64::new(0),
+            torn: AtomicBool::new(false),
+            unfolded: Mutex::new(Vec::with_capacity(4096)),
             folding: tokio::sync::Mutex::new(FoldState::default()),
         };
         Ok((journal, left.into_iter().map(|(_, p)| p).collect()))
@@ -151,43 +157,56 @@ impl Journal {
 
     /// Appends one change; when this returns `Ok` the line is with the OS (it survives the process)
     /// and the change will be folded into the database. On an error nothing was recorded.
+    ///
+    /// No lock is held for the system call but a shared one: the two request threads write their
+    /// lines side by side instead of one waiting (asleep) for the other's write.
     pub fn append(&self, op: CounterOp) -> io::Result<()> {
-        let mut g = self.open.lock();
-        let o = &mut *g;
-        o.line.clear();
-        if o.torn {
-            o.line.push(b'\n');
-        }
-        serde_json::to_writer(&mut o.line, &to_line(&op)).map_err(io::Error::other)?;
-        o.line.push(b'\n');
-        // `write_all` cannot say how much reached the file before an error; count it ourselves.
-        let started = Instant::now();
-        let mut done = 0;
-        while done < o.line.len() {
-            match o.file.write(o.line.get(done..).unwrap_or_default()) {
-                Ok(0) => {
-                    o.torn |= done > 0;
-                    return Err(io::Error::new(io::ErrorKind::WriteZero, "the file system took no more bytes"));
-                }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    o.torn |= done > 0;
-                    return Err(e);
-                }
+        LINE.with(|cell| {
+            let mut line = cell.borrow_mut();
+            line.clear();
+            if self.torn.load(Ordering::Acquire) {
+                line.push(b'\n');
             }
-        }
-        let took = started.elapsed();
-        if took > Duration::from_millis(2) {
-            tracing::warn!(ms = took.as_secs_f64() * 1000.0, "slow reservation journal write");
-        }
-        o.torn = false;
-        o.size += done as u64;
-        o.unfolded.push(op);
-        if o.line.capacity() > 64 << 10 {
-            o.line = Vec::with_capacity(512);
-        }
-        Ok(())
+            serde_json::to_writer(&mut *line, &to_line(&op)).map_err(io::Error::other)?;
+            line.push(b'\n');
+            let started = Instant::now();
+            let written = {
+                let open = self.open.read();
+                // One write: with `O_APPEND` the line lands whole after every line before it. A
+                // short write (a full disk) is not continued, since another thread's line may
+                // already follow its part; the line is refused instead.
+                let r = loop {
+                    match (&open.file).write(&line) {
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        r => break r,
+                    }
+                };
+                match r {
+                    Ok(n) if n == line.len() => {
+                        self.unfolded.lock().push(op);
+                        Ok(n)
+                    }
+                    Ok(n) => {
+                        self.torn.store(n > 0, Ordering::Release);
+                        Err(io::Error::new(io::ErrorKind::WriteZero, "the file system took only part of the line"))
+                    }
+                    Err(e) => Err(e),
+                }
+            };
+            let took = started.elapsed();
+            if took > Duration::from_millis(2) {
+                tracing::warn!(ms = took.as_secs_f64() * 1000.0, "slow reservation journal write");
+            }
+            let n = written?;
+            self.size.fetch_add(n as u64, Ordering::Relaxed);
+            if self.torn.load(Ordering::Relaxed) {
+                self.torn.store(false, Ordering::Release);
+            }
+            if line.capacity() > 64 << 10 {
+                *line = Vec::with_capacity(512);
+            }
+            Ok(())
+        })
     }
 
     /// Takes the changes kept since the last call. When the file is old or big enough, the next
@@ -195,22 +214,29 @@ impl Journal {
     /// taken (and everything taken before) is in the database.
     fn take(&self) -> io::Result<(Vec<CounterOp>, Option<PathBuf>)> {
         let (number, due) = {
-            let g = self.open.lock();
-            (g.number, g.size > 0 && (g.opened.elapsed() >= ROTATE_AFTER || g.size >= ROTATE_BYTES))
+            let g = self.open.read();
+            (g.number, self.rotation_due(&g))
         };
         // The next file is created before the lock is taken: file system work never holds up an append.
         let next = if due { Some(create(&self.db, number + 1)?) } else { None };
-        let mut g = self.open.lock();
-        let ops = std::mem::replace(&mut g.unfolded, Vec::with_capacity(4096));
-        let closed = next.map(|file| {
-            g.number = number + 1;
-            g.file = file;
-            g.opened = Instant::now();
-            g.size = 0;
-            g.torn = false;
-            numbered(&self.db, number)
-        });
-        Ok((ops, closed))
+        let Some(file) = next else {
+            // No rotation: whatever is pushed later stays in this file, taken next time.
+            return Ok((std::mem::replace(&mut *self.unfolded.lock(), Vec::with_capacity(4096)), None));
+        };
+        // Exclusive: no append is between its write (to the closed file) and its push.
+        let mut g = self.open.write();
+        let ops = std::mem::replace(&mut *self.unfolded.lock(), Vec::with_capacity(4096));
+        g.number = number + 1;
+        g.file = file;
+        g.opened = Instant::now();
+        self.size.store(0, Ordering::Relaxed);
+        self.torn.store(false, Ordering::Release);
+        Ok((ops, Some(numbered(&self.db, number))))
+    }
+
+    fn rotation_due(&self, open: &Open) -> bool {
+        let size = self.size.load(Ordering::Relaxed);
+        size > 0 && (open.opened.elapsed() >= ROTATE_AFTER || size >= ROTATE_BYTES)
     }
 
     /// Writes every change kept so far into the database, then deletes the files that held only
@@ -265,10 +291,7 @@ impl Journal {
 
     /// [`Journal::take`], off the request threads when it creates a file.
     async fn take_blocking(self: &Arc<Self>) -> io::Result<(Vec<CounterOp>, Option<PathBuf>)> {
-        let due = {
-            let g = self.open.lock();
-            g.size > 0 && (g.opened.elapsed() >= ROTATE_AFTER || g.size >= ROTATE_BYTES)
-        };
+        let due = self.rotation_due(&self.open.read());
         if !due {
             return self.take();
         }
@@ -287,12 +310,24 @@ pub fn read(path: &Path) -> io::Result<Vec<CounterOp>> {
             tracing::warn!(file = %path.display(), line = i + 1, "ignoring a torn last journal line (never acknowledged)");
             break;
         }
-        match serde_json::from_slice::<Line>(raw).ok().and_then(from_line) {
+        match parse_line(raw) {
             Some(op) => ops.push(op),
             None => tracing::error!(file = %path.display(), line = i + 1, "skipping a damaged journal line"),
         }
     }
     Ok(ops)
+}
+
+/// One line's change. A line glued to the part of a refused one (written while another thread's
+/// write was failing) still starts where its own object does: `{"op":` occurs nowhere else, since
+/// a quote inside a JSON string is always escaped.
+fn parse_line(raw: &[u8]) -> Option<CounterOp> {
+    const START: &[u8] = br#"{"op":"#;
+    if let Some(op) = serde_json::from_slice::<Line>(raw).ok().and_then(from_line) {
+        return Some(op);
+    }
+    let at = raw.windows(START.len()).rposition(|w| w == START).filter(|&at| at > 0)?;
+    serde_json::from_slice::<Line>(raw.get(at..)?).ok().and_then(from_line)
 }
 
 /// Writes a journal file an earlier process left into the database, then deletes it.
@@ -338,11 +373,13 @@ mod tests {
         j.append(finish("a")).unwrap();
         {
             // What a short write leaves: part of a line, and the flag `append` sets.
-            let mut g = j.open.lock();
-            g.file.write_all(br#"{"op":"finish","id":"refu"#).unwrap();
-            g.torn = true;
+            let g = j.open.read();
+            (&g.file).write_all(br#"{"op":"finish","id":"refu"#).unwrap();
+            j.torn.store(true, Ordering::Release);
         }
         j.append(finish("b")).unwrap();
+        // Another thread's line written after a torn one before the flag was seen.
+        (&j.open.read().file).write_all(br#"{"op":"finish","id":"torn"#).unwrap();
         j.append(finish("c")).unwrap();
         assert_eq!(ids(&read(&numbered(&db, 1)).unwrap()), ["a", "b", "c"]);
         // What a fold would write: every acknowledged change, in order.
@@ -358,7 +395,7 @@ mod tests {
         let db = dir.path().join("s.db");
         let (j, _) = Journal::open(&db).unwrap();
         j.append(finish("a")).unwrap();
-        j.open.lock().opened -= ROTATE_AFTER;
+        j.open.write().opened -= ROTATE_AFTER;
         let (ops, closed) = j.take().unwrap();
         assert_eq!(ids(&ops), ["a"]);
         assert_eq!(closed, Some(numbered(&db, 1)));
@@ -368,5 +405,46 @@ mod tests {
         drop(j);
         let (_, left) = Journal::open(&db).unwrap();
         assert_eq!(left, [numbered(&db, 1), numbered(&db, 2)]);
+    }
+
+    /// Appends from several threads while files rotate: every change is taken exactly once, and a
+    /// closed file only holds changes taken by then (so deleting it once they are folded loses nothing).
+    #[test]
+    fn concurrent_appends_and_rotations_lose_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("s.db");
+        let (j, _) = Journal::open(&db).unwrap();
+        let j = Arc::new(j);
+        let writers: Vec<_> = (0..4)
+            .map(|t| {
+                let j = Arc::clone(&j);
+                std::thread::spawn(move || {
+                    for i in 0..2000 {
+                        j.append(finish(&format!("{t}-{i}"))).unwrap();
+                    }
+                })
+            })
+            .collect();
+        let mut taken = std::collections::HashSet::new();
+        let mut rounds = 0;
+        while rounds < 20 || writers.iter().any(|w| !w.is_finished()) {
+            j.open.write().opened -= ROTATE_AFTER;
+            let (ops, closed) = j.take().unwrap();
+            for id in ids(&ops) {
+                assert!(taken.insert(id), "a change was taken twice");
+            }
+            if let Some(f) = closed {
+                for id in ids(&read(&f).unwrap()) {
+                    assert!(taken.contains(&id), "{id} is in a closed file but was not taken with it");
+                }
+            }
+            rounds += 1;
+        }
+        for w in writers {
+            w.join().unwrap();
+        }
+        let (ops, _) = j.take().unwrap();
+        taken.extend(ids(&ops));
+        assert_eq!(taken.len(), 8000);
     }
 }
