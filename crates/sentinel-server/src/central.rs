@@ -202,6 +202,17 @@ impl Authority {
             j.fold(store).await;
         }
     }
+
+    /// At shutdown: folds what is left and removes the journal when all of it is in the database.
+    pub async fn close(&self, store: &Store) {
+        self.fold_now(store).await;
+        if let Authority::Memory(m) = self
+            && let Persist::Journal(j) = &m.persist
+            && !j.close_if_folded().await
+        {
+            tracing::warn!("the reservation journal stays for the next start to fold");
+        }
+    }
 }
 
 /// Milliseconds and nanoseconds since the epoch, from one reading.

@@ -6,7 +6,8 @@
 //! change is appended to a plain file first (one `write(2)` of one line, handed to the OS like the
 //! ledger) and kept in memory; ten times a second a background task writes what was kept into
 //! SQLite in a few large transactions. The file is only read after a crash: files are rotated every
-//! couple of seconds and deleted once everything in them is in the database. At start, files left
+//! couple of seconds and deleted once everything in them is in the database; a clean stop folds the
+//! rest and removes the open file too. At start, files left
 //! by an earlier process are folded before the counters are rebuilt, so SQLite is always the whole
 //! truth when the engine restores from it.
 //!
@@ -107,6 +108,8 @@ pub struct Journal {
     torn: AtomicBool,
     /// The changes not yet in the database, in the order their appends returned.
     unfolded: Mutex<Vec<CounterOp>>,
+    /// Set at shutdown once the open file was removed: later appends are refused, not lost.
+    closed: AtomicBool,
     /// One fold at a time, in order: a change must never reach the database before the
     /// reservation it finishes.
     pub(crate) folding: tokio::sync::Mutex<FoldState>,
@@ -150,6 +153,7 @@ impl Journal {
             size: AtomicU64::new(0),
             torn: AtomicBool::new(false),
             unfolded: Mutex::new(Vec::with_capacity(4096)),
+            closed: AtomicBool::new(false),
             folding: tokio::sync::Mutex::new(FoldState::default()),
         };
         Ok((journal, left.into_iter().map(|(_, p)| p).collect()))
@@ -172,6 +176,9 @@ impl Journal {
             let started = Instant::now();
             let written = {
                 let open = self.open.read();
+                if self.closed.load(Ordering::Acquire) {
+                    return Err(io::Error::other("the reservation journal is closed (the server is stopping)"));
+                }
                 // One write: with `O_APPEND` the line lands whole after every line before it. A
                 // short write (a full disk) is not continued, since another thread's line may
                 // already follow its part; the line is refused instead.
@@ -285,6 +292,29 @@ impl Journal {
             .await;
             if let Err(e) = removed {
                 tracing::warn!(error = %e, "cannot remove folded reservation journals");
+            }
+        }
+    }
+
+    /// At shutdown, after the last fold: removes the open file when everything in it is in the
+    /// database, so a clean stop leaves no journal behind. Later appends are refused. Returns
+    /// whether the file was removed (when a fold failed, it stays for the next start to fold).
+    pub async fn close_if_folded(&self) -> bool {
+        let st = self.folding.lock().await;
+        if !st.retry.is_empty() || !st.closed.is_empty() {
+            return false;
+        }
+        let g = self.open.write();
+        if !self.unfolded.lock().is_empty() {
+            return false;
+        }
+        self.closed.store(true, Ordering::Release);
+        let path = numbered(&self.db, g.number);
+        match std::fs::remove_file(&path) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "cannot remove the folded reservation journal");
+                false
             }
         }
     }
@@ -446,5 +476,22 @@ mod tests {
         let (ops, _) = j.take().unwrap();
         taken.extend(ids(&ops));
         assert_eq!(taken.len(), 8000);
+    }
+
+    /// A clean stop removes the journal only once nothing in it is left unfolded, then refuses appends.
+    #[tokio::test]
+    async fn closing_removes_only_a_folded_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("s.db");
+        let (j, _) = Journal::open(&db).unwrap();
+        j.append(finish("a")).unwrap();
+        assert!(!j.close_if_folded().await, "a change is not in the database yet");
+        assert!(numbered(&db, 1).exists());
+        let (ops, _) = j.take().unwrap();
+        assert_eq!(ids(&ops), ["a"]);
+        assert!(j.close_if_folded().await);
+        assert!(!numbered(&db, 1).exists());
+        let err = j.append(finish("b")).unwrap_err();
+        assert!(err.to_string().contains("closed"), "{err}");
     }
 }

@@ -1180,7 +1180,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     let _ = tokio::time::timeout(Duration::from_secs(5), dispatcher).await;
     let left = state.activity.flush(&state.store).await;
     notify::interventions(&state, &left).await;
-    state.authority.fold_now(&state.store).await;
+    state.authority.close(&state.store).await;
     if let Err(e) = state.flush_touches().await {
         tracing::warn!(error = %e, "cannot record key use at shutdown");
     }
