@@ -27,7 +27,9 @@ async fn with_policy(e: &Env) {
 }
 
 async fn decide(e: &Env, key: &str, body: Value) -> (StatusCode, Value) {
-    let (s, v, _) = e.call("POST", "/api/v1/decide", Some(key), Some(body)).await;
+    let (s, v, ctype) = e.call("POST", "/api/v1/decide", Some(key), Some(body)).await;
+    let want = if s == StatusCode::OK { "application/json" } else { "application/problem+json" };
+    assert_eq!(ctype, want, "{s}: {v}");
     (s, v)
 }
 

@@ -233,21 +233,22 @@ impl Store {
                     i += run.len();
                     let mut qb: QueryBuilder<Sqlite> =
                         QueryBuilder::new(format!("INSERT INTO reservations ({RESERVATION_COLUMNS}) "));
+                    // Bound by reference: the rows outlive the statement, so no text is copied.
                     qb.push_values(run, |mut b, r| {
-                        b.push_bind(r.id.clone())
-                            .push_bind(r.agent_id.clone())
-                            .push_bind(r.run_id.clone())
-                            .push_bind(r.session_id.clone())
-                            .push_bind(r.action.clone())
+                        b.push_bind(r.id.as_str())
+                            .push_bind(r.agent_id.as_str())
+                            .push_bind(r.run_id.as_str())
+                            .push_bind(r.session_id.as_str())
+                            .push_bind(r.action.as_str())
                             .push_bind(r.args_digest)
                             .push_bind(r.cost_micros)
                             .push_bind(r.actual_micros)
-                            .push_bind(r.state.clone())
+                            .push_bind(r.state.as_str())
                             .push_bind(r.at_ns)
                             .push_bind(r.created_at)
                             .push_bind(r.expires_at)
                             .push_bind(r.settled_at)
-                            .push_bind(r.policy_version.clone());
+                            .push_bind(r.policy_version.as_str());
                     });
                     // Idempotent, so a journal folded twice (a crash between folding and deleting it) is harmless.
                     qb.push(" ON CONFLICT (id) DO NOTHING");
