@@ -49,38 +49,55 @@ type Ack = oneshot::Sender<Result<(), String>>;
 /// Held reservations by id, and the same ids by expiry so the sweeper only visits expired ones.
 /// B-trees, not hash maps: a hash map that grows rehashes everything at once, and with many
 /// reservations held that pause lands on whichever decision triggered it. Ids are time-ordered
-/// (UUIDv7), so inserts go to the right edge of the tree.
+/// (UUIDv7), so inserts go to the right edge of the tree. Keys are the ids' 128 bits, not their
+/// text: with many reservations held, comparing 36-byte strings that share their time prefix
+/// was most of an insert.
 #[derive(Default)]
 struct Shard {
-    by_id: std::collections::BTreeMap<String, Held>,
-    by_expiry: std::collections::BTreeSet<(i64, String)>,
+    by_id: std::collections::BTreeMap<u128, Held>,
+    by_expiry: std::collections::BTreeSet<(i64, u128)>,
 }
 
 impl Shard {
-    fn insert(&mut self, id: String, h: Held) {
-        self.by_expiry.insert((h.expires_at, id.clone()));
-        self.by_id.insert(id, h);
+    fn insert(&mut self, key: u128, h: Held) {
+        self.by_expiry.insert((h.expires_at, key));
+        self.by_id.insert(key, h);
     }
 
-    fn remove(&mut self, id: &str) -> Option<Held> {
-        let h = self.by_id.remove(id)?;
-        self.by_expiry.remove(&(h.expires_at, id.to_string()));
+    fn remove(&mut self, key: u128) -> Option<Held> {
+        let h = self.by_id.remove(&key)?;
+        self.by_expiry.remove(&(h.expires_at, key));
         Some(h)
     }
 
-    fn take_expired(&mut self, now_ms: i64) -> Vec<(String, Held)> {
+    fn take_expired(&mut self, now_ms: i64) -> Vec<(u128, Held)> {
         let mut out = Vec::new();
         while let Some((at, _)) = self.by_expiry.first()
             && *at <= now_ms
         {
-            if let Some((_, id)) = self.by_expiry.pop_first()
-                && let Some(h) = self.by_id.remove(&id)
+            if let Some((_, key)) = self.by_expiry.pop_first()
+                && let Some(h) = self.by_id.remove(&key)
             {
-                out.push((id, h));
+                out.push((key, h));
             }
         }
         out
     }
+}
+
+/// The key of a reservation id as this server writes it (a lowercase hyphenated UUID); `None`
+/// for any other text, which then matches no held reservation (the text is what the database
+/// holds, so another spelling of the same UUID must not match either).
+fn key_of(id: &str) -> Option<u128> {
+    if id.len() != uuid::fmt::Hyphenated::LENGTH || id.bytes().any(|c| c.is_ascii_uppercase()) {
+        return None;
+    }
+    uuid::Uuid::try_parse(id).ok().map(|u| u.as_u128())
+}
+
+/// The id's text for a key (only for expiries, which have no request to take it from).
+fn id_of(key: u128) -> String {
+    uuid::Uuid::from_u128(key).hyphenated().to_string()
 }
 
 /// The in-memory authority's state.
@@ -103,13 +120,14 @@ pub enum Authority {
     Shared,
 }
 
-fn shard_of(id: &str) -> usize {
-    id.bytes().fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(usize::from(b))) % SHARDS
+/// UUIDv7's low bits are random, so they spread the shards evenly.
+fn shard_of(key: u128) -> usize {
+    (key as usize) % SHARDS
 }
 
 impl Memory {
-    fn shard(&self, id: &str) -> &Mutex<Shard> {
-        self.held.get(shard_of(id)).unwrap_or(&self.held[0])
+    fn shard(&self, key: u128) -> &Mutex<Shard> {
+        self.held.get(shard_of(key)).unwrap_or(&self.held[0])
     }
 
     /// Records a change; returns once it would survive this process.
@@ -261,8 +279,14 @@ impl Authority {
         for r in store.live_reservations().await? {
             let req = ActionRequest::new(&r.action).agent(&r.agent_id).run(&r.run_id).session(&r.session_id);
             let res = engine.restore(&req, digest(r.args_digest), Some(nanos(r.at_ns)), micros(r.cost_micros), 1);
-            if let Some(s) = held.get(shard_of(&r.id)) {
-                s.lock().insert(r.id.clone(), Held { res, agent_id: r.agent_id, expires_at: r.expires_at });
+            let Some(key) = key_of(&r.id) else {
+                // Not an id this server writes: the cost stays held (failing closed) until a restart
+                // after the row is fixed.
+                tracing::warn!(id = %r.id, "a live reservation with an unreadable id stays held");
+                continue;
+            };
+            if let Some(s) = held.get(shard_of(key)) {
+                s.lock().insert(key, Held { res, agent_id: r.agent_id, expires_at: r.expires_at });
                 restored += 1;
             }
         }
@@ -325,9 +349,14 @@ pub fn spawn_sweeper(state: AppState) {
                     for shard in &m.held {
                         expired.extend(shard.lock().take_expired(now_ms));
                     }
-                    for (id, h) in expired {
+                    for (key, h) in expired {
                         h.res.release();
-                        m.persist_later(CounterOp::Finish { id, state: "expired", actual_micros: None, at: now_ms });
+                        m.persist_later(CounterOp::Finish {
+                            id: id_of(key),
+                            state: "expired",
+                            actual_micros: None,
+                            at: now_ms,
+                        });
                         metrics::counter!("sentinel_reservations_expired_total").increment(1);
                     }
                 }
@@ -535,13 +564,14 @@ pub async fn decide(
                 engine.decide(&req)
             };
             if let Some(res) = d.take_reservation() {
-                let id = sentinel_store::new_id();
+                let uuid = uuid::Uuid::now_v7();
+                let (key, id) = (uuid.as_u128(), uuid.hyphenated().to_string());
                 let row = reservation_row(&id, &req, &d, res.cost(), now_ms, now_ns, ttl_ms);
                 let expires_at = row.expires_at;
                 let cost = res.cost();
-                m.shard(&id).lock().insert(id.clone(), Held { res, agent_id: agent.clone(), expires_at });
+                m.shard(key).lock().insert(key, Held { res, agent_id: agent.clone(), expires_at });
                 if let Err(e) = m.persist(CounterOp::Reserve(row)).await {
-                    if let Some(h) = m.shard(&id).lock().remove(&id) {
+                    if let Some(h) = m.shard(key).lock().remove(key) {
                         h.res.release();
                     }
                     return Err(e);
@@ -977,12 +1007,15 @@ pub async fn settle(
     let state = if b.release { "released" } else { "settled" };
     match &*s.authority {
         Authority::Memory(m) => {
-            let held = {
-                let mut g = m.shard(&b.reservation_id).lock();
-                if let Some(h) = g.by_id.get(&b.reservation_id) {
-                    caller.must_own(&what, &h.agent_id)?;
+            let held = match key_of(&b.reservation_id) {
+                Some(key) => {
+                    let mut g = m.shard(key).lock();
+                    if let Some(h) = g.by_id.get(&key) {
+                        caller.must_own(&what, &h.agent_id)?;
+                    }
+                    g.remove(key)
                 }
-                g.remove(&b.reservation_id)
+                None => None,
             };
             let Some(h) = held else {
                 // Not held: settled, released, expired, or unknown. What the journal holds may

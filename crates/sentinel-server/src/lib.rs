@@ -995,10 +995,17 @@ pub fn app_with_timeout(state: AppState, timeout: Duration) -> Router {
         .merge(api)
         .fallback(not_found)
         .with_state(state)
-        .layer(RequestBodyLimitLayer::new(BODY_LIMIT))
-        .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, timeout))
-        .layer(CatchPanicLayer::custom(|_| ApiError::internal("a handler panicked".into()).into_response()))
-        .layer(TraceLayer::new_for_http())
+        // One stack, applied once: each `Router::layer` call boxes every route again, and each box
+        // is one more clone and allocation per request. Outermost first: trace, catch a panic,
+        // limit the body, time out (the timeout needs its inner body to have a default, which the
+        // limit's own body has not).
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(TraceLayer::new_for_http())
+                .layer(CatchPanicLayer::custom(|_| ApiError::internal("a handler panicked".into()).into_response()))
+                .layer(RequestBodyLimitLayer::new(BODY_LIMIT))
+                .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, timeout)),
+        )
 }
 
 // ---------------------------------------------------------------------------------------------
