@@ -71,7 +71,8 @@ def build() -> Path:
 
 
 class Server:
-    def __init__(self, binary: Path, data: Path, db: str | None = None, secret: Path | None = None):
+    def __init__(self, binary: Path, data: Path, db: str | None = None, secret: Path | None = None,
+                 env: dict | None = None):
         self.port = free_port()
         cmd = [str(binary), "serve", "--data-dir", str(data), "--listen", f"127.0.0.1:{self.port}"]
         if db:
@@ -80,7 +81,7 @@ class Server:
             cmd += ["--secret-file", str(secret)]
         log = os.environ.get("SERVER_LOG")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "a") if log else subprocess.DEVNULL,
-                                     env={**os.environ, "RUST_LOG": "warn"})
+                                     env={**os.environ, "RUST_LOG": "warn", **(env or {})})
         deadline = time.time() + 30
         while True:
             try:
@@ -143,6 +144,10 @@ def main() -> None:
     ap.add_argument("--skip-pg", action="store_true")
     ap.add_argument("--rounds", type=int, default=3, help="open-loop runs of /decide and of the /healthz peer per rate")
     ap.add_argument("--only-sqlite-latency", action="store_true", help="stop after the open-loop SQLite latency runs")
+    ap.add_argument("--rates", default="10000,20000", help="offered rates of the open-loop runs, comma-separated")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:VAR=VALUE[,VAR=VALUE]",
+                    help="an A/B of server settings: each variant's /decide runs get these environment variables, "
+                         "interleaved round by round with the other variants and the /healthz peer (repeatable)")
     a = ap.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is needed: apt-get install wrk")
@@ -156,9 +161,9 @@ def main() -> None:
     # and the ratio is reported); then wrk's closed-loop maximum, then ingest.
     decide_load = TARGET / "release" / "examples" / "decide_load"
 
-    def open_loop(rate: int, path: str | None) -> dict:
+    def open_loop(rate: int, path: str | None, env: dict | None = None) -> dict:
         with tempfile.TemporaryDirectory() as d:
-            s = Server(binary, Path(d))
+            s = Server(binary, Path(d), env=env)
             key = (Path(d) / "bootstrap-admin-key").read_text().strip()
             call(s.url, key, "POST", "/api/v1/policies", POLICY)
             env = {**os.environ, **({"LOAD_PATH": path} if path else {})}
@@ -174,11 +179,19 @@ def main() -> None:
         got["cpu_us"] = 1e6 * (cpu1 - cpu0) / max(1.0, got["rate"] * a.seconds)
         return got
 
-    for rate in (10000, 20000):
-        runs = {"decide": [], "healthz": []}
+    variants = []
+    for v in a.variant:
+        name, _, assigns = v.partition(":")
+        env = dict(kv.split("=", 1) for kv in assigns.split(",") if kv)
+        variants.append((f"decide[{name}]", env))
+    if not variants:
+        variants = [("decide", {})]
+    for rate in (int(r) for r in a.rates.split(",")):
+        runs = {"healthz": [], **{name: [] for name, _ in variants}}
         for _ in range(a.rounds):
             runs["healthz"].append(open_loop(rate, "/healthz"))
-            runs["decide"].append(open_loop(rate, None))
+            for name, env in variants:
+                runs[name].append(open_loop(rate, None, env))
         for what, rs in runs.items():
             p99 = sorted(r["p99"] for r in rs)
             p50 = sorted(r["p50"] for r in rs)
@@ -188,11 +201,12 @@ def main() -> None:
                 f"p99 median {p99[len(p99) // 2]:.2f} ms (runs: {', '.join(f'{x:.2f}' for x in p99)}); "
                 f"non-200 {sum(r['non200'] for r in rs)}; server CPU median "
                 f"{sorted(r['cpu_us'] for r in rs)[len(rs) // 2]:.1f} µs per request")
-        ratio = [d["p99"] / h["p99"] for d, h in zip(runs["decide"], runs["healthz"])]
-        summary.append(f"SUMMARY decide/healthz p99 ratio at {rate}/s, run by run: "
-                       + ", ".join(f"{x:.1f}x" for x in ratio))
-    if a.only_sqlite_latency:
-        print("\n".join(summary))
+        for name, _ in variants:
+            ratio = [d["p99"] / h["p99"] for d, h in zip(runs[name], runs["healthz"])]
+            summary.append(f"SUMMARY {name}/healthz p99 ratio at {rate}/s, run by run: "
+                           + ", ".join(f"{x:.1f}x" for x in ratio))
+        print("\n".join(summary[-(len(runs) + len(variants)):]), flush=True)
+    if a.only_sqlite_latency or a.variant:
         return
     with tempfile.TemporaryDirectory() as d:
         s = Server(binary, Path(d))

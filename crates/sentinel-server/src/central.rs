@@ -197,17 +197,34 @@ fn spawn_writer(store: Store) -> mpsc::UnboundedSender<(CounterOp, Option<Ack>)>
     tx
 }
 
-/// Ten times a second, writes the journaled changes into the database: small folds keep each
-/// burst of database work short, so decisions never queue behind one.
-fn spawn_folder(store: Store, journal: Arc<crate::journal::Journal>) {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            journal.fold(&store).await;
-        }
-    });
+/// Ten times a second, writes the journaled changes into the database, on a thread of its own at
+/// a lower priority than the request threads (see [`crate::background`]): small folds keep each
+/// burst of database work short, and the kernel runs decisions before it. The thread ends once
+/// the journal is dropped (the server is gone).
+fn spawn_folder(store: Store, journal: &Arc<crate::journal::Journal>) -> std::io::Result<()> {
+    let journal = Arc::downgrade(journal);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    std::thread::Builder::new().name("sentinel-fold".into()).spawn(move || {
+        let nice = crate::background::lower_this_thread();
+        rt.block_on(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            for round in 0u64.. {
+                tick.tick().await;
+                let Some(j) = journal.upgrade() else { break };
+                j.fold(&store).await;
+                drop(j);
+                // SQLite's connection threads run the fold's statements; new ones may have been
+                // opened since the last look.
+                if let Some(nice) = nice
+                    && round % 10 == 0
+                {
+                    crate::background::lower_sqlite_threads(nice);
+                }
+            }
+        });
+    })?;
+    Ok(())
 }
 
 impl Authority {
@@ -299,7 +316,11 @@ impl Authority {
         }
         let persist = match journal {
             Some(j) => {
-                spawn_folder(store.clone(), Arc::clone(&j));
+                spawn_folder(store.clone(), &j).map_err(|e| {
+                    sentinel_store::StoreError::Invalid(format!(
+                        "cannot start the reservation journal's folder thread: {e}"
+                    ))
+                })?;
                 Persist::Journal(j)
             }
             None => Persist::Direct(spawn_writer(store.clone())),

@@ -8,6 +8,7 @@
 //! interventions and agents read back from it ([`ingest`]).
 
 pub mod approvals;
+pub mod background;
 pub mod central;
 pub mod ingest;
 pub mod journal;
