@@ -16,6 +16,10 @@
    path and delivered by its dispatcher as signed webhooks to a receiver on 127.0.0.1 that checks
    every signature, on SQLite and on PostgreSQL.
 
+A/B of server settings, interleaved round by round with the ``/healthz`` peer, e.g.
+``--rates 20000 --rounds 4 --variant base: --variant two-threads:SENTINEL_WORKER_THREADS=2``
+(each variant's servers get those environment variables; only the open-loop runs are made).
+
 ``SERVER_LOG=<file>`` appends every server's log (warnings such as slow journal writes) to a file.
 Everything listens on 127.0.0.1. Needs ``wrk`` (``apt-get install wrk``) and PostgreSQL on
 127.0.0.1:5432 (``SENTINEL_TEST_PG_URL`` overrides the admin URL) unless ``--skip-pg``.
@@ -205,8 +209,10 @@ def main() -> None:
             ratio = [d["p99"] / h["p99"] for d, h in zip(runs[name], runs["healthz"])]
             summary.append(f"SUMMARY {name}/healthz p99 ratio at {rate}/s, run by run: "
                            + ", ".join(f"{x:.1f}x" for x in ratio))
-        print("\n".join(summary[-(len(runs) + len(variants)):]), flush=True)
+        # Progress on stderr; the whole summary is printed at the end.
+        print("\n".join(summary[-(len(runs) + len(variants)):]), file=sys.stderr, flush=True)
     if a.only_sqlite_latency or a.variant:
+        print("\n".join(summary))
         return
     with tempfile.TemporaryDirectory() as d:
         s = Server(binary, Path(d))

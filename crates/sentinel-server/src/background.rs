@@ -11,15 +11,29 @@
 //! Lowering a priority needs no privilege. Where it fails (or off Linux) the work simply runs at
 //! the normal priority.
 
-/// How much lower than the request threads background threads run (`nice` steps; 19 is the lowest).
+/// How much lower than the request threads background threads run by default (`nice` steps).
 pub const NICE_STEPS: i32 = 10;
 
-/// Lowers the calling thread's priority by [`NICE_STEPS`]; returns its new `nice` value.
+/// [`NICE_STEPS`], or `SENTINEL_BACKGROUND_NICE` (0 to 19; 0 runs background work at the request
+/// threads' priority).
+pub fn nice_steps() -> i32 {
+    std::env::var("SENTINEL_BACKGROUND_NICE")
+        .ok()
+        .and_then(|v| v.trim().parse::<i32>().ok())
+        .map_or(NICE_STEPS, |n| n.clamp(0, 19))
+}
+
+/// Lowers the calling thread's priority by [`nice_steps`]; returns its new `nice` value (`None`
+/// when nothing was lowered).
 pub fn lower_this_thread() -> Option<i32> {
     #[cfg(target_os = "linux")]
     {
+        let steps = nice_steps();
+        if steps == 0 {
+            return None;
+        }
         let now = rustix::process::getpriority_process(None).ok()?;
-        let to = now.saturating_add(NICE_STEPS).min(19);
+        let to = now.saturating_add(steps).min(19);
         rustix::process::setpriority_process(None, to).ok()?;
         Some(to)
     }
@@ -64,6 +78,7 @@ mod tests {
 
     #[test]
     fn a_lowered_thread_and_sqlite_threads_run_at_the_lower_priority() {
+        assert!(nice_steps() > 0, "unset SENTINEL_BACKGROUND_NICE=0 to run this test");
         let (tx, rx) = std::sync::mpsc::channel();
         let spawned = std::thread::Builder::new()
             .name("sqlx-sqlite-worker-test".into())
@@ -80,7 +95,7 @@ mod tests {
         })
         .join()
         .expect("joined");
-        assert_eq!(lowered.0, (base + NICE_STEPS).min(19));
+        assert_eq!(lowered.0, (base + nice_steps()).min(19));
         assert_eq!(lowered.1, lowered.0, "the kernel reports the new nice value");
         assert_eq!(nice_of(sqlite_tid), base, "another thread's priority is untouched");
         lower_sqlite_threads(lowered.0);
