@@ -324,6 +324,46 @@ async fn sqlite_counters_survive_a_restart() {
     assert_eq!(d["verdict"], "allow", "{d}");
 }
 
+/// Each thread of this process with its `nice` value (Linux: `/proc/self/task`).
+fn threads_and_nice() -> Vec<(String, i32)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let name = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default().trim().to_string();
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default().to_string();
+        if let Some(nice) = after.split_whitespace().nth(16).and_then(|n| n.parse().ok()) {
+            out.push((name, nice));
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_journal_is_folded_by_a_thread_below_the_request_threads_priority() {
+    let tmp = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", tmp.path().join("s.db").display());
+    let e = env_on(&url).await;
+    with_policy(&e).await;
+    let (_, d) = decide(&e, &e.admin, json!({"action": "pay", "cost_usd": 0.1})).await;
+    let id = d["reservation"]["id"].as_str().unwrap().to_string();
+    eventually("the reservation folded into the database", || async {
+        e.state.store.live_reservations().await.unwrap().iter().any(|r| r.id == id)
+    })
+    .await;
+    let base = rustix::process::getpriority_process(None).unwrap();
+    let want = (base + sentinel_server::background::nice_steps()).min(19);
+    assert!(want > base, "unset SENTINEL_BACKGROUND_NICE=0 to run this test");
+    let all = threads_and_nice();
+    let folders: Vec<_> = all.iter().filter(|(n, _)| n == "sentinel-fold").collect();
+    assert!(!folders.is_empty(), "a folder thread runs: {all:?}");
+    assert!(folders.iter().all(|(_, n)| *n == want), "{folders:?}");
+    // The request threads (this test's runtime) keep their priority.
+    assert_eq!(rustix::process::getpriority_process(None).unwrap(), base);
+    // SQLite's threads were lowered by the fold's first round (they existed before it).
+    let sqlite: Vec<_> = all.iter().filter(|(n, _)| n.starts_with("sqlx-sqlite")).collect();
+    assert!(sqlite.iter().any(|(_, n)| *n == want), "{sqlite:?}");
+}
+
 /// Writes a real SDK home with a guard: ledger lines and interventions with their hash chains.
 fn sdk_home(dir: &std::path::Path, calls: usize) -> (Vec<String>, Vec<String>) {
     let docs = vec![serde_json::from_str(r#"{"name": "local", "denied_actions": ["rm"]}"#).unwrap()];
