@@ -186,6 +186,10 @@ def main() -> None:
     variants = []
     for v in a.variant:
         name, _, assigns = v.partition(":")
+        bad = [kv for kv in assigns.split(",") if kv and "=" not in kv]
+        if not name or bad:
+            raise SystemExit(f"--variant {v!r}: expected NAME:VAR=VALUE[,VAR=VALUE] (the rest of the "
+                             "environment is inherited by every variant)")
         env = dict(kv.split("=", 1) for kv in assigns.split(",") if kv)
         variants.append((f"decide[{name}]", env))
     if not variants:

@@ -199,32 +199,46 @@ fn spawn_writer(store: Store) -> mpsc::UnboundedSender<(CounterOp, Option<Ack>)>
 
 /// Ten times a second, writes the journaled changes into the database, on a thread of its own at
 /// a lower priority than the request threads (see [`crate::background`]): small folds keep each
-/// burst of database work short, and the kernel runs decisions before it. The thread ends once
-/// the journal is dropped (the server is gone).
+/// burst of database work short, and the kernel runs decisions before it. The thread ends when the
+/// journal is closed (the server stopped) or dropped. Returns once the thread runs, or with why it
+/// could not start.
 fn spawn_folder(store: Store, journal: &Arc<crate::journal::Journal>) -> std::io::Result<()> {
     let journal = Arc::downgrade(journal);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (started, up) = std::sync::mpsc::sync_channel(1);
     std::thread::Builder::new().name("sentinel-fold".into()).spawn(move || {
+        // Built here, so that a runtime is never dropped inside the caller's async context.
+        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                let _ = started.send(Err(e));
+                return;
+            }
+        };
         let nice = crate::background::lower_this_thread();
+        let _ = started.send(Ok(()));
         rt.block_on(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             for round in 0u64.. {
                 tick.tick().await;
                 let Some(j) = journal.upgrade() else { break };
-                j.fold(&store).await;
+                if j.is_closed() {
+                    break;
+                }
+                let backlog = j.fold(&store).await;
+                metrics::gauge!("sentinel_journal_unfolded_changes").set(backlog as f64);
                 drop(j);
                 // SQLite's connection threads run the fold's statements; new ones may have been
                 // opened since the last look.
                 if let Some(nice) = nice
-                    && round % 10 == 0
+                    && round.is_multiple_of(10)
                 {
                     crate::background::lower_sqlite_threads(nice);
                 }
             }
         });
     })?;
-    Ok(())
+    up.recv().map_err(|_| std::io::Error::other("the thread ended before it started folding"))?
 }
 
 impl Authority {

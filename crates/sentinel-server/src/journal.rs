@@ -246,16 +246,25 @@ impl Journal {
         size > 0 && (open.opened.elapsed() >= ROTATE_AFTER || size >= ROTATE_BYTES)
     }
 
+    /// Whether the journal was closed at shutdown (later appends are refused, and nothing is left to fold).
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
     /// Writes every change kept so far into the database, then deletes the files that held only
-    /// folded changes. A failed round keeps its changes (and the files) for the next one.
-    pub async fn fold(self: &Arc<Self>, store: &Store) {
+    /// folded changes. A failed round keeps its changes (and the files) for the next one. Returns
+    /// how many changes are still waiting (0 after a round that succeeded).
+    pub async fn fold(self: &Arc<Self>, store: &Store) -> usize {
         let mut st = self.folding.lock().await;
         let st = &mut *st;
+        if self.is_closed() {
+            return 0;
+        }
         let taken = match self.take_blocking().await {
             Ok(t) => t,
             Err(e) => {
                 tracing::error!(error = %e, "cannot rotate the reservation journal");
-                return;
+                return st.retry.len() + self.unfolded.lock().len();
             }
         };
         let (ops, closed) = taken;
@@ -271,7 +280,7 @@ impl Journal {
                 // Kept in memory and on disk: the next round (or the next start) writes them.
                 tracing::error!(error = %e, pending = st.retry.len() - done, "cannot fold the reservation journal");
                 st.retry.drain(..done);
-                return;
+                return st.retry.len();
             }
             done += chunk.len();
             tokio::task::yield_now().await;
@@ -294,6 +303,7 @@ impl Journal {
                 tracing::warn!(error = %e, "cannot remove folded reservation journals");
             }
         }
+        0
     }
 
     /// At shutdown, after the last fold: removes the open file when everything in it is in the

@@ -352,11 +352,12 @@ async fn the_journal_is_folded_by_a_thread_below_the_request_threads_priority() 
     .await;
     let base = rustix::process::getpriority_process(None).unwrap();
     let want = (base + sentinel_server::background::nice_steps()).min(19);
-    assert!(want > base, "unset SENTINEL_BACKGROUND_NICE=0 to run this test");
+    assert!(want > base, "run this test with SENTINEL_BACKGROUND_NICE unset and not under `nice -n 19`");
     let all = threads_and_nice();
+    // Other tests in this process start folders of their own (each one named before it lowers
+    // itself), so this server's is one of those at the lowered priority.
     let folders: Vec<_> = all.iter().filter(|(n, _)| n == "sentinel-fold").collect();
-    assert!(!folders.is_empty(), "a folder thread runs: {all:?}");
-    assert!(folders.iter().all(|(_, n)| *n == want), "{folders:?}");
+    assert!(folders.iter().any(|(_, n)| *n == want), "a folder thread runs at nice {want}: {folders:?}");
     // The request threads (this test's runtime) keep their priority.
     assert_eq!(rustix::process::getpriority_process(None).unwrap(), base);
     // SQLite's threads were lowered by the fold's first round (they existed before it).
