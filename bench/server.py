@@ -186,12 +186,11 @@ def main() -> None:
     variants = []
     for v in a.variant:
         name, _, assigns = v.partition(":")
-        bad = [kv for kv in assigns.split(",") if kv and "=" not in kv]
-        if not name or bad:
+        pairs = [kv.split("=", 1) for kv in assigns.split(",") if kv]
+        if not name or any(len(p) != 2 for p in pairs):
             raise SystemExit(f"--variant {v!r}: expected NAME:VAR=VALUE[,VAR=VALUE] (the rest of the "
                              "environment is inherited by every variant)")
-        env = dict(kv.split("=", 1) for kv in assigns.split(",") if kv)
-        variants.append((f"decide[{name}]", env))
+        variants.append((f"decide[{name}]", dict(pairs)))
     if not variants:
         variants = [("decide", {})]
     for rate in (int(r) for r in a.rates.split(",")):

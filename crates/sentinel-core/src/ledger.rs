@@ -807,6 +807,14 @@ pub struct Tail<'a> {
     pub hash: &'a [u8],
 }
 
+impl Tail<'_> {
+    /// Whether `hash` is the SHA-256 of the hashed bytes, in lowercase hex (computed on the stack).
+    pub fn hash_matches(&self) -> bool {
+        let mut computed = [0u8; 64];
+        hex::encode_to_slice(Sha256::digest(self.hashed), &mut computed).is_ok() && self.hash == computed
+    }
+}
+
 /// Splits a line (without its newline) into the hashed part and the chain fields.
 pub fn parse_tail(line: &[u8]) -> Option<Tail<'_>> {
     // ...,"seq":N,"prev_hash":"<64>","hash":"<64>"}
@@ -899,7 +907,6 @@ fn to64(b: &[u8]) -> [u8; 64] {
 fn verify_chunk(data: &[u8], is_file_end: bool) -> Chunk {
     let mut c = Chunk { lines: 0, first: None, last: None, failure: None };
     let mut rest = data;
-    let mut hexbuf = [0u8; 64];
     while !rest.is_empty() {
         c.lines += 1;
         let (line, next) = match memchr::memchr(b'\n', rest) {
@@ -947,8 +954,7 @@ fn verify_chunk(data: &[u8], is_file_end: bool) -> Chunk {
                 }
             }
         }
-        let _ = hex::encode_to_slice(Sha256::digest(t.hashed), &mut hexbuf);
-        if t.hash != hexbuf {
+        if !t.hash_matches() {
             c.failure =
                 Some((c.lines, Some(t.seq), "`hash` does not match the line's contents: the line was edited".into()));
             return c;

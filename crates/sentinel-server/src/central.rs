@@ -217,6 +217,7 @@ fn spawn_folder(store: Store, journal: &Arc<crate::journal::Journal>) -> std::io
         let nice = crate::background::lower_this_thread();
         let _ = started.send(Ok(()));
         rt.block_on(async move {
+            let backlog = metrics::gauge!("sentinel_journal_unfolded_changes");
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             for round in 0u64.. {
@@ -225,9 +226,7 @@ fn spawn_folder(store: Store, journal: &Arc<crate::journal::Journal>) -> std::io
                 if j.is_closed() {
                     break;
                 }
-                let backlog = j.fold(&store).await;
-                metrics::gauge!("sentinel_journal_unfolded_changes").set(backlog as f64);
-                drop(j);
+                backlog.set(j.fold(&store).await as f64);
                 // SQLite's connection threads run the fold's statements; new ones may have been
                 // opened since the last look.
                 if let Some(nice) = nice

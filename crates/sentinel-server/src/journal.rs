@@ -253,7 +253,8 @@ impl Journal {
 
     /// Writes every change kept so far into the database, then deletes the files that held only
     /// folded changes. A failed round keeps its changes (and the files) for the next one. Returns
-    /// how many changes are still waiting (0 after a round that succeeded).
+    /// how many changes wait for the next round: what a failed round kept, and what was appended
+    /// while this one ran (so a fold that falls behind shows).
     pub async fn fold(self: &Arc<Self>, store: &Store) -> usize {
         let mut st = self.folding.lock().await;
         let st = &mut *st;
@@ -264,7 +265,7 @@ impl Journal {
             Ok(t) => t,
             Err(e) => {
                 tracing::error!(error = %e, "cannot rotate the reservation journal");
-                return st.retry.len() + self.unfolded.lock().len();
+                return self.waiting(st);
             }
         };
         let (ops, closed) = taken;
@@ -280,7 +281,7 @@ impl Journal {
                 // Kept in memory and on disk: the next round (or the next start) writes them.
                 tracing::error!(error = %e, pending = st.retry.len() - done, "cannot fold the reservation journal");
                 st.retry.drain(..done);
-                return st.retry.len();
+                return self.waiting(st);
             }
             done += chunk.len();
             tokio::task::yield_now().await;
@@ -303,7 +304,12 @@ impl Journal {
                 tracing::warn!(error = %e, "cannot remove folded reservation journals");
             }
         }
-        0
+        self.waiting(st)
+    }
+
+    /// Changes not in the database yet: kept by a failed round, or appended since the last take.
+    fn waiting(&self, st: &FoldState) -> usize {
+        st.retry.len() + self.unfolded.lock().len()
     }
 
     /// At shutdown, after the last fold: removes the open file when everything in it is in the

@@ -274,7 +274,7 @@ async fn expired_reservations_give_their_budget_back() {
 #[tokio::test]
 async fn sqlite_counters_survive_a_restart() {
     let tmp = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", tmp.path().join("s.db").display());
+    let url = sqlite_file(tmp.path());
     let e = env_on(&url).await;
     with_policy(&e).await;
     let call = |c: f64| json!({"action": "pay", "cost_usd": c, "session_id": "s", "run_id": "r"});
@@ -324,14 +324,14 @@ async fn sqlite_counters_survive_a_restart() {
     assert_eq!(d["verdict"], "allow", "{d}");
 }
 
-/// Each thread of this process with its `nice` value (Linux: `/proc/self/task`).
+/// Each thread of this process (Linux: `/proc/self/task`) with its `nice` value.
 fn threads_and_nice() -> Vec<(String, i32)> {
     let mut out = Vec::new();
     for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
         let name = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default().trim().to_string();
-        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
-        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default().to_string();
-        if let Some(nice) = after.split_whitespace().nth(16).and_then(|n| n.parse().ok()) {
+        let tid = t.file_name().to_str().and_then(|n| n.parse().ok()).and_then(rustix::process::Pid::from_raw);
+        // A thread that ended since the directory was read has no priority any more.
+        if let Some(nice) = tid.and_then(|p| rustix::process::getpriority_process(Some(p)).ok()) {
             out.push((name, nice));
         }
     }
@@ -340,9 +340,11 @@ fn threads_and_nice() -> Vec<(String, i32)> {
 
 #[tokio::test]
 async fn the_journal_is_folded_by_a_thread_below_the_request_threads_priority() {
+    // Read before the server starts, so that the check below sees whether starting it (or its
+    // folds) changed the priority of the thread that serves requests.
+    let base = rustix::process::getpriority_process(None).unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", tmp.path().join("s.db").display());
-    let e = env_on(&url).await;
+    let e = env_on(&sqlite_file(tmp.path())).await;
     with_policy(&e).await;
     let (_, d) = decide(&e, &e.admin, json!({"action": "pay", "cost_usd": 0.1})).await;
     let id = d["reservation"]["id"].as_str().unwrap().to_string();
@@ -350,7 +352,6 @@ async fn the_journal_is_folded_by_a_thread_below_the_request_threads_priority() 
         e.state.store.live_reservations().await.unwrap().iter().any(|r| r.id == id)
     })
     .await;
-    let base = rustix::process::getpriority_process(None).unwrap();
     let want = (base + sentinel_server::background::nice_steps()).min(19);
     assert!(want > base, "run this test with SENTINEL_BACKGROUND_NICE unset and not under `nice -n 19`");
     let all = threads_and_nice();

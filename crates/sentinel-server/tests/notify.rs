@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, StatusCode};
-use common::{Env, env_with, on_both_with};
+use common::{Env, env_with, on_both_with, sqlite_file};
 use hmac::{KeyInit, Mac};
 use parking_lot::Mutex;
 use sentinel_server::notify::{NotifyConfig, forbidden_ip};
@@ -210,7 +210,7 @@ async fn webhooks_are_signed_filtered_retried_and_critical_ones_always_sent() {
 #[tokio::test]
 async fn targets_are_checked_against_request_forgery_and_redirects_are_not_followed() {
     let tmp = tempfile::tempdir().unwrap();
-    let e = env_with(&format!("sqlite://{}", tmp.path().join("s.db").display()), NotifyConfig::default()).await;
+    let e = env_with(&sqlite_file(tmp.path()), NotifyConfig::default()).await;
     for (url, why) in [
         ("http://127.0.0.1:8080/x", "loopback"),
         ("http://localhost/x", "loopback"),
@@ -315,7 +315,7 @@ async fn targets_are_checked_against_request_forgery_and_redirects_are_not_follo
 #[tokio::test]
 async fn an_undelivered_outbox_is_delivered_after_a_restart_and_takes_effect_once() {
     let tmp = tempfile::tempdir().unwrap();
-    let db = format!("sqlite://{}", tmp.path().join("s.db").display());
+    let db = sqlite_file(tmp.path());
     let (r, url) = receiver().await;
     let n = 40;
     {
@@ -520,7 +520,7 @@ async fn approval_links_are_signed_single_use_expiring_and_a_get_never_decides()
 #[tokio::test]
 async fn budget_thresholds_and_consecutive_failures_alert_once() {
     let tmp = tempfile::tempdir().unwrap();
-    let e = env_with(&format!("sqlite://{}", tmp.path().join("s.db").display()), local()).await;
+    let e = env_with(&sqlite_file(tmp.path()), local()).await;
     let d = e.state.spawn_notifications();
     let (r, url) = receiver().await;
     let _ch = webhook(&e, &r, &url, json!(["budget_threshold", "agent_failures"])).await;

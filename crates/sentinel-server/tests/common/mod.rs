@@ -47,6 +47,11 @@ impl Env {
     }
 }
 
+/// The URL of a SQLite database file in `dir` (a file, unlike `sqlite::memory:`, has a journal).
+pub fn sqlite_file(dir: &std::path::Path) -> String {
+    format!("sqlite://{}", dir.join("s.db").display())
+}
+
 pub async fn env_on(url: &str) -> Env {
     env_with(url, sentinel_server::notify::NotifyConfig::default()).await
 }
