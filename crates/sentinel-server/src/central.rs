@@ -97,7 +97,7 @@ fn key_of(id: &str) -> Option<u128> {
 
 /// The id's text for a key (only for expiries, which have no request to take it from).
 fn id_of(key: u128) -> String {
-    uuid::Uuid::from_u128(key).hyphenated().to_string()
+    sentinel_store::id_text(uuid::Uuid::from_u128(key))
 }
 
 /// The in-memory authority's state.
@@ -599,7 +599,7 @@ pub async fn decide(
             };
             if let Some(res) = d.take_reservation() {
                 let uuid = uuid::Uuid::now_v7();
-                let (key, id) = (uuid.as_u128(), uuid.hyphenated().to_string());
+                let (key, id) = (uuid.as_u128(), sentinel_store::id_text(uuid));
                 let row = reservation_row(&id, &req, &d, res.cost(), now_ms, now_ns, ttl_ms);
                 let expires_at = row.expires_at;
                 let cost = res.cost();

@@ -91,8 +91,16 @@ pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)).unwrap_or(0)
 }
 
+/// A new time-ordered id (UUIDv7), as lowercase hyphenated text.
 pub fn new_id() -> String {
-    uuid::Uuid::now_v7().to_string()
+    id_text(uuid::Uuid::now_v7())
+}
+
+/// An id's text, encoded on the stack and allocated once at its exact size (`to_string` goes
+/// through the formatter and grows its buffer; `/decide` makes two or three ids per call).
+pub fn id_text(id: uuid::Uuid) -> String {
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    id.hyphenated().encode_lower(&mut buf).to_owned()
 }
 
 /// A unique-constraint violation becomes a conflict the caller can explain; anything else stays a database error.
