@@ -18,7 +18,9 @@
 
 A/B of server settings, interleaved round by round with the ``/healthz`` peer, e.g.
 ``--rates 20000 --rounds 4 --variant base: --variant two-threads:SENTINEL_WORKER_THREADS=2``
-(each variant's servers get those environment variables; only the open-loop runs are made).
+(each variant's servers get those environment variables; only the open-loop runs are made). The key
+``binary`` runs that variant on another server build instead, for an A/B of code:
+``--variant new: --variant old:binary=/tmp/old/sentinel``.
 
 A round in which the hypervisor stole more than ``--max-steal`` % of the CPU (``/proc/stat``) is run
 again, up to ``--retries`` times; the discarded rounds and every kept run's steal are in the summary.
@@ -172,7 +174,8 @@ def main() -> None:
     ap.add_argument("--retries", type=int, default=4, help="extra rounds per rate allowed by --max-steal")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:VAR=VALUE[,VAR=VALUE]",
                     help="an A/B of server settings: each variant's /decide runs get these environment variables, "
-                         "interleaved round by round with the other variants and the /healthz peer (repeatable)")
+                         "interleaved round by round with the other variants and the /healthz peer (repeatable); "
+                         "binary=PATH runs the variant on another server build")
     a = ap.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is needed: apt-get install wrk")
@@ -187,8 +190,10 @@ def main() -> None:
     decide_load = TARGET / "release" / "examples" / "decide_load"
 
     def open_loop(rate: int, path: str | None, env: dict | None = None) -> dict:
+        env = dict(env or {})
+        server = Path(env.pop("binary", binary))
         with tempfile.TemporaryDirectory() as d:
-            s = Server(binary, Path(d), env=env)
+            s = Server(server, Path(d), env=env)
             key = (Path(d) / "bootstrap-admin-key").read_text().strip()
             call(s.url, key, "POST", "/api/v1/policies", POLICY)
             env = {**os.environ, **({"LOAD_PATH": path} if path else {})}
@@ -212,6 +217,8 @@ def main() -> None:
         if not name or any(len(p) != 2 for p in pairs):
             raise SystemExit(f"--variant {v!r}: expected NAME:VAR=VALUE[,VAR=VALUE] (the rest of the "
                              "environment is inherited by every variant)")
+        if any(k == "binary" and not Path(v).is_file() for k, v in pairs):
+            raise SystemExit(f"--variant {v!r}: no such server binary")
         variants.append((f"decide[{name}]", dict(pairs)))
     if not variants:
         variants = [("decide", {})]
