@@ -121,10 +121,15 @@ def cpu_ticks() -> tuple[int, int]:
     return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
 
 
-def steal_since(before: tuple[int, int]) -> str:
-    """The share of the CPU stolen since `before` (a `cpu_ticks()` reading), for a summary line."""
+def steal_pct(before: tuple[int, int]) -> float:
+    """The percentage of the CPU stolen since `before` (a `cpu_ticks()` reading)."""
     st, tot = cpu_ticks()
-    return f"steal {100.0 * (st - before[0]) / max(1, tot - before[1]):.1f}%"
+    return 100.0 * (st - before[0]) / max(1, tot - before[1])
+
+
+def steal_since(before: tuple[int, int]) -> str:
+    """`steal_pct` for a summary line."""
+    return f"steal {steal_pct(before):.1f}%"
 
 
 def call(url: str, key: str, method: str, path: str, body: dict | None = None) -> dict:
@@ -189,25 +194,25 @@ def main() -> None:
     # and the ratio is reported); then wrk's closed-loop maximum, then ingest.
     decide_load = TARGET / "release" / "examples" / "decide_load"
 
-    def open_loop(rate: int, path: str | None, env: dict | None = None) -> dict:
-        env = dict(env or {})
-        server = Path(env.pop("binary", binary))
+    def open_loop(rate: int, path: str | None, variant: dict | None = None) -> dict:
+        server_env = dict(variant or {})
+        server = Path(server_env.pop("binary", binary))
         with tempfile.TemporaryDirectory() as d:
-            s = Server(server, Path(d), env=env)
+            s = Server(server, Path(d), env=server_env)
             key = (Path(d) / "bootstrap-admin-key").read_text().strip()
             call(s.url, key, "POST", "/api/v1/policies", POLICY)
-            env = {**os.environ, **({"LOAD_PATH": path} if path else {})}
-            cpu0, (st0, tot0) = cpu_seconds(s.proc.pid), cpu_ticks()
+            load_env = {**os.environ, **({"LOAD_PATH": path} if path else {})}
+            cpu0, ticks0 = cpu_seconds(s.proc.pid), cpu_ticks()
             out = subprocess.run([str(decide_load), s.url, key, str(rate), str(a.seconds), "64"],
-                                 capture_output=True, text=True, check=True, env=env).stdout
-            cpu1, (st1, tot1) = cpu_seconds(s.proc.pid), cpu_ticks()
+                                 capture_output=True, text=True, check=True, env=load_env).stdout
+            cpu1, steal = cpu_seconds(s.proc.pid), steal_pct(ticks0)
             s.stop()
         got = {k: float(v) for k, v in re.findall(r"(p50|p90|p99|p99\.9|max) ([\d.]+) ms", out)}
         got["rate"] = float(re.search(r"achieved (\d+)/s", out).group(1))
         got["non200"] = int(re.search(r"non-200 (\d+)", out).group(1))
         # The server's own CPU per request (user + system): steadier than a tail on a noisy machine.
         got["cpu_us"] = 1e6 * (cpu1 - cpu0) / max(1.0, got["rate"] * a.seconds)
-        got["steal"] = 100.0 * (st1 - st0) / max(1, tot1 - tot0)
+        got["steal"] = steal
         return got
 
     variants = []
@@ -217,7 +222,7 @@ def main() -> None:
         if not name or any(len(p) != 2 for p in pairs):
             raise SystemExit(f"--variant {v!r}: expected NAME:VAR=VALUE[,VAR=VALUE] (the rest of the "
                              "environment is inherited by every variant)")
-        if any(k == "binary" and not Path(v).is_file() for k, v in pairs):
+        if any(k == "binary" and not Path(val).is_file() for k, val in pairs):
             raise SystemExit(f"--variant {v!r}: no such server binary")
         variants.append((f"decide[{name}]", dict(pairs)))
     if not variants:
@@ -246,11 +251,11 @@ def main() -> None:
         for what, rs in runs.items():
             p99 = sorted(r["p99"] for r in rs)
             p50 = sorted(r["p50"] for r in rs)
+            in_order = ", ".join(f"{r['p99']:.2f} ({r['steal']:.1f}%)" for r in rs)
             summary.append(
                 f"SUMMARY {what} sqlite open-loop at {rate}/s ({a.rounds} fresh servers, 64 connections): "
                 f"achieved {min(r['rate'] for r in rs):.0f}/s or more; p50 median {p50[len(p50) // 2]:.2f} ms; "
-                f"p99 median {p99[len(p99) // 2]:.2f} ms (runs: {', '.join(f'{x:.2f}' for x in p99)}); "
-                f"steal by round {', '.join(f'{st:.1f}%' for st in (r['steal'] for r in rs))}; "
+                f"p99 median {p99[len(p99) // 2]:.2f} ms (runs in order, with the CPU stolen: {in_order}); "
                 f"non-200 {sum(r['non200'] for r in rs)}; server CPU median "
                 f"{sorted(r['cpu_us'] for r in rs)[len(rs) // 2]:.1f} µs per request")
         for name, _ in variants:
