@@ -165,12 +165,63 @@ def psql(db: str, sql: str) -> str:
     return subprocess.run(["psql", "-At", db, "-c", sql], capture_output=True, text=True, check=True).stdout.strip()
 
 
+def scrape(url: str, metric: str) -> float:
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    m = re.search(rf"^{metric} ([\d.e+]+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def pg_fleet(binary: Path, a) -> str:
+    """Two replicas on one PostgreSQL database, wrk on each, one session budget that runs out
+    mid-run: the allowed count must be exactly what the budget affords."""
+    name = f"sentinel_bench_{uuid.uuid4().hex}"
+    psql(PG_ADMIN, f"CREATE DATABASE {name}")
+    db = PG_ADMIN.rsplit("/", 1)[0] + "/" + name
+    try:
+        with tempfile.TemporaryDirectory() as d1, tempfile.TemporaryDirectory() as d2:
+            s1 = Server(binary, Path(d1), db)
+            key = (Path(d1) / "bootstrap-admin-key").read_text().strip()
+            # $20 at $0.001 a call is exactly 20,000 calls, well inside what a run offers.
+            pol = {**POLICY, "budgets": {"session": 20.0}}
+            call(s1.url, key, "POST", "/api/v1/policies", pol)
+            s2 = Server(binary, Path(d2), db, secret=Path(d1) / "server-secret")
+            import concurrent.futures as cf
+            t0 = cpu_ticks()
+            with cf.ThreadPoolExecutor(2) as ex:
+                futs = [ex.submit(wrk, s.url, key, BODY, a.seconds, a.connections // 2) for s in (s1, s2)]
+                results = [f.result() for f in futs]
+            steal = steal_since(t0)
+            time.sleep(1.2)  # the batching counters are published every second
+            tx = sum(scrape(s.url, "sentinel_shared_decide_transactions_total") for s in (s1, s2))
+            calls = sum(scrape(s.url, "sentinel_shared_decide_calls_total") for s in (s1, s2))
+            s1.stop()
+            s2.stop()
+        rps = sum(r["rps"] for r in results)
+        p99 = max(r["p99"] for r in results)
+        reserved = int(psql(db, "SELECT COALESCE(SUM(cost_micros),0) FROM reservations WHERE state='reserved'"))
+        allowed = int(psql(db, "SELECT COUNT(*) FROM reservations"))
+        if reserved > 20_000_000:
+            verdict = f"OVERSPENT by {reserved - 20_000_000} micro-USD"
+        elif allowed != 20_000:
+            verdict = f"NOT EXACT: {allowed} allowed where 20000 were affordable"
+        else:
+            verdict = "zero overspend, exactly the affordable number allowed"
+        per_tx = calls / tx if tx else 0.0
+        return (f"SUMMARY decide postgres x2: {rps:.0f} decisions/s, p99 {p99:.2f} ms (worst replica), "
+                f"{allowed} allowed of a $20 budget at $0.001: reserved ${reserved / 1e6:.3f}, {verdict}; "
+                f"{per_tx:.1f} calls per transaction; {a.connections} connections; {steal}")
+    finally:
+        psql(PG_ADMIN, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--skip-pg", action="store_true")
     ap.add_argument("--rounds", type=int, default=3, help="open-loop runs of /decide and of the /healthz peer per rate")
+    ap.add_argument("--only-pg-fleet", action="store_true", help="only /decide on two PostgreSQL replicas")
     ap.add_argument("--only-sqlite-latency", action="store_true", help="stop after the open-loop SQLite latency runs")
     ap.add_argument("--rates", default="10000,20000", help="offered rates of the open-loop runs, comma-separated")
     ap.add_argument("--max-steal", type=float, default=5.0, metavar="PCT",
@@ -185,6 +236,9 @@ def main() -> None:
     if not shutil.which("wrk"):
         raise SystemExit("wrk is needed: apt-get install wrk")
     binary = build()
+    if a.only_pg_fleet:
+        print(pg_fleet(binary, a))
+        return
     load = TARGET / "release" / "examples" / "ingest_load"
     summary = []
 
@@ -306,34 +360,14 @@ def main() -> None:
             psql(PG_ADMIN, f"DROP DATABASE {name} WITH (FORCE)")
 
     if not a.skip_pg:
+        summary.append(pg_fleet(binary, a))
         name = f"sentinel_bench_{uuid.uuid4().hex}"
         psql(PG_ADMIN, f"CREATE DATABASE {name}")
         db = PG_ADMIN.rsplit("/", 1)[0] + "/" + name
         try:
-            with tempfile.TemporaryDirectory() as d1, tempfile.TemporaryDirectory() as d2:
-                s1 = Server(binary, Path(d1), db)
-                key = (Path(d1) / "bootstrap-admin-key").read_text().strip()
-                # A budget that runs out mid-run: $50 at $0.001 a call is exactly 50,000 calls.
-                pol = {**POLICY, "budgets": {"session": 50.0}}
-                call(s1.url, key, "POST", "/api/v1/policies", pol)
-                s2 = Server(binary, Path(d2), db, secret=Path(d1) / "server-secret")
-                results = []
-                procs = []
-                for s in (s1, s2):
-                    procs.append(s)
-                import concurrent.futures as cf
-                with cf.ThreadPoolExecutor(2) as ex:
-                    futs = [ex.submit(wrk, s.url, key, BODY, a.seconds, a.connections // 2) for s in (s1, s2)]
-                    results = [f.result() for f in futs]
-                rps = sum(r["rps"] for r in results)
-                p99 = max(r["p99"] for r in results)
-                reserved = int(psql(db, "SELECT COALESCE(SUM(cost_micros),0) FROM reservations WHERE state='reserved'"))
-                allowed = int(psql(db, "SELECT COUNT(*) FROM reservations"))
-                over = "zero overspend" if reserved <= 50_000_000 else f"OVERSPENT by {reserved - 50_000_000} micro-USD"
-                summary.append(
-                    f"SUMMARY decide postgres x2: {rps:.0f} decisions/s, p99 {p99:.2f} ms (worst replica), "
-                    f"{allowed} allowed of a $50 budget at $0.001: reserved ${reserved / 1e6:.3f}, {over}")
-                s2.stop()
+            with tempfile.TemporaryDirectory() as d:
+                s1 = Server(binary, Path(d), db)
+                key = (Path(d) / "bootstrap-admin-key").read_text().strip()
                 t0 = cpu_ticks()
                 out = subprocess.run([str(load), s1.url, key, "200000", "500", "4"], capture_output=True, text=True,
                                      check=True)

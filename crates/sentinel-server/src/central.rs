@@ -394,10 +394,15 @@ pub fn spawn_sweeper(state: AppState) {
                         metrics::counter!("sentinel_reservations_expired_total").increment(1);
                     }
                 }
-                Authority::Shared => match state.store.pg_sweep(now_ms, now_ns).await {
-                    Ok(n) => metrics::counter!("sentinel_reservations_expired_total").increment(n),
-                    Err(e) => tracing::warn!(error = %e, "cannot sweep expired reservations"),
-                },
+                Authority::Shared => {
+                    match state.store.pg_sweep(now_ms, now_ns).await {
+                        Ok(n) => metrics::counter!("sentinel_reservations_expired_total").increment(n),
+                        Err(e) => tracing::warn!(error = %e, "cannot sweep expired reservations"),
+                    }
+                    let b = state.store.decide_batching();
+                    metrics::counter!("sentinel_shared_decide_transactions_total").absolute(b.transactions);
+                    metrics::counter!("sentinel_shared_decide_calls_total").absolute(b.calls);
+                }
             }
         }
     });

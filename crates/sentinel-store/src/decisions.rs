@@ -331,58 +331,81 @@ impl Store {
 
     /// Checks halts, windows and budgets, in that order, and on success writes the reservation,
     /// its window slots and its spend, all under advisory locks on every counter it reads.
+    ///
+    /// Calls on one session are serialized by its lock, so their throughput would be one commit
+    /// (a WAL flush) per call. Instead each session has a lane on this replica: the calls that
+    /// arrive while one of its transactions runs wait and go together in the next one
+    /// ([`Lanes`]), decided one after another inside it exactly as they would be alone.
     pub async fn pg_decide(&self, d: PgDecide<'_>, session_key: &str) -> Result<PgDecideOutcome> {
+        self.pg()?;
+        let call = Call::of(&d, session_key);
+        let (done, answer) = tokio::sync::oneshot::channel();
+        if self.lanes.push(lock_id(session_key), Waiting { call, done }) {
+            tokio::spawn(drive_lane(self.clone(), lock_id(session_key)));
+        }
+        answer.await.unwrap_or_else(|_| Err(StoreError::Invalid("the decision's lane stopped".into())))
+    }
+
+    /// How this process's central decisions were grouped into transactions so far.
+    pub fn decide_batching(&self) -> DecideBatching {
+        use std::sync::atomic::Ordering::Relaxed;
+        DecideBatching { transactions: self.lanes.transactions.load(Relaxed), calls: self.lanes.calls.load(Relaxed) }
+    }
+
+    /// One call in its own transaction.
+    async fn pg_decide_one(&self, c: &Call) -> Result<PgDecideOutcome> {
         let pool = self.pg()?;
-        // Every counter the call reads is locked: its windows, and its session (which holds the
-        // session's, the run's and the action's spend). One round trip: `sentinel_decide`.
-        let locks: Vec<i64> =
-            d.windows.iter().map(|w| lock_id(&w.key)).chain(std::iter::once(lock_id(session_key))).collect();
-        let win_keys: Vec<&str> = d.windows.iter().map(|w| w.key.as_str()).collect();
-        let win_max: Vec<i64> = d.windows.iter().map(|w| i64::from(w.max)).collect();
-        let win_ns: Vec<i64> = d.windows.iter().map(|w| clamp_i64(w.window_ns)).collect();
-        let budget_keys: Vec<&str> = d.budgets.iter().map(|b| b.key.as_str()).collect();
-        let budget_limits: Vec<i64> = d.budgets.iter().map(|b| b.limit_micros).collect();
-        let r = d.reserve;
         let row = sqlx::query(
             "SELECT outcome, idx, amount, halt_kind, halt_target, halt_reason, halt_actor, halt_at FROM sentinel_decide(\
              $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
         )
-        .bind(&locks)
-        .bind(d.agent_id)
-        .bind(d.run_id)
-        .bind(d.now_ns)
-        .bind(&win_keys)
-        .bind(&win_max)
-        .bind(&win_ns)
-        .bind(&budget_keys)
-        .bind(&budget_limits)
-        .bind(r.is_some())
-        .bind(r.map_or("", |r| r.id.as_str()))
-        .bind(r.map_or("", |r| r.session_id.as_str()))
-        .bind(r.map_or("", |r| r.action.as_str()))
-        .bind(r.map_or(0, |r| r.args_digest))
-        .bind(d.cost_micros)
-        .bind(r.map_or(0, |r| r.created_at))
-        .bind(r.map_or(0, |r| r.expires_at))
-        .bind(r.map_or("", |r| r.policy_version.as_str()))
+        .bind(&c.locks)
+        .bind(&c.agent)
+        .bind(&c.run)
+        .bind(c.now_ns)
+        .bind(&c.win_keys)
+        .bind(&c.win_max)
+        .bind(&c.win_ns)
+        .bind(&c.budget_keys)
+        .bind(&c.budget_limits)
+        .bind(c.reserve)
+        .bind(&c.id)
+        .bind(&c.session)
+        .bind(&c.action)
+        .bind(c.digest)
+        .bind(c.cost)
+        .bind(c.created_at)
+        .bind(c.expires_at)
+        .bind(&c.version)
         .fetch_one(pool)
         .await
         .map_err(|e| crate::conflict_or(e, || "this reservation id already exists".into()))?;
-        let outcome: String = row.try_get("outcome")?;
-        let idx = usize::try_from(row.try_get::<i32, _>("idx")?).unwrap_or(0);
-        let amount: i64 = row.try_get("amount")?;
-        Ok(match outcome.as_str() {
-            "halted" => PgDecideOutcome::Halted(HaltRow {
-                kind: row.try_get::<Option<String>, _>("halt_kind")?.unwrap_or_default(),
-                target: row.try_get::<Option<String>, _>("halt_target")?.unwrap_or_default(),
-                reason: row.try_get::<Option<String>, _>("halt_reason")?.unwrap_or_default(),
-                actor: row.try_get::<Option<String>, _>("halt_actor")?.unwrap_or_default(),
-                at: row.try_get::<Option<i64>, _>("halt_at")?.unwrap_or(0),
-            }),
-            "window" => PgDecideOutcome::WindowFull { index: idx, retry_after_ns: u64::try_from(amount).unwrap_or(0) },
-            "budget" => PgDecideOutcome::OverBudget { index: idx, spent_micros: amount },
-            _ => PgDecideOutcome::Passed,
-        })
+        outcome_of(&row)
+    }
+
+    /// Several calls on one session in one transaction, in order; one answer per call.
+    async fn pg_decide_batch(&self, calls: &[&Call]) -> Result<Vec<PgDecideOutcome>> {
+        let pool = self.pg()?;
+        let body =
+            serde_json::to_string(calls).map_err(|e| StoreError::Invalid(format!("a batch of decisions: {e}")))?;
+        let rows = sqlx::query(
+            "SELECT n, outcome, idx, amount, halt_kind, halt_target, halt_reason, halt_actor, halt_at \
+             FROM sentinel_decide_batch($1::jsonb)",
+        )
+        .bind(body)
+        .fetch_all(pool)
+        .await?;
+        if rows.len() != calls.len() {
+            return Err(StoreError::Invalid(format!("{} answers to a batch of {} decisions", rows.len(), calls.len())));
+        }
+        let mut out = Vec::with_capacity(rows.len());
+        for (i, r) in rows.iter().enumerate() {
+            if usize::try_from(r.try_get::<i32, _>("n")?).ok() != Some(i) {
+                return Err(StoreError::Invalid("a batch of decisions answered out of order".into()));
+            }
+            out.push(outcome_of(r)?);
+        }
+        Ok(out)
     }
 
     /// Settles (`actual_micros` = Some) or releases (None) a reservation on the shared counters.
@@ -472,6 +495,197 @@ impl Store {
                 .unwrap_or(0)
         };
         Ok([get(&keys[0]), get(&keys[1]), get(&keys[2])])
+    }
+}
+
+/// A central decision's arguments, owned so it can wait in its session's lane; serialized by
+/// name for `sentinel_decide_batch`.
+#[derive(Debug, Serialize)]
+struct Call {
+    locks: Vec<i64>,
+    agent: String,
+    run: String,
+    now_ns: i64,
+    win_keys: Vec<String>,
+    win_max: Vec<i64>,
+    win_ns: Vec<i64>,
+    budget_keys: Vec<String>,
+    budget_limits: Vec<i64>,
+    reserve: bool,
+    id: String,
+    session: String,
+    action: String,
+    digest: i64,
+    cost: i64,
+    created_at: i64,
+    expires_at: i64,
+    version: String,
+}
+
+impl Call {
+    fn of(d: &PgDecide<'_>, session_key: &str) -> Self {
+        // Every counter the call reads is locked: its windows, and its session (which holds the
+        // session's, the run's and the action's spend).
+        let locks = d.windows.iter().map(|w| lock_id(&w.key)).chain(std::iter::once(lock_id(session_key))).collect();
+        let r = d.reserve;
+        Call {
+            locks,
+            agent: d.agent_id.to_owned(),
+            run: d.run_id.to_owned(),
+            now_ns: d.now_ns,
+            win_keys: d.windows.iter().map(|w| w.key.clone()).collect(),
+            win_max: d.windows.iter().map(|w| i64::from(w.max)).collect(),
+            win_ns: d.windows.iter().map(|w| clamp_i64(w.window_ns)).collect(),
+            budget_keys: d.budgets.iter().map(|b| b.key.clone()).collect(),
+            budget_limits: d.budgets.iter().map(|b| b.limit_micros).collect(),
+            reserve: r.is_some(),
+            id: r.map_or_else(String::new, |r| r.id.clone()),
+            session: r.map_or_else(String::new, |r| r.session_id.clone()),
+            action: r.map_or_else(String::new, |r| r.action.clone()),
+            digest: r.map_or(0, |r| r.args_digest),
+            cost: d.cost_micros,
+            created_at: r.map_or(0, |r| r.created_at),
+            expires_at: r.map_or(0, |r| r.expires_at),
+            version: r.map_or_else(String::new, |r| r.policy_version.clone()),
+        }
+    }
+}
+
+fn outcome_of(row: &sqlx::postgres::PgRow) -> Result<PgDecideOutcome> {
+    let outcome: &str = row.try_get("outcome")?;
+    let idx = usize::try_from(row.try_get::<i32, _>("idx")?).unwrap_or(0);
+    let amount: i64 = row.try_get("amount")?;
+    Ok(match outcome {
+        "halted" => PgDecideOutcome::Halted(HaltRow {
+            kind: row.try_get::<Option<String>, _>("halt_kind")?.unwrap_or_default(),
+            target: row.try_get::<Option<String>, _>("halt_target")?.unwrap_or_default(),
+            reason: row.try_get::<Option<String>, _>("halt_reason")?.unwrap_or_default(),
+            actor: row.try_get::<Option<String>, _>("halt_actor")?.unwrap_or_default(),
+            at: row.try_get::<Option<i64>, _>("halt_at")?.unwrap_or(0),
+        }),
+        "window" => PgDecideOutcome::WindowFull { index: idx, retry_after_ns: u64::try_from(amount).unwrap_or(0) },
+        "budget" => PgDecideOutcome::OverBudget { index: idx, spent_micros: amount },
+        "passed" => PgDecideOutcome::Passed,
+        other => return Err(StoreError::Invalid(format!("unknown decision outcome `{other}`"))),
+    })
+}
+
+/// A call waiting in its session's lane, and where its answer goes.
+struct Waiting {
+    call: Call,
+    done: tokio::sync::oneshot::Sender<Result<PgDecideOutcome>>,
+}
+
+/// The most calls one transaction decides: a batch holds the session's lock while it runs.
+const MAX_BATCH: usize = 256;
+
+/// Per session (by its lock id), the calls waiting for the transaction running now to end. A
+/// session has an entry exactly while a task drives it.
+#[derive(Default)]
+pub(crate) struct Lanes {
+    queues: parking_lot::Mutex<std::collections::HashMap<i64, Vec<Waiting>>>,
+    transactions: std::sync::atomic::AtomicU64,
+    calls: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for Lanes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lanes").field("sessions", &self.queues.lock().len()).finish()
+    }
+}
+
+/// How the central decisions of this process were grouped: `calls` decided in `transactions`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DecideBatching {
+    pub transactions: u64,
+    pub calls: u64,
+}
+
+impl Lanes {
+    /// Queues a call; true when its lane was idle, so the caller must start its driver.
+    fn push(&self, lane: i64, w: Waiting) -> bool {
+        let mut lanes = self.queues.lock();
+        match lanes.entry(lane) {
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                e.get_mut().push(w);
+                false
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(vec![w]);
+                true
+            }
+        }
+    }
+
+    /// The next batch, oldest first; an empty one ends the lane (atomically with the check, so a
+    /// call pushed later starts a new driver).
+    fn take(&self, lane: i64) -> Vec<Waiting> {
+        let mut lanes = self.queues.lock();
+        let Some(q) = lanes.get_mut(&lane) else { return Vec::new() };
+        if q.is_empty() {
+            lanes.remove(&lane);
+            return Vec::new();
+        }
+        if q.len() <= MAX_BATCH { std::mem::take(q) } else { q.drain(..MAX_BATCH).collect() }
+    }
+}
+
+/// Ends a lane however its driver stops: if it stopped early (its task was aborted at shutdown),
+/// the calls still queued get an error when their senders drop, instead of waiting forever.
+/// (A driver that ran out of calls has already ended its lane in [`Lanes::take`]; the lane may
+/// belong to a new driver by then, so the guard is disarmed.)
+struct LaneGuard<'a> {
+    lanes: &'a Lanes,
+    lane: i64,
+    armed: bool,
+}
+
+impl Drop for LaneGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.lanes.queues.lock().remove(&self.lane);
+        }
+    }
+}
+
+/// Decides a session's queued calls, batch after batch, until none are left.
+async fn drive_lane(store: Store, lane: i64) {
+    let mut guard = LaneGuard { lanes: &store.lanes, lane, armed: true };
+    loop {
+        let batch = store.lanes.take(lane);
+        if !batch.is_empty() {
+            store.lanes.transactions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            store.lanes.calls.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        match batch.len() {
+            0 => {
+                guard.armed = false;
+                return;
+            }
+            1 => {
+                for w in batch {
+                    let _ = w.done.send(store.pg_decide_one(&w.call).await);
+                }
+            }
+            _ => {
+                let calls: Vec<&Call> = batch.iter().map(|w| &w.call).collect();
+                match store.pg_decide_batch(&calls).await {
+                    Ok(outs) => {
+                        for (w, o) in batch.into_iter().zip(outs) {
+                            let _ = w.done.send(Ok(o));
+                        }
+                    }
+                    // A batch is all or nothing: one bad call (a duplicate id) must not fail the
+                    // others, so each is tried again on its own.
+                    Err(e) => {
+                        tracing::warn!(error = %e, calls = batch.len(), "a batch of decisions failed; deciding them one by one");
+                        for w in batch {
+                            let _ = w.done.send(store.pg_decide_one(&w.call).await);
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 

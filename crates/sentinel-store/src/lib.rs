@@ -38,7 +38,8 @@ pub use approvals::{ApprovalRow, NewApproval};
 pub use notify::{Attempt, ChannelRow, LinkRow, MessageRow, NewChannel, NewMessage};
 
 pub use decisions::{
-    BudgetSpec, CounterOp, HaltRow, PgDecide, PgDecideOutcome, ReservationRow, SpendTotal, WindowSpec, spend_keys,
+    BudgetSpec, CounterOp, DecideBatching, HaltRow, PgDecide, PgDecideOutcome, ReservationRow, SpendTotal, WindowSpec,
+    spend_keys,
 };
 pub use ingest::{
     AgentRow, ChainPos, EventIn, IngestReport, InterventionFilter, InterventionIn, InterventionStats, LedgerIn, RunRow,
@@ -84,6 +85,8 @@ pub struct Store {
     /// SQLite has one writer at a time. Busy writers would otherwise wait in SQLite's busy handler,
     /// which sleeps; taking turns here keeps batch writes fair and their latency flat.
     pub(crate) writer: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// PostgreSQL: the central decisions waiting for their session's transaction.
+    pub(crate) lanes: std::sync::Arc<decisions::Lanes>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -145,7 +148,7 @@ impl Store {
                 "unsupported database URL `{url}`; use sqlite://PATH or postgres://USER@HOST/DB"
             )));
         };
-        Ok(Store { pool, sqlite_path, writer: Default::default() })
+        Ok(Store { pool, sqlite_path, writer: Default::default(), lanes: Default::default() })
     }
 
     /// On SQLite, copies the write-ahead log into the database four times a second on its own connection

@@ -5,7 +5,10 @@
 
 use std::future::Future;
 
-use sentinel_store::{Backend, NewApiKey, Scope, Store, StoreError, diff};
+use sentinel_store::{
+    Backend, BudgetSpec, NewApiKey, PgDecide, PgDecideOutcome, ReservationRow, Scope, Store, StoreError, WindowSpec,
+    diff, spend_keys,
+};
 use serde_json::json;
 use sqlx::Connection;
 
@@ -25,6 +28,15 @@ where
     body(sqlite.clone()).await;
     sqlite.close().await;
 
+    let (pg, cleanup) = fresh_pg().await;
+    assert_eq!(pg.backend(), Backend::Postgres);
+    body(pg.clone()).await;
+    pg.close().await;
+    cleanup.await;
+}
+
+/// A store on a fresh PostgreSQL database, and the future that drops the database.
+async fn fresh_pg() -> (Store, impl Future<Output = ()>) {
     let admin = pg_admin_url();
     let name = format!("sentinel_test_{}", uuid::Uuid::now_v7().simple());
     let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap_or_else(|e| {
@@ -33,10 +45,13 @@ where
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await.unwrap();
     let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b).to_string();
     let pg = Store::open(&format!("{base}/{name}")).await.unwrap();
-    assert_eq!(pg.backend(), Backend::Postgres);
-    body(pg.clone()).await;
-    pg.close().await;
-    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {name} WITH (FORCE)"))).execute(&mut conn).await.unwrap();
+    let cleanup = async move {
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {name} WITH (FORCE)")))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    };
+    (pg, cleanup)
 }
 
 fn key(prefix: &str, scope: Scope, agent: Option<&str>) -> NewApiKey {
@@ -133,4 +148,103 @@ fn diff_lists_changed_fields_by_pointer() {
 async fn bad_urls_are_explained() {
     let e = Store::open("mysql://x").await.unwrap_err();
     assert!(e.to_string().contains("unsupported database URL `mysql://x`"), "{e}");
+}
+
+fn reservation(id: &str, session: &str, cost: i64, now_ns: i64) -> ReservationRow {
+    ReservationRow {
+        id: id.into(),
+        agent_id: "a".into(),
+        run_id: "r".into(),
+        session_id: session.into(),
+        action: "act".into(),
+        args_digest: 7,
+        cost_micros: cost,
+        actual_micros: None,
+        state: "reserved".into(),
+        at_ns: now_ns,
+        created_at: now_ns / 1_000_000,
+        expires_at: now_ns / 1_000_000 + 60_000,
+        settled_at: None,
+        policy_version: "v1".into(),
+    }
+}
+
+/// `n` concurrent central decisions on one session with reservation ids from `id`, against a
+/// session budget and (optionally) a window: the outcomes, in call order.
+async fn decide_concurrently(
+    store: &Store,
+    session: &str,
+    n: usize,
+    cost: i64,
+    budget: i64,
+    window: Option<u32>,
+    id: impl Fn(usize) -> String,
+) -> Vec<Result<PgDecideOutcome, StoreError>> {
+    let keys = spend_keys(session, "r", "act");
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let (store, keys, id, session) = (store.clone(), keys.clone(), id(i), session.to_string());
+        tasks.push(tokio::spawn(async move {
+            let now_ns = i64::try_from(std::time::UNIX_EPOCH.elapsed().unwrap().as_nanos()).unwrap();
+            let windows: Vec<WindowSpec> = window
+                .map(|max| WindowSpec { key: format!("w\u{1f}{}", keys[2]), max, window_ns: 60_000_000_000 })
+                .into_iter()
+                .collect();
+            let budgets = [BudgetSpec { key: keys[2].clone(), limit_micros: budget }];
+            let row = reservation(&id, &session, cost, now_ns);
+            store
+                .pg_decide(
+                    PgDecide {
+                        agent_id: "a",
+                        run_id: "r",
+                        now_ns,
+                        windows: &windows,
+                        budgets: &budgets,
+                        cost_micros: cost,
+                        reserve: Some(&row),
+                    },
+                    &keys[2],
+                )
+                .await
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+/// Concurrent decisions on one session share its transactions (several calls per commit) and
+/// still allow exactly what the budget and the window afford; a bad call in a batch (a duplicate
+/// reservation id) fails alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_shared_decisions_are_batched_and_exact() {
+    let (pg, cleanup) = fresh_pg().await;
+
+    // 300 calls of 1,000 micro-USD against 100,000: exactly 100 pass.
+    let out = decide_concurrently(&pg, "s-budget", 300, 1_000, 100_000, None, |i| format!("b-{i}")).await;
+    let passed = out.iter().filter(|o| matches!(o, Ok(PgDecideOutcome::Passed))).count();
+    let over = out.iter().filter(|o| matches!(o, Ok(PgDecideOutcome::OverBudget { index: 0, .. }))).count();
+    assert_eq!((passed, over), (100, 200), "{out:?}");
+    assert_eq!(pg.pg_spend("s-budget", "r", "act").await.unwrap()[2], 100_000);
+    let b = pg.decide_batching();
+    assert_eq!(b.calls, 300);
+    assert!(b.transactions < b.calls, "300 concurrent calls on one session took {} transactions", b.transactions);
+
+    // A window of 40 calls, with budget to spare: exactly 40 pass.
+    let out = decide_concurrently(&pg, "s-window", 200, 1, 1_000_000, Some(40), |i| format!("w-{i}")).await;
+    let passed = out.iter().filter(|o| matches!(o, Ok(PgDecideOutcome::Passed))).count();
+    let full = out.iter().filter(|o| matches!(o, Ok(PgDecideOutcome::WindowFull { index: 0, .. }))).count();
+    assert_eq!((passed, full), (40, 160), "{out:?}");
+
+    // Calls 0 and 1 share an id: whichever comes second is a conflict, and only it fails.
+    let out = decide_concurrently(&pg, "s-dup", 50, 10, 1_000_000, None, |i| format!("d-{}", i.max(1))).await;
+    let passed = out.iter().filter(|o| matches!(o, Ok(PgDecideOutcome::Passed))).count();
+    let conflicts = out.iter().filter(|o| matches!(o, Err(StoreError::Conflict(_)))).count();
+    assert_eq!((passed, conflicts), (49, 1), "{out:?}");
+    assert_eq!(pg.pg_spend("s-dup", "r", "act").await.unwrap()[2], 490, "the failed call spent nothing");
+
+    pg.close().await;
+    cleanup.await;
 }
