@@ -168,7 +168,7 @@ def psql(db: str, sql: str) -> str:
 def scrape(url: str, metric: str) -> float:
     with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
         text = r.read().decode()
-    m = re.search(rf"^{metric} ([\d.e+]+)$", text, re.M)
+    m = re.search(rf"^{re.escape(metric)} ([\d.e+]+)$", text, re.M)
     return float(m.group(1)) if m else 0.0
 
 
@@ -182,8 +182,8 @@ def pg_fleet(binary: Path, a) -> str:
         with tempfile.TemporaryDirectory() as d1, tempfile.TemporaryDirectory() as d2:
             s1 = Server(binary, Path(d1), db)
             key = (Path(d1) / "bootstrap-admin-key").read_text().strip()
-            # $20 at $0.001 a call is exactly 20,000 calls, well inside what a run offers.
-            pol = {**POLICY, "budgets": {"session": 20.0}}
+            # At $0.001 a call, the default $20 is exactly 20,000 calls, well inside what a run offers.
+            pol = {**POLICY, "budgets": {"session": a.fleet_budget}}
             call(s1.url, key, "POST", "/api/v1/policies", pol)
             s2 = Server(binary, Path(d2), db, secret=Path(d1) / "server-secret")
             import concurrent.futures as cf
@@ -195,21 +195,26 @@ def pg_fleet(binary: Path, a) -> str:
             time.sleep(1.2)  # the batching counters are published every second
             tx = sum(scrape(s.url, "sentinel_shared_decide_transactions_total") for s in (s1, s2))
             calls = sum(scrape(s.url, "sentinel_shared_decide_calls_total") for s in (s1, s2))
+            denied = sum(scrape(s.url, 'sentinel_decisions_total{verdict="deny"}') for s in (s1, s2))
             s1.stop()
             s2.stop()
         rps = sum(r["rps"] for r in results)
         p99 = max(r["p99"] for r in results)
         reserved = int(psql(db, "SELECT COALESCE(SUM(cost_micros),0) FROM reservations WHERE state='reserved'"))
         allowed = int(psql(db, "SELECT COUNT(*) FROM reservations"))
-        if reserved > 20_000_000:
-            verdict = f"OVERSPENT by {reserved - 20_000_000} micro-USD"
-        elif allowed != 20_000:
-            verdict = f"NOT EXACT: {allowed} allowed where 20000 were affordable"
+        budget = round(a.fleet_budget * 1e6)
+        affordable = budget // 1000
+        if reserved > budget:
+            verdict = f"OVERSPENT by {reserved - budget} micro-USD"
+        elif allowed < affordable and denied == 0:
+            verdict = "zero overspend; the run ended before the budget did (no call denied)"
+        elif allowed != affordable:
+            verdict = f"NOT EXACT: {allowed} allowed where {affordable} were affordable"
         else:
             verdict = "zero overspend, exactly the affordable number allowed"
         per_tx = calls / tx if tx else 0.0
         return (f"SUMMARY decide postgres x2: {rps:.0f} decisions/s, p99 {p99:.2f} ms (worst replica), "
-                f"{allowed} allowed of a $20 budget at $0.001: reserved ${reserved / 1e6:.3f}, {verdict}; "
+                f"{allowed} allowed of a ${a.fleet_budget:g} budget at $0.001: reserved ${reserved / 1e6:.3f}, {verdict}; "
                 f"{per_tx:.1f} calls per transaction; {a.connections} connections; {steal}")
     finally:
         psql(PG_ADMIN, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
@@ -222,6 +227,8 @@ def main() -> None:
     ap.add_argument("--skip-pg", action="store_true")
     ap.add_argument("--rounds", type=int, default=3, help="open-loop runs of /decide and of the /healthz peer per rate")
     ap.add_argument("--only-pg-fleet", action="store_true", help="only /decide on two PostgreSQL replicas")
+    ap.add_argument("--fleet-budget", type=float, default=20.0, metavar="USD",
+                    help="the PostgreSQL fleet's session budget; each call costs $0.001 (default 20: 20,000 calls)")
     ap.add_argument("--only-sqlite-latency", action="store_true", help="stop after the open-loop SQLite latency runs")
     ap.add_argument("--rates", default="10000,20000", help="offered rates of the open-loop runs, comma-separated")
     ap.add_argument("--max-steal", type=float, default=5.0, metavar="PCT",
