@@ -343,7 +343,7 @@ impl Store {
         if self.lanes.push(lock_id(session_key), Waiting { call, done }) {
             tokio::spawn(drive_lane(self.clone(), lock_id(session_key)));
         }
-        answer.await.unwrap_or_else(|_| Err(StoreError::Invalid("the decision's lane stopped".into())))
+        answer.await.unwrap_or_else(|_| Err(StoreError::Unavailable("the decision's lane stopped".into())))
     }
 
     /// How this process's central decisions were grouped into transactions so far.
@@ -648,11 +648,30 @@ impl Drop for LaneGuard<'_> {
     }
 }
 
+/// Whether a failed batch may owe its failure to one of its calls (a constraint, such as a
+/// duplicate reservation id, or a value the database rejected) rather than to the database.
+fn one_call_may_be_at_fault(e: &StoreError) -> bool {
+    match e {
+        StoreError::Database(sqlx::Error::Database(d)) => {
+            d.code().is_some_and(|c| c.starts_with("23") || c.starts_with("22"))
+        }
+        StoreError::Conflict(_) | StoreError::Invalid(_) => true,
+        _ => false,
+    }
+}
+
 /// Decides a session's queued calls, batch after batch, until none are left.
 async fn drive_lane(store: Store, lane: i64) {
     let mut guard = LaneGuard { lanes: &store.lanes, lane, armed: true };
     loop {
-        let batch = store.lanes.take(lane);
+        let mut batch = store.lanes.take(lane);
+        // A caller that has gone (its request was cancelled or timed out, and it was told so)
+        // must not get a reservation it will never settle.
+        let before = batch.len();
+        batch.retain(|w| !w.done.is_closed());
+        if batch.is_empty() && before > 0 {
+            continue;
+        }
         if !batch.is_empty() {
             store.lanes.transactions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             store.lanes.calls.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -677,10 +696,20 @@ async fn drive_lane(store: Store, lane: i64) {
                     }
                     // A batch is all or nothing: one bad call (a duplicate id) must not fail the
                     // others, so each is tried again on its own.
-                    Err(e) => {
+                    Err(e) if one_call_may_be_at_fault(&e) => {
                         tracing::warn!(error = %e, calls = batch.len(), "a batch of decisions failed; deciding them one by one");
                         for w in batch {
                             let _ = w.done.send(store.pg_decide_one(&w.call).await);
+                        }
+                    }
+                    // The database could not be asked (no connection, a timeout): trying each
+                    // call again would keep the lane, and the calls queued behind it, waiting once
+                    // per call. Every call of the batch fails now; nothing was reserved.
+                    Err(e) => {
+                        tracing::error!(error = %e, calls = batch.len(), "a batch of decisions failed");
+                        let why = e.to_string();
+                        for w in batch {
+                            let _ = w.done.send(Err(StoreError::Unavailable(why.clone())));
                         }
                     }
                 }

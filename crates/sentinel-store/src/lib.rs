@@ -56,6 +56,9 @@ pub enum StoreError {
     Invalid(String),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// The database could not be asked (a connection or pool failure reported to several callers).
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
     #[error("cannot apply migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 }

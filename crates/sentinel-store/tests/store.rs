@@ -37,6 +37,12 @@ where
 
 /// A store on a fresh PostgreSQL database, and the future that drops the database.
 async fn fresh_pg() -> (Store, impl Future<Output = ()>) {
+    let (pg, _, cleanup) = fresh_pg_at().await;
+    (pg, cleanup)
+}
+
+/// [`fresh_pg`], with the database's URL.
+async fn fresh_pg_at() -> (Store, String, impl Future<Output = ()>) {
     let admin = pg_admin_url();
     let name = format!("sentinel_test_{}", uuid::Uuid::now_v7().simple());
     let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap_or_else(|e| {
@@ -44,14 +50,15 @@ async fn fresh_pg() -> (Store, impl Future<Output = ()>) {
     });
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await.unwrap();
     let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b).to_string();
-    let pg = Store::open(&format!("{base}/{name}")).await.unwrap();
+    let url = format!("{base}/{name}");
+    let pg = Store::open(&url).await.unwrap();
     let cleanup = async move {
-        sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {name} WITH (FORCE)")))
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
             .execute(&mut conn)
             .await
             .unwrap();
     };
-    (pg, cleanup)
+    (pg, url, cleanup)
 }
 
 fn key(prefix: &str, scope: Scope, agent: Option<&str>) -> NewApiKey {
@@ -180,39 +187,47 @@ async fn decide_concurrently(
     window: Option<u32>,
     id: impl Fn(usize) -> String,
 ) -> Vec<Result<PgDecideOutcome, StoreError>> {
-    let keys = spend_keys(session, "r", "act");
-    let mut tasks = Vec::new();
-    for i in 0..n {
-        let (store, keys, id, session) = (store.clone(), keys.clone(), id(i), session.to_string());
-        tasks.push(tokio::spawn(async move {
-            let now_ns = i64::try_from(std::time::UNIX_EPOCH.elapsed().unwrap().as_nanos()).unwrap();
-            let windows: Vec<WindowSpec> = window
-                .map(|max| WindowSpec { key: format!("w\u{1f}{}", keys[2]), max, window_ns: 60_000_000_000 })
-                .into_iter()
-                .collect();
-            let budgets = [BudgetSpec { key: keys[2].clone(), limit_micros: budget }];
-            let row = reservation(&id, &session, cost, now_ns);
-            store
-                .pg_decide(
-                    PgDecide {
-                        agent_id: "a",
-                        run_id: "r",
-                        now_ns,
-                        windows: &windows,
-                        budgets: &budgets,
-                        cost_micros: cost,
-                        reserve: Some(&row),
-                    },
-                    &keys[2],
-                )
-                .await
-        }));
-    }
+    let tasks: Vec<_> = (0..n)
+        .map(|i| tokio::spawn(decide_one(store.clone(), session.to_string(), cost, budget, window, id(i))))
+        .collect();
     let mut out = Vec::new();
     for t in tasks {
         out.push(t.await.unwrap());
     }
     out
+}
+
+/// One central decision on `session` (run `r`, action `act`) with its budget and optional window.
+async fn decide_one(
+    store: Store,
+    session: String,
+    cost: i64,
+    budget: i64,
+    window: Option<u32>,
+    id: String,
+) -> Result<PgDecideOutcome, StoreError> {
+    let keys = spend_keys(&session, "r", "act");
+    let now_ns = i64::try_from(std::time::UNIX_EPOCH.elapsed().unwrap().as_nanos()).unwrap();
+    let windows: Vec<WindowSpec> = window
+        .map(|max| WindowSpec { key: format!("w\u{1f}{}", keys[2]), max, window_ns: 60_000_000_000 })
+        .into_iter()
+        .collect();
+    let budgets = [BudgetSpec { key: keys[2].clone(), limit_micros: budget }];
+    let row = reservation(&id, &session, cost, now_ns);
+    store
+        .pg_decide(
+            PgDecide {
+                agent_id: "a",
+                run_id: "r",
+                now_ns,
+                windows: &windows,
+                budgets: &budgets,
+                cost_micros: cost,
+                reserve: Some(&row),
+            },
+            &keys[2],
+        )
+        .await
 }
 
 /// Concurrent decisions on one session share its transactions (several calls per commit) and
@@ -247,4 +262,59 @@ async fn concurrent_shared_decisions_are_batched_and_exact() {
 
     pg.close().await;
     cleanup.await;
+}
+
+/// A caller that has gone before its turn (its request was cancelled or timed out) gets no
+/// reservation: the calls queued behind a running transaction are checked when their batch is
+/// taken.
+#[tokio::test]
+async fn a_cancelled_call_queued_on_a_session_reserves_nothing() {
+    let (pg, url, cleanup) = fresh_pg_at().await;
+    // Another connection holds the reservations table, so the session's first transaction waits.
+    let mut blocker = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
+    sqlx::query("LOCK TABLE reservations IN ACCESS EXCLUSIVE MODE").execute(&mut blocker).await.unwrap();
+    let first = tokio::spawn(decide_one(pg.clone(), "s".into(), 10, 1_000_000, None, "first".into()));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let queued: Vec<_> = (0..10)
+        .map(|i| tokio::spawn(decide_one(pg.clone(), "s".into(), 10, 1_000_000, None, format!("q-{i}"))))
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    for q in &queued[..5] {
+        q.abort();
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    sqlx::query("COMMIT").execute(&mut blocker).await.unwrap();
+
+    assert!(matches!(first.await.unwrap(), Ok(PgDecideOutcome::Passed)));
+    for q in queued {
+        match q.await {
+            Ok(out) => assert!(matches!(out, Ok(PgDecideOutcome::Passed)), "{out:?}"),
+            Err(e) => assert!(e.is_cancelled()),
+        }
+    }
+    assert_eq!(pg.pg_spend("s", "r", "act").await.unwrap()[2], 60, "the first call and the 5 that stayed");
+    blocker.close().await.unwrap();
+    pg.close().await;
+    cleanup.await;
+}
+
+/// When the database cannot be asked, a batch's calls fail together and at once, instead of
+/// each being tried again on its own (up to the pool's 10 s timeout apiece) while the calls
+/// queued behind them wait.
+#[tokio::test]
+async fn queued_decisions_fail_together_when_the_database_is_gone() {
+    let (pg, cleanup) = fresh_pg().await;
+    assert!(decide_concurrently(&pg, "s", 1, 1, 1_000_000, None, |_| "warm".into()).await[0].is_ok());
+    cleanup.await; // the database is dropped under the open pool
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        decide_concurrently(&pg, "s", 60, 1, 1_000_000, None, |i| format!("gone-{i}")),
+    )
+    .await
+    .expect("every call is answered");
+    assert!(out.iter().all(Result::is_err), "{out:?}");
+    let together = out.iter().filter(|o| matches!(o, Err(StoreError::Unavailable(_)))).count();
+    assert!(together >= 59, "the queued calls failed one by one: {out:?}");
+    pg.close().await;
 }
