@@ -340,8 +340,20 @@ impl Store {
         self.pg()?;
         let call = Call::of(&d, session_key);
         let (done, answer) = tokio::sync::oneshot::channel();
-        if self.lanes.push(lock_id(session_key), Waiting { call, done }) {
-            tokio::spawn(drive_lane(self.clone(), lock_id(session_key)));
+        let lane = lock_id(session_key);
+        match self.lanes.push(lane, Waiting { call, done }) {
+            Pushed::Queued => {}
+            Pushed::Idle => {
+                // The guard exists before the task does: a task dropped before it first runs
+                // (the runtime shutting down) still ends the lane and fails its calls.
+                let guard = LaneGuard { lanes: self.lanes.clone(), lane, armed: true };
+                tokio::spawn(drive_lane(self.clone(), guard));
+            }
+            Pushed::Full => {
+                return Err(StoreError::Unavailable(format!(
+                    "{MAX_QUEUED} decisions are already waiting on this session"
+                )));
+            }
         }
         answer.await.unwrap_or_else(|_| Err(StoreError::Unavailable("the decision's lane stopped".into())))
     }
@@ -418,6 +430,13 @@ impl Store {
             return Err(StoreError::NotFound(format!("reservation `{id}`")));
         };
         let r = reservation_from(&row)?;
+        // The session's counters change only under its lock, as in `sentinel_decide`: a decision
+        // must not read the spend before this settle and write after it, and a batch of decisions
+        // takes the session's spend rows call by call, not in one sorted order.
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(lock_id(&spend_keys(&r.session_id, &r.run_id, &r.action)[2]))
+            .execute(&mut *tx)
+            .await?;
         let live = match r.state.as_str() {
             "reserved" => true,
             "expired" => false,
@@ -469,13 +488,43 @@ impl Store {
         .bind(now_ms)
         .fetch_all(&mut *tx)
         .await?;
+        // What each counter gives back, and the sessions whose counters change: their locks are
+        // taken in sorted order, as `sentinel_decide` takes them, then the rows in key order, so
+        // two sweepers and the decisions never wait on each other in a cycle.
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut deltas = std::collections::BTreeMap::<String, i64>::new();
+        let mut locks = std::collections::BTreeSet::new();
         for r in &rows {
             let (id, s, run, a, c): (String, String, String, String, i64) =
                 (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, r.try_get(4)?);
             if c != 0 {
-                add_spend_pg(&mut tx, &s, &run, &a, -c).await?;
+                let keys = spend_keys(&s, &run, &a);
+                locks.insert(lock_id(&keys[2]));
+                for k in keys {
+                    *deltas.entry(k).or_default() -= c;
+                }
             }
-            sqlx::query("DELETE FROM window_events WHERE reservation_id = $1").bind(&id).execute(&mut *tx).await?;
+            ids.push(id);
+        }
+        for l in &locks {
+            sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(l).execute(&mut *tx).await?;
+        }
+        if !deltas.is_empty() {
+            let (keys, amounts): (Vec<String>, Vec<i64>) = deltas.into_iter().unzip();
+            sqlx::query(
+                "INSERT INTO spend (key, micros) SELECT k, d FROM UNNEST($1::text[], $2::bigint[]) AS u(k, d) ORDER BY k \
+                 ON CONFLICT (key) DO UPDATE SET micros = spend.micros + EXCLUDED.micros",
+            )
+            .bind(&keys)
+            .bind(&amounts)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !ids.is_empty() {
+            sqlx::query("DELETE FROM window_events WHERE reservation_id = ANY($1)")
+                .bind(&ids)
+                .execute(&mut *tx)
+                .await?;
         }
         sqlx::query("DELETE FROM window_events WHERE expires_ns < $1").bind(now_ns).execute(&mut *tx).await?;
         tx.commit().await?;
@@ -579,6 +628,24 @@ struct Waiting {
 /// The most calls one transaction decides: a batch holds the session's lock while it runs.
 const MAX_BATCH: usize = 256;
 
+/// The most distinct advisory locks one batch takes (the session's, its windows', and the loop
+/// windows, which are per argument digest). PostgreSQL's shared lock table holds about
+/// `max_locks_per_transaction` (64 by default) per connection; a batch that needs more is cut.
+const MAX_BATCH_LOCKS: usize = 64;
+
+/// The most calls that may wait on one session; more fail at once instead of queueing without
+/// bound behind a slow or unavailable database.
+const MAX_QUEUED: usize = 4 * MAX_BATCH;
+
+/// What [`Lanes::push`] did with a call.
+enum Pushed {
+    /// The lane was idle: the caller starts its driver.
+    Idle,
+    Queued,
+    /// The lane is full; the call was not queued.
+    Full,
+}
+
 /// Per session (by its lock id), the calls waiting for the transaction running now to end. A
 /// session has an entry exactly while a task drives it.
 #[derive(Default)]
@@ -602,17 +669,18 @@ pub struct DecideBatching {
 }
 
 impl Lanes {
-    /// Queues a call; true when its lane was idle, so the caller must start its driver.
-    fn push(&self, lane: i64, w: Waiting) -> bool {
+    /// Queues a call.
+    fn push(&self, lane: i64, w: Waiting) -> Pushed {
         let mut lanes = self.queues.lock();
         match lanes.entry(lane) {
+            std::collections::hash_map::Entry::Occupied(e) if e.get().len() >= MAX_QUEUED => Pushed::Full,
             std::collections::hash_map::Entry::Occupied(mut e) => {
                 e.get_mut().push(w);
-                false
+                Pushed::Queued
             }
             std::collections::hash_map::Entry::Vacant(e) => {
                 e.insert(vec![w]);
-                true
+                Pushed::Idle
             }
         }
     }
@@ -626,7 +694,22 @@ impl Lanes {
             lanes.remove(&lane);
             return Vec::new();
         }
-        if q.len() <= MAX_BATCH { std::mem::take(q) } else { q.drain(..MAX_BATCH).collect() }
+        // As many calls as fit in MAX_BATCH and MAX_BATCH_LOCKS, and always at least one.
+        let mut locks: Vec<i64> = Vec::with_capacity(MAX_BATCH_LOCKS);
+        let mut n = 0;
+        for w in q.iter().take(MAX_BATCH) {
+            let new: Vec<i64> = w.call.locks.iter().copied().filter(|l| !locks.contains(l)).collect();
+            if n > 0 && locks.len() + new.len() > MAX_BATCH_LOCKS {
+                break;
+            }
+            for l in new {
+                if !locks.contains(&l) {
+                    locks.push(l);
+                }
+            }
+            n += 1;
+        }
+        if n == q.len() { std::mem::take(q) } else { q.drain(..n).collect() }
     }
 }
 
@@ -634,13 +717,13 @@ impl Lanes {
 /// the calls still queued get an error when their senders drop, instead of waiting forever.
 /// (A driver that ran out of calls has already ended its lane in [`Lanes::take`]; the lane may
 /// belong to a new driver by then, so the guard is disarmed.)
-struct LaneGuard<'a> {
-    lanes: &'a Lanes,
+struct LaneGuard {
+    lanes: std::sync::Arc<Lanes>,
     lane: i64,
     armed: bool,
 }
 
-impl Drop for LaneGuard<'_> {
+impl Drop for LaneGuard {
     fn drop(&mut self) {
         if self.armed {
             self.lanes.queues.lock().remove(&self.lane);
@@ -652,17 +735,34 @@ impl Drop for LaneGuard<'_> {
 /// duplicate reservation id, or a value the database rejected) rather than to the database.
 fn one_call_may_be_at_fault(e: &StoreError) -> bool {
     match e {
+        // Only an error the database raised while deciding: the batch did not commit. An answer
+        // that could not be read (after the commit) must not be decided again.
         StoreError::Database(sqlx::Error::Database(d)) => {
             d.code().is_some_and(|c| c.starts_with("23") || c.starts_with("22"))
         }
-        StoreError::Conflict(_) | StoreError::Invalid(_) => true,
         _ => false,
     }
 }
 
+/// Sends a call its answer. A caller that has gone since its batch was taken (its request timed
+/// out or was cancelled, and it was told so) does not keep the reservation made for it: it is
+/// released, so it does not hold the budget until it expires.
+fn answer(store: &Store, w: Waiting, out: Result<PgDecideOutcome>) {
+    if let Err(Ok(PgDecideOutcome::Passed)) = w.done.send(out)
+        && w.call.reserve
+    {
+        let (store, id) = (store.clone(), w.call.id);
+        tokio::spawn(async move {
+            if let Err(e) = store.pg_finish(&id, None, crate::now_ms()).await {
+                tracing::warn!(error = %e, reservation = %id, "cannot release the reservation of a caller that has gone; it expires");
+            }
+        });
+    }
+}
+
 /// Decides a session's queued calls, batch after batch, until none are left.
-async fn drive_lane(store: Store, lane: i64) {
-    let mut guard = LaneGuard { lanes: &store.lanes, lane, armed: true };
+async fn drive_lane(store: Store, mut guard: LaneGuard) {
+    let lane = guard.lane;
     loop {
         let mut batch = store.lanes.take(lane);
         // A caller that has gone (its request was cancelled or timed out, and it was told so)
@@ -683,7 +783,8 @@ async fn drive_lane(store: Store, lane: i64) {
             }
             1 => {
                 for w in batch {
-                    let _ = w.done.send(store.pg_decide_one(&w.call).await);
+                    let out = store.pg_decide_one(&w.call).await;
+                    answer(&store, w, out);
                 }
             }
             _ => {
@@ -691,7 +792,7 @@ async fn drive_lane(store: Store, lane: i64) {
                 match store.pg_decide_batch(&calls).await {
                     Ok(outs) => {
                         for (w, o) in batch.into_iter().zip(outs) {
-                            let _ = w.done.send(Ok(o));
+                            answer(&store, w, Ok(o));
                         }
                     }
                     // A batch is all or nothing: one bad call (a duplicate id) must not fail the
@@ -699,7 +800,8 @@ async fn drive_lane(store: Store, lane: i64) {
                     Err(e) if one_call_may_be_at_fault(&e) => {
                         tracing::warn!(error = %e, calls = batch.len(), "a batch of decisions failed; deciding them one by one");
                         for w in batch {
-                            let _ = w.done.send(store.pg_decide_one(&w.call).await);
+                            let out = store.pg_decide_one(&w.call).await;
+                            answer(&store, w, out);
                         }
                     }
                     // The database could not be asked (no connection, a timeout): trying each

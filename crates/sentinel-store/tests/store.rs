@@ -206,14 +206,27 @@ async fn decide_one(
     window: Option<u32>,
     id: String,
 ) -> Result<PgDecideOutcome, StoreError> {
-    let keys = spend_keys(&session, "r", "act");
+    decide_as(store, session, "act", cost, budget, window, id).await
+}
+
+/// [`decide_one`] for another action.
+async fn decide_as(
+    store: Store,
+    session: String,
+    action: &str,
+    cost: i64,
+    budget: i64,
+    window: Option<u32>,
+    id: String,
+) -> Result<PgDecideOutcome, StoreError> {
+    let keys = spend_keys(&session, "r", action);
     let now_ns = i64::try_from(std::time::UNIX_EPOCH.elapsed().unwrap().as_nanos()).unwrap();
     let windows: Vec<WindowSpec> = window
         .map(|max| WindowSpec { key: format!("w\u{1f}{}", keys[2]), max, window_ns: 60_000_000_000 })
         .into_iter()
         .collect();
     let budgets = [BudgetSpec { key: keys[2].clone(), limit_micros: budget }];
-    let row = reservation(&id, &session, cost, now_ns);
+    let row = ReservationRow { action: action.into(), ..reservation(&id, &session, cost, now_ns) };
     store
         .pg_decide(
             PgDecide {
@@ -264,16 +277,23 @@ async fn concurrent_shared_decisions_are_batched_and_exact() {
     cleanup.await;
 }
 
+/// Another connection, in a transaction that holds the reservations table: a session's first
+/// transaction waits until it commits, so the calls after it queue. (These tests run on the
+/// current-thread runtime, so a spawned call runs up to its wait before the test goes on.)
+async fn hold_reservations(url: &str) -> sqlx::PgConnection {
+    let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut c).await.unwrap();
+    sqlx::query("LOCK TABLE reservations IN ACCESS EXCLUSIVE MODE").execute(&mut c).await.unwrap();
+    c
+}
+
 /// A caller that has gone before its turn (its request was cancelled or timed out) gets no
 /// reservation: the calls queued behind a running transaction are checked when their batch is
 /// taken.
 #[tokio::test]
 async fn a_cancelled_call_queued_on_a_session_reserves_nothing() {
     let (pg, url, cleanup) = fresh_pg_at().await;
-    // Another connection holds the reservations table, so the session's first transaction waits.
-    let mut blocker = sqlx::PgConnection::connect(&url).await.unwrap();
-    sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
-    sqlx::query("LOCK TABLE reservations IN ACCESS EXCLUSIVE MODE").execute(&mut blocker).await.unwrap();
+    let mut blocker = hold_reservations(&url).await;
     let first = tokio::spawn(decide_one(pg.clone(), "s".into(), 10, 1_000_000, None, "first".into()));
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let queued: Vec<_> = (0..10)
@@ -307,6 +327,8 @@ async fn queued_decisions_fail_together_when_the_database_is_gone() {
     let (pg, cleanup) = fresh_pg().await;
     assert!(decide_concurrently(&pg, "s", 1, 1, 1_000_000, None, |_| "warm".into()).await[0].is_ok());
     cleanup.await; // the database is dropped under the open pool
+    // On the current-thread runtime all 60 calls are queued before the lane's driver first runs,
+    // so they go as one batch.
     let out = tokio::time::timeout(
         std::time::Duration::from_secs(120),
         decide_concurrently(&pg, "s", 60, 1, 1_000_000, None, |i| format!("gone-{i}")),
@@ -317,4 +339,132 @@ async fn queued_decisions_fail_together_when_the_database_is_gone() {
     let together = out.iter().filter(|o| matches!(o, Err(StoreError::Unavailable(_)))).count();
     assert!(together >= 59, "the queued calls failed one by one: {out:?}");
     pg.close().await;
+}
+
+/// Settles, releases and decisions on one session's counters at once, over several actions (a
+/// batch takes each call's spend rows in turn, not in one sorted order): none waits on another
+/// in a cycle, and the session's spend is exactly what was settled plus what is still reserved.
+#[tokio::test]
+async fn settles_and_batched_decisions_on_one_session_neither_deadlock_nor_drift() {
+    let (pg, cleanup) = fresh_pg().await;
+    let actions = ["act0", "act1", "act2", "act3"];
+    let first: Vec<_> = (0..200)
+        .map(|i| tokio::spawn(decide_as(pg.clone(), "s".into(), actions[i % 4], 100, i64::MAX, None, format!("f-{i}"))))
+        .collect();
+    for t in first {
+        assert!(matches!(t.await.unwrap(), Ok(PgDecideOutcome::Passed)));
+    }
+    // Every first reservation is settled for 105 (even) or released (odd) while 200 more are decided.
+    let mut finishing = Vec::new();
+    for i in 0..200 {
+        let pg = pg.clone();
+        finishing.push(tokio::spawn(async move {
+            let actual = (i % 2 == 0).then_some(105);
+            pg.pg_finish(&format!("f-{i}"), actual, sentinel_store::now_ms()).await.map(|_| ())
+        }));
+    }
+    let second: Vec<_> = (0..200)
+        .map(|i| tokio::spawn(decide_as(pg.clone(), "s".into(), actions[i % 4], 100, i64::MAX, None, format!("g-{i}"))))
+        .collect();
+    for t in finishing {
+        t.await.unwrap().expect("a settle or release failed");
+    }
+    for t in second {
+        let out = t.await.unwrap();
+        assert!(matches!(out, Ok(PgDecideOutcome::Passed)), "{out:?}");
+    }
+    let [_, run, session] = pg.pg_spend("s", "r", "act0").await.unwrap();
+    assert_eq!(session, 100 * 105 + 200 * 100, "100 settled at 105, 100 released, 200 reserved at 100");
+    assert_eq!(run, session);
+    pg.close().await;
+    cleanup.await;
+}
+
+/// A session that already has the most calls waiting refuses more at once.
+#[tokio::test]
+async fn a_full_session_lane_refuses_at_once() {
+    let (pg, url, cleanup) = fresh_pg_at().await;
+    let mut blocker = hold_reservations(&url).await;
+    let first = tokio::spawn(decide_one(pg.clone(), "s".into(), 1, i64::MAX, None, "first".into()));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // 1,024 may wait behind the running transaction; the 6 after them are refused.
+    let queued: Vec<_> = (0..1030)
+        .map(|i| tokio::spawn(decide_one(pg.clone(), "s".into(), 1, i64::MAX, None, format!("q-{i}"))))
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    sqlx::query("COMMIT").execute(&mut blocker).await.unwrap();
+    assert!(matches!(first.await.unwrap(), Ok(PgDecideOutcome::Passed)));
+    let (mut passed, mut refused) = (0, 0);
+    for q in queued {
+        match q.await.unwrap() {
+            Ok(PgDecideOutcome::Passed) => passed += 1,
+            Err(StoreError::Unavailable(m)) if m.contains("already waiting") => refused += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((passed, refused), (1024, 6));
+    blocker.close().await.unwrap();
+    pg.close().await;
+    cleanup.await;
+}
+
+/// Two replicas' sweepers at once, over reservations of several sessions and actions, while
+/// decisions run: each expired reservation is given back exactly once, and nothing deadlocks.
+#[tokio::test]
+async fn concurrent_sweeps_give_every_reservation_back_once() {
+    let (pg, cleanup) = fresh_pg().await;
+    let actions = ["act0", "act1", "act2", "act3"];
+    let made: Vec<_> = (0..400)
+        .map(|i| {
+            let session = format!("s{}", i % 10);
+            tokio::spawn(decide_as(pg.clone(), session, actions[i % 4], 10, i64::MAX, None, format!("e-{i}")))
+        })
+        .collect();
+    for t in made {
+        assert!(matches!(t.await.unwrap(), Ok(PgDecideOutcome::Passed)));
+    }
+    // Every reservation above expires within 60 s; sweep as if two minutes had passed.
+    let later_ms = sentinel_store::now_ms() + 120_000;
+    let later_ns = later_ms * 1_000_000;
+    let sweeps: Vec<_> = (0..2)
+        .map(|_| {
+            let pg = pg.clone();
+            tokio::spawn(async move {
+                let mut n = 0;
+                for _ in 0..4 {
+                    n += pg.pg_sweep(later_ms, later_ns).await.expect("a sweep failed");
+                }
+                n
+            })
+        })
+        .collect();
+    let during: Vec<_> = (0..100)
+        .map(|i| {
+            tokio::spawn(decide_as(
+                pg.clone(),
+                format!("s{}", i % 10),
+                actions[i % 4],
+                1,
+                i64::MAX,
+                None,
+                format!("d-{i}"),
+            ))
+        })
+        .collect();
+    let mut swept = 0;
+    for t in sweeps {
+        swept += t.await.unwrap();
+    }
+    for t in during {
+        assert!(matches!(t.await.unwrap(), Ok(PgDecideOutcome::Passed)));
+    }
+    // The calls made during the sweeps expire at the same time; one more sweep takes what is left.
+    swept += pg.pg_sweep(later_ms, later_ns).await.unwrap();
+    assert_eq!(swept, 500, "each expired reservation is swept once");
+    for s in 0..10 {
+        let spend = pg.pg_spend(&format!("s{s}"), "r", "act0").await.unwrap();
+        assert_eq!(spend, [0, 0, 0], "session s{s}: everything was given back, once");
+    }
+    pg.close().await;
+    cleanup.await;
 }
