@@ -201,7 +201,9 @@ def pg_fleet(binary: Path, a) -> str:
         rps = sum(r["rps"] for r in results)
         p99 = max(r["p99"] for r in results)
         reserved = int(psql(db, "SELECT COALESCE(SUM(cost_micros),0) FROM reservations WHERE state='reserved'"))
-        allowed = int(psql(db, "SELECT COUNT(*) FROM reservations"))
+        # A call whose client went away while it was decided (wrk stopping) is released at once.
+        allowed = int(psql(db, "SELECT COUNT(*) FROM reservations WHERE state='reserved'"))
+        released = int(psql(db, "SELECT COUNT(*) FROM reservations WHERE state='released'"))
         budget = round(a.fleet_budget * 1e6)
         affordable = budget // 1000
         if reserved > budget:
@@ -214,7 +216,8 @@ def pg_fleet(binary: Path, a) -> str:
             verdict = "zero overspend, exactly the affordable number allowed"
         per_tx = calls / tx if tx else 0.0
         return (f"SUMMARY decide postgres x2: {rps:.0f} decisions/s, p99 {p99:.2f} ms (worst replica), "
-                f"{allowed} allowed of a ${a.fleet_budget:g} budget at $0.001: reserved ${reserved / 1e6:.3f}, {verdict}; "
+                f"{allowed} allowed of a ${a.fleet_budget:g} budget at $0.001 ({released} released, their callers gone): "
+                f"reserved ${reserved / 1e6:.3f}, {verdict}; "
                 f"{per_tx:.1f} calls per transaction; {a.connections} connections; {steal}")
     finally:
         psql(PG_ADMIN, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
