@@ -48,6 +48,9 @@ pub(crate) struct CompiledCondition {
     pub value: Value,
     pub num: Option<f64>,
     pub regex: Option<Regex>,
+    /// For `contains` / `not_contains` with a text value: the searcher, built once (`str::contains`
+    /// builds one on every call, most of the cost of a short search).
+    pub finder: Option<memchr::memmem::Finder<'static>>,
 }
 
 pub(crate) struct CompiledRule {
@@ -268,6 +271,12 @@ fn compile_one(d: &PolicyDoc) -> Result<CompiledPolicy, PolicyError> {
                 num: c.value.as_f64(),
                 value: c.value.clone(),
                 regex,
+                finder: match (c.operator, &c.value) {
+                    (Operator::Contains | Operator::NotContains, Value::String(n)) => {
+                        Some(memchr::memmem::Finder::new(n.as_bytes()).into_owned())
+                    }
+                    _ => None,
+                },
             });
         }
         rules.push(CompiledRule {

@@ -1027,7 +1027,10 @@ fn eval(c: &CompiledCondition, v: Option<&Value>) -> Tri {
         }
         Operator::Contains | Operator::NotContains => {
             let hit = match (v, &c.value) {
-                (Value::String(s), Value::String(needle)) => s.contains(needle.as_str()),
+                (Value::String(s), Value::String(needle)) => match &c.finder {
+                    Some(f) => f.find(s.as_bytes()).is_some(),
+                    None => s.contains(needle.as_str()),
+                },
                 (Value::Array(items), needle) => items.iter().any(|i| json_eq(i, needle)),
                 (Value::Object(m), Value::String(k)) => m.contains_key(k),
                 _ => return Tri::Unknown,
