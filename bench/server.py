@@ -223,6 +223,48 @@ def pg_fleet(binary: Path, a) -> str:
         psql(PG_ADMIN, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
+def thread_ticks(pid: int) -> dict[str, list[int]]:
+    """User and system clock ticks so far, summed by thread name (`/proc/<pid>/task/*`)."""
+    out: dict[str, list[int]] = {}
+    for t in os.listdir(f"/proc/{pid}/task"):
+        try:
+            stat = Path(f"/proc/{pid}/task/{t}/stat").read_text()
+            name = Path(f"/proc/{pid}/task/{t}/comm").read_text().strip()
+        except OSError:
+            continue  # the thread ended
+        f = stat[stat.rindex(")") + 2:].split()
+        acc = out.setdefault(name, [0, 0])
+        acc[0] += int(f[11])
+        acc[1] += int(f[12])
+    return out
+
+
+def per_thread(binary: Path, a) -> list[str]:
+    """Server CPU per request, by thread, for `/decide` and for `/healthz` at one offered rate."""
+    rate = int(a.rates.split(",")[0])
+    tck = os.sysconf("SC_CLK_TCK")
+    lines = []
+    for path in ("/api/v1/decide", "/healthz"):
+        with tempfile.TemporaryDirectory() as d:
+            s = Server(binary, Path(d))
+            key = (Path(d) / "bootstrap-admin-key").read_text().strip()
+            call(s.url, key, "POST", "/api/v1/policies", POLICY)
+            env = {**os.environ, **({"LOAD_PATH": path} if path == "/healthz" else {})}
+            before, t0 = thread_ticks(s.proc.pid), cpu_ticks()
+            out = subprocess.run([str(TARGET / "release" / "examples" / "decide_load"), s.url, key, str(rate),
+                                  str(a.seconds), "64"], capture_output=True, text=True, check=True, env=env).stdout
+            after, steal = thread_ticks(s.proc.pid), steal_since(t0)
+            s.stop()
+        n = float(re.search(r"achieved (\d+)/s", out).group(1)) * a.seconds
+        parts = []
+        for name, (u, sy) in sorted(after.items(), key=lambda kv: -sum(kv[1])):
+            bu, bs = before.get(name, [0, 0])
+            if (u - bu) + (sy - bs):
+                parts.append(f"{name} user {(u - bu) / tck * 1e6 / n:.2f} + system {(sy - bs) / tck * 1e6 / n:.2f} µs")
+        lines.append(f"SUMMARY per thread, {path} at {rate}/s: " + "; ".join(parts) + f" per request ({steal})")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=int, default=10)
@@ -230,6 +272,8 @@ def main() -> None:
     ap.add_argument("--skip-pg", action="store_true")
     ap.add_argument("--rounds", type=int, default=3, help="open-loop runs of /decide and of the /healthz peer per rate")
     ap.add_argument("--only-pg-fleet", action="store_true", help="only /decide on two PostgreSQL replicas")
+    ap.add_argument("--per-thread", action="store_true",
+                    help="only the server's CPU per request by thread, /decide and /healthz, at the first --rates")
     ap.add_argument("--fleet-budget", type=float, default=20.0, metavar="USD",
                     help="the PostgreSQL fleet's session budget; each call costs $0.001 (default 20: 20,000 calls)")
     ap.add_argument("--only-sqlite-latency", action="store_true", help="stop after the open-loop SQLite latency runs")
@@ -248,6 +292,9 @@ def main() -> None:
     binary = build()
     if a.only_pg_fleet:
         print(pg_fleet(binary, a))
+        return
+    if a.per_thread:
+        print("\n".join(per_thread(binary, a)))
         return
     load = TARGET / "release" / "examples" / "ingest_load"
     summary = []
