@@ -698,11 +698,11 @@ impl Lanes {
         let mut locks: Vec<i64> = Vec::with_capacity(MAX_BATCH_LOCKS);
         let mut n = 0;
         for w in q.iter().take(MAX_BATCH) {
-            let new: Vec<i64> = w.call.locks.iter().copied().filter(|l| !locks.contains(l)).collect();
-            if n > 0 && locks.len() + new.len() > MAX_BATCH_LOCKS {
+            let fresh = w.call.locks.iter().filter(|l| !locks.contains(l)).count();
+            if n > 0 && locks.len() + fresh > MAX_BATCH_LOCKS {
                 break;
             }
-            for l in new {
+            for &l in &w.call.locks {
                 if !locks.contains(&l) {
                     locks.push(l);
                 }
@@ -862,4 +862,69 @@ async fn add_spend_pg(
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waiting(locks: Vec<i64>) -> Waiting {
+        let call = Call {
+            locks,
+            agent: String::new(),
+            run: String::new(),
+            now_ns: 0,
+            win_keys: Vec::new(),
+            win_max: Vec::new(),
+            win_ns: Vec::new(),
+            budget_keys: Vec::new(),
+            budget_limits: Vec::new(),
+            reserve: false,
+            id: String::new(),
+            session: String::new(),
+            action: String::new(),
+            digest: 0,
+            cost: 0,
+            created_at: 0,
+            expires_at: 0,
+            version: String::new(),
+        };
+        Waiting { call, done: tokio::sync::oneshot::channel().0 }
+    }
+
+    /// A batch is cut at MAX_BATCH calls, and before the call that would take it past
+    /// MAX_BATCH_LOCKS distinct locks; a call with more locks than that still goes, alone.
+    #[test]
+    fn batches_are_cut_by_calls_and_by_distinct_locks() {
+        let lanes = Lanes::default();
+        // The session's lock (1) is shared; each call adds one lock of its own (a loop window).
+        for i in 0..100 {
+            let _ = lanes.push(7, waiting(vec![1, 1000 + i]));
+        }
+        let sizes: Vec<usize> = std::iter::from_fn(|| Some(lanes.take(7).len()).filter(|&n| n > 0)).collect();
+        assert_eq!(sizes, [63, 37], "1 shared + 63 own locks fill the first batch");
+        assert!(lanes.queues.lock().is_empty(), "an empty take ends the lane");
+
+        for _ in 0..300 {
+            let _ = lanes.push(7, waiting(vec![1]));
+        }
+        let sizes: Vec<usize> = std::iter::from_fn(|| Some(lanes.take(7).len()).filter(|&n| n > 0)).collect();
+        assert_eq!(sizes, [MAX_BATCH, 300 - MAX_BATCH]);
+
+        let _ = lanes.push(7, waiting((0..100).collect()));
+        let _ = lanes.push(7, waiting(vec![1]));
+        let sizes: Vec<usize> = std::iter::from_fn(|| Some(lanes.take(7).len()).filter(|&n| n > 0)).collect();
+        assert_eq!(sizes, [1, 1], "a call with 100 locks goes alone");
+    }
+
+    #[test]
+    fn a_full_lane_refuses() {
+        let lanes = Lanes::default();
+        assert!(matches!(lanes.push(3, waiting(vec![1])), Pushed::Idle));
+        for _ in 1..MAX_QUEUED {
+            assert!(matches!(lanes.push(3, waiting(vec![1])), Pushed::Queued));
+        }
+        assert!(matches!(lanes.push(3, waiting(vec![1])), Pushed::Full));
+        assert!(matches!(lanes.push(4, waiting(vec![2])), Pushed::Idle), "other sessions are not affected");
+    }
 }
