@@ -101,6 +101,11 @@ struct ServeArgs {
     /// Threads that serve requests [default: two more than the CPU cores]
     #[arg(long, env = "SENTINEL_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     worker_threads: Option<u16>,
+    /// How many `nice` steps the background fold and SQLite's threads run below the request
+    /// threads (0 runs them at the same priority)
+    #[arg(long, env = "SENTINEL_BACKGROUND_NICE", default_value_t = sentinel_server::background::NICE_STEPS,
+          value_parser = clap::value_parser!(i32).range(0..=19))]
+    background_nice: i32,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -485,6 +490,7 @@ fn serve(a: ServeArgs) -> Result<ExitCode> {
     // of each one zeroes 2 MiB while a request waits (measured: p99 of `/decide` at 20,000/s went
     // from 6-14 ms to under 2 ms without them). Failing to turn them off only costs latency.
     let _ = rustix::thread::disable_transparent_huge_pages(true);
+    sentinel_server::background::set_nice_steps(a.background_nice);
     // Two more request threads than cores: when the kernel preempts one (for a client on the same
     // machine, or the background fold), the requests it would take next go to another instead of
     // waiting for it (measured at 20,000/s on 2 cores, with the fold at normal priority: p99

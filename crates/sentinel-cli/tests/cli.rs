@@ -198,6 +198,28 @@ fn closed_pipe_does_not_panic() {
     assert!(out.stderr.is_empty(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// A background priority outside 0..=19, on the command line or in the environment, is refused
+/// at start with the flag named, before anything is opened.
+#[test]
+fn serve_refuses_a_bad_background_priority() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data").display().to_string();
+    let out = sentinel(&["serve", "--data-dir", &data, "--background-nice", "25"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--background-nice") && err.contains("25"), "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_sentinel"))
+        .args(["serve", "--data-dir", &data])
+        .env("SENTINEL_BACKGROUND_NICE", "low")
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--background-nice") && err.contains("low"), "{err}");
+    assert!(!dir.path().join("data").exists(), "nothing was created");
+}
+
 /// `sentinel serve` as an operator runs it: first start writes the bootstrap key (0600), the key
 /// works over real HTTP, and SIGTERM stops the server gracefully.
 #[test]

@@ -26,13 +26,18 @@
 /// How much lower than the request threads background threads run by default (`nice` steps).
 pub const NICE_STEPS: i32 = 10;
 
-/// [`NICE_STEPS`], or `SENTINEL_BACKGROUND_NICE` (0 to 19; 0 runs background work at the request
-/// threads' priority).
+static STEPS: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(NICE_STEPS);
+
+/// Sets how many `nice` steps background threads run below the request threads, for threads
+/// lowered from now on (0 to 19; 0 runs background work at the request threads' priority).
+/// `sentinel serve --background-nice` (or `SENTINEL_BACKGROUND_NICE`) sets it at start.
+pub fn set_nice_steps(steps: i32) {
+    STEPS.store(steps.clamp(0, 19), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The steps set by [`set_nice_steps`]; [`NICE_STEPS`] by default.
 pub fn nice_steps() -> i32 {
-    std::env::var("SENTINEL_BACKGROUND_NICE")
-        .ok()
-        .and_then(|v| v.trim().parse::<i32>().ok())
-        .map_or(NICE_STEPS, |n| n.clamp(0, 19))
+    STEPS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Lowers the calling thread's priority by [`nice_steps`]; returns its new `nice` value (`None`
@@ -93,7 +98,6 @@ mod tests {
 
     #[test]
     fn a_lowered_thread_and_sqlite_threads_run_at_the_lower_priority() {
-        assert!(nice_steps() > 0, "unset SENTINEL_BACKGROUND_NICE=0 to run this test");
         assert!(
             rustix::process::getpriority_process(None).is_ok_and(|n| n < 19),
             "run this test above the lowest priority (not under `nice -n 19`)"

@@ -353,7 +353,7 @@ async fn the_journal_is_folded_by_a_thread_below_the_request_threads_priority() 
     })
     .await;
     let want = (base + sentinel_server::background::nice_steps()).min(19);
-    assert!(want > base, "run this test with SENTINEL_BACKGROUND_NICE unset and not under `nice -n 19`");
+    assert!(want > base, "run this test not under `nice -n 19`");
     let all = threads_and_nice();
     // Other tests in this process start folders of their own (each one named before it lowers
     // itself), so this server's is one of those at the lowered priority.
