@@ -287,15 +287,26 @@ async fn hold_reservations(url: &str) -> sqlx::PgConnection {
     c
 }
 
+/// A session's first call, in its lane's running transaction, waiting on [`hold_reservations`]:
+/// the calls made next queue behind it. Returns the blocking connection and the first call.
+async fn first_call_waiting(
+    pg: &Store,
+    url: &str,
+    cost: i64,
+) -> (sqlx::PgConnection, tokio::task::JoinHandle<Result<PgDecideOutcome, StoreError>>) {
+    let blocker = hold_reservations(url).await;
+    let first = tokio::spawn(decide_one(pg.clone(), "s".into(), cost, i64::MAX, None, "first".into()));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    (blocker, first)
+}
+
 /// A caller that has gone before its turn (its request was cancelled or timed out) gets no
 /// reservation: the calls queued behind a running transaction are checked when their batch is
 /// taken.
 #[tokio::test]
 async fn a_cancelled_call_queued_on_a_session_reserves_nothing() {
     let (pg, url, cleanup) = fresh_pg_at().await;
-    let mut blocker = hold_reservations(&url).await;
-    let first = tokio::spawn(decide_one(pg.clone(), "s".into(), 10, 1_000_000, None, "first".into()));
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (mut blocker, first) = first_call_waiting(&pg, &url, 10).await;
     let queued: Vec<_> = (0..10)
         .map(|i| tokio::spawn(decide_one(pg.clone(), "s".into(), 10, 1_000_000, None, format!("q-{i}"))))
         .collect();
@@ -384,9 +395,7 @@ async fn settles_and_batched_decisions_on_one_session_neither_deadlock_nor_drift
 #[tokio::test]
 async fn a_full_session_lane_refuses_at_once() {
     let (pg, url, cleanup) = fresh_pg_at().await;
-    let mut blocker = hold_reservations(&url).await;
-    let first = tokio::spawn(decide_one(pg.clone(), "s".into(), 1, i64::MAX, None, "first".into()));
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (mut blocker, first) = first_call_waiting(&pg, &url, 1).await;
     // 1,024 may wait behind the running transaction; the 6 after them are refused.
     let queued: Vec<_> = (0..1030)
         .map(|i| tokio::spawn(decide_one(pg.clone(), "s".into(), 1, i64::MAX, None, format!("q-{i}"))))
@@ -465,6 +474,30 @@ async fn concurrent_sweeps_give_every_reservation_back_once() {
         let spend = pg.pg_spend(&format!("s{s}"), "r", "act0").await.unwrap();
         assert_eq!(spend, [0, 0, 0], "session s{s}: everything was given back, once");
     }
+    pg.close().await;
+    cleanup.await;
+}
+
+/// A halt committed while calls wait in a session's lane stops every one of them decided after
+/// it, though they were queued before it: each call in a batch reads the halts as it is decided.
+#[tokio::test]
+async fn a_halt_stops_the_calls_already_queued_on_a_session() {
+    let (pg, url, cleanup) = fresh_pg_at().await;
+    let (mut blocker, first) = first_call_waiting(&pg, &url, 1).await;
+    let queued: Vec<_> = (0..20)
+        .map(|i| tokio::spawn(decide_one(pg.clone(), "s".into(), 1, i64::MAX, None, format!("q-{i}"))))
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    pg.set_halt("agent", "a", "runaway", "ops").await.unwrap();
+    sqlx::query("COMMIT").execute(&mut blocker).await.unwrap();
+    // The first call had read the halts before the halt existed, and was waiting to write.
+    assert!(matches!(first.await.unwrap(), Ok(PgDecideOutcome::Passed)));
+    for q in queued {
+        let out = q.await.unwrap();
+        assert!(matches!(&out, Ok(PgDecideOutcome::Halted(h)) if h.reason == "runaway"), "{out:?}");
+    }
+    assert_eq!(pg.pg_spend("s", "r", "act").await.unwrap()[2], 1, "only the first call spent");
+    blocker.close().await.unwrap();
     pg.close().await;
     cleanup.await;
 }
