@@ -101,16 +101,24 @@ class Server:
                     raise SystemExit(f"server on {self.port} did not start")
                 time.sleep(0.05)
         self.url = f"http://127.0.0.1:{self.port}"
+        # Written on a database's first start only: a second replica on the same database has none.
+        bootstrap = data / "bootstrap-admin-key"
+        self.key = bootstrap.read_text().strip() if bootstrap.exists() else None
 
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=30)
 
 
+def stat_ticks(stat: Path) -> tuple[int, int]:
+    """User and system clock ticks so far of a process or thread (its `/proc/.../stat`)."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]), int(fields[12])
+
+
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU time of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return sum(stat_ticks(Path(f"/proc/{pid}/stat"))) / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_ticks() -> tuple[int, int]:
@@ -181,15 +189,14 @@ def pg_fleet(binary: Path, a) -> str:
     try:
         with tempfile.TemporaryDirectory() as d1, tempfile.TemporaryDirectory() as d2:
             s1 = Server(binary, Path(d1), db)
-            key = (Path(d1) / "bootstrap-admin-key").read_text().strip()
             # At $0.001 a call, the default $20 is exactly 20,000 calls, well inside what a run offers.
             pol = {**POLICY, "budgets": {"session": a.fleet_budget}}
-            call(s1.url, key, "POST", "/api/v1/policies", pol)
+            call(s1.url, s1.key, "POST", "/api/v1/policies", pol)
             s2 = Server(binary, Path(d2), db, secret=Path(d1) / "server-secret")
             import concurrent.futures as cf
             t0 = cpu_ticks()
             with cf.ThreadPoolExecutor(2) as ex:
-                futs = [ex.submit(wrk, s.url, key, BODY, a.seconds, a.connections // 2) for s in (s1, s2)]
+                futs = [ex.submit(wrk, s.url, s1.key, BODY, a.seconds, a.connections // 2) for s in (s1, s2)]
                 results = [f.result() for f in futs]
             steal = steal_since(t0)
             time.sleep(1.2)  # the batching counters are published every second
@@ -228,40 +235,56 @@ def thread_ticks(pid: int) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
     for t in os.listdir(f"/proc/{pid}/task"):
         try:
-            stat = Path(f"/proc/{pid}/task/{t}/stat").read_text()
+            ticks = stat_ticks(Path(f"/proc/{pid}/task/{t}/stat"))
             name = Path(f"/proc/{pid}/task/{t}/comm").read_text().strip()
         except OSError:
             continue  # the thread ended
-        f = stat[stat.rindex(")") + 2:].split()
         acc = out.setdefault(name, [0, 0])
-        acc[0] += int(f[11])
-        acc[1] += int(f[12])
+        acc[0] += ticks[0]
+        acc[1] += ticks[1]
     return out
+
+
+def open_loop(binary: Path, a, rate: int, path: str | None, variant: dict | None = None) -> dict:
+    """`decide_load` at a fixed offered rate against a fresh SQLite server with POLICY (`path`
+    `/healthz` for the peer): latency percentiles, achieved rate, the server's CPU per request in
+    all and by thread, and the CPU stolen meanwhile."""
+    server_env = dict(variant or {})
+    server = Path(server_env.pop("binary", binary))
+    with tempfile.TemporaryDirectory() as d:
+        s = Server(server, Path(d), env=server_env)
+        call(s.url, s.key, "POST", "/api/v1/policies", POLICY)
+        load_env = {**os.environ, **({"LOAD_PATH": path} if path else {})}
+        cpu0, threads0, ticks0 = cpu_seconds(s.proc.pid), thread_ticks(s.proc.pid), cpu_ticks()
+        out = subprocess.run([str(TARGET / "release" / "examples" / "decide_load"), s.url, s.key, str(rate),
+                              str(a.seconds), "64"], capture_output=True, text=True, check=True, env=load_env).stdout
+        cpu1, threads1, steal = cpu_seconds(s.proc.pid), thread_ticks(s.proc.pid), steal_pct(ticks0)
+        s.stop()
+    got = {k: float(v) for k, v in re.findall(r"(p50|p90|p99|p99\.9|max) ([\d.]+) ms", out)}
+    got["rate"] = float(re.search(r"achieved (\d+)/s", out).group(1))
+    got["non200"] = int(re.search(r"non-200 (\d+)", out).group(1))
+    # The server's own CPU per request (user + system): steadier than a tail on a noisy machine.
+    n = max(1.0, got["rate"] * a.seconds)
+    got["cpu_us"] = 1e6 * (cpu1 - cpu0) / n
+    tck = os.sysconf("SC_CLK_TCK")
+    got["threads_us"] = {
+        name: tuple(1e6 * (x - x0) / tck / n for x, x0 in zip(t, threads0.get(name, [0, 0])))
+        for name, t in threads1.items()
+    }
+    got["steal"] = steal
+    return got
 
 
 def per_thread(binary: Path, a) -> list[str]:
     """Server CPU per request, by thread, for `/decide` and for `/healthz` at one offered rate."""
     rate = int(a.rates.split(",")[0])
-    tck = os.sysconf("SC_CLK_TCK")
     lines = []
-    for path in ("/api/v1/decide", "/healthz"):
-        with tempfile.TemporaryDirectory() as d:
-            s = Server(binary, Path(d))
-            key = (Path(d) / "bootstrap-admin-key").read_text().strip()
-            call(s.url, key, "POST", "/api/v1/policies", POLICY)
-            env = {**os.environ, **({"LOAD_PATH": path} if path == "/healthz" else {})}
-            before, t0 = thread_ticks(s.proc.pid), cpu_ticks()
-            out = subprocess.run([str(TARGET / "release" / "examples" / "decide_load"), s.url, key, str(rate),
-                                  str(a.seconds), "64"], capture_output=True, text=True, check=True, env=env).stdout
-            after, steal = thread_ticks(s.proc.pid), steal_since(t0)
-            s.stop()
-        n = float(re.search(r"achieved (\d+)/s", out).group(1)) * a.seconds
-        parts = []
-        for name, (u, sy) in sorted(after.items(), key=lambda kv: -sum(kv[1])):
-            bu, bs = before.get(name, [0, 0])
-            if (u - bu) + (sy - bs):
-                parts.append(f"{name} user {(u - bu) / tck * 1e6 / n:.2f} + system {(sy - bs) / tck * 1e6 / n:.2f} µs")
-        lines.append(f"SUMMARY per thread, {path} at {rate}/s: " + "; ".join(parts) + f" per request ({steal})")
+    for path in (None, "/healthz"):
+        got = open_loop(binary, a, rate, path)
+        parts = [f"{name} user {u:.2f} + system {sy:.2f} µs"
+                 for name, (u, sy) in sorted(got["threads_us"].items(), key=lambda kv: -sum(kv[1])) if u + sy]
+        lines.append(f"SUMMARY per thread, {path or '/api/v1/decide'} at {rate}/s: " + "; ".join(parts)
+                     + f" per request (steal {got['steal']:.1f}%)")
     return lines
 
 
@@ -303,29 +326,6 @@ def main() -> None:
     # server, next to the same generator against `/healthz` (the peer: what this machine, the HTTP
     # stack and the generator cost by themselves; these machines are noisy, so the runs alternate
     # and the ratio is reported); then wrk's closed-loop maximum, then ingest.
-    decide_load = TARGET / "release" / "examples" / "decide_load"
-
-    def open_loop(rate: int, path: str | None, variant: dict | None = None) -> dict:
-        server_env = dict(variant or {})
-        server = Path(server_env.pop("binary", binary))
-        with tempfile.TemporaryDirectory() as d:
-            s = Server(server, Path(d), env=server_env)
-            key = (Path(d) / "bootstrap-admin-key").read_text().strip()
-            call(s.url, key, "POST", "/api/v1/policies", POLICY)
-            load_env = {**os.environ, **({"LOAD_PATH": path} if path else {})}
-            cpu0, ticks0 = cpu_seconds(s.proc.pid), cpu_ticks()
-            out = subprocess.run([str(decide_load), s.url, key, str(rate), str(a.seconds), "64"],
-                                 capture_output=True, text=True, check=True, env=load_env).stdout
-            cpu1, steal = cpu_seconds(s.proc.pid), steal_pct(ticks0)
-            s.stop()
-        got = {k: float(v) for k, v in re.findall(r"(p50|p90|p99|p99\.9|max) ([\d.]+) ms", out)}
-        got["rate"] = float(re.search(r"achieved (\d+)/s", out).group(1))
-        got["non200"] = int(re.search(r"non-200 (\d+)", out).group(1))
-        # The server's own CPU per request (user + system): steadier than a tail on a noisy machine.
-        got["cpu_us"] = 1e6 * (cpu1 - cpu0) / max(1.0, got["rate"] * a.seconds)
-        got["steal"] = steal
-        return got
-
     variants = []
     for v in a.variant:
         name, _, assigns = v.partition(":")
@@ -345,9 +345,9 @@ def main() -> None:
         while len(runs["healthz"]) < a.rounds:
             # One round: the peer, then every variant; kept or repeated as a whole, so the
             # interleaving stays fair.
-            got = {"healthz": open_loop(rate, "/healthz")}
+            got = {"healthz": open_loop(binary, a, rate, "/healthz")}
             for name, env in variants:
-                got[name] = open_loop(rate, None, env)
+                got[name] = open_loop(binary, a, rate, None, env)
             worst = max(r["steal"] for r in got.values())
             if worst > a.max_steal and retries > 0:
                 retries -= 1
@@ -380,24 +380,22 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as d:
         s = Server(binary, Path(d))
-        key = (Path(d) / "bootstrap-admin-key").read_text().strip()
-        call(s.url, key, "POST", "/api/v1/policies", POLICY)
-        wrk(s.url, key, BODY, 2, a.connections)  # warm up
+        call(s.url, s.key, "POST", "/api/v1/policies", POLICY)
+        wrk(s.url, s.key, BODY, 2, a.connections)  # warm up
         t0 = cpu_ticks()
-        r = wrk(s.url, key, BODY, a.seconds, a.connections)
+        r = wrk(s.url, s.key, BODY, a.seconds, a.connections)
         summary.append(f"SUMMARY decide sqlite (wrk, closed loop): {r['rps']:.0f} decisions/s, p50 {r['p50']:.2f} ms, "
                        f"p99 {r['p99']:.2f} ms, non-2xx {r['non2xx']} ({a.connections} connections, 1 server; "
                        f"{steal_since(t0)})")
         t0 = cpu_ticks()
-        out = subprocess.run([str(load), s.url, key, "200000", "500", "4"], capture_output=True, text=True, check=True)
+        out = subprocess.run([str(load), s.url, s.key, "200000", "500", "4"], capture_output=True, text=True, check=True)
         summary.append(out.stdout.strip().replace("SUMMARY ingest:", "SUMMARY ingest sqlite:") + f" ({steal_since(t0)})")
         s.stop()
 
     # 2. Approval round trip: a human's approve through the API → the waiting agent holds an allowed decision.
     with tempfile.TemporaryDirectory() as d:
         s = Server(binary, Path(d))
-        key = (Path(d) / "bootstrap-admin-key").read_text().strip()
-        out = subprocess.run([str(TARGET / "release" / "examples" / "approval_rtt"), s.url, key, "200"],
+        out = subprocess.run([str(TARGET / "release" / "examples" / "approval_rtt"), s.url, s.key, "200"],
                              capture_output=True, text=True, check=True)
         summary.append(out.stdout.strip())
         s.stop()
@@ -424,9 +422,8 @@ def main() -> None:
         try:
             with tempfile.TemporaryDirectory() as d:
                 s1 = Server(binary, Path(d), db)
-                key = (Path(d) / "bootstrap-admin-key").read_text().strip()
                 t0 = cpu_ticks()
-                out = subprocess.run([str(load), s1.url, key, "200000", "500", "4"], capture_output=True, text=True,
+                out = subprocess.run([str(load), s1.url, s1.key, "200000", "500", "4"], capture_output=True, text=True,
                                      check=True)
                 summary.append(out.stdout.strip().replace("SUMMARY ingest:", "SUMMARY ingest postgres:")
                                + f" ({steal_since(t0)})")

@@ -48,8 +48,8 @@ pub(crate) struct CompiledCondition {
     pub value: Value,
     pub num: Option<f64>,
     pub regex: Option<Regex>,
-    /// For `contains` / `not_contains` with a text value: the searcher, built once (`str::contains`
-    /// builds one on every call, most of the cost of a short search).
+    /// For `contains` / `not_contains` with a text value, and only then: the searcher, built once
+    /// (`str::contains` builds one on every call, most of the cost of a short search).
     pub finder: Option<memchr::memmem::Finder<'static>>,
 }
 

@@ -1026,13 +1026,11 @@ fn eval(c: &CompiledCondition, v: Option<&Value>) -> Tri {
             b(if c.op == Operator::In { hit } else { !hit })
         }
         Operator::Contains | Operator::NotContains => {
-            let hit = match (v, &c.value) {
-                (Value::String(s), Value::String(needle)) => match &c.finder {
-                    Some(f) => f.find(s.as_bytes()).is_some(),
-                    None => s.contains(needle.as_str()),
-                },
-                (Value::Array(items), needle) => items.iter().any(|i| json_eq(i, needle)),
-                (Value::Object(m), Value::String(k)) => m.contains_key(k),
+            // A text value has its searcher (`finder`), built when the policy was compiled.
+            let hit = match (v, &c.value, &c.finder) {
+                (Value::String(s), _, Some(f)) => f.find(s.as_bytes()).is_some(),
+                (Value::Array(items), needle, _) => items.iter().any(|i| json_eq(i, needle)),
+                (Value::Object(m), Value::String(k), _) => m.contains_key(k),
                 _ => return Tri::Unknown,
             };
             b(if c.op == Operator::Contains { hit } else { !hit })

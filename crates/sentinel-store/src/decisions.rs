@@ -433,10 +433,8 @@ impl Store {
         // The session's counters change only under its lock, as in `sentinel_decide`: a decision
         // must not read the spend before this settle and write after it, and a batch of decisions
         // takes the session's spend rows call by call, not in one sorted order.
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(lock_id(&spend_keys(&r.session_id, &r.run_id, &r.action)[2]))
-            .execute(&mut *tx)
-            .await?;
+        let keys = spend_keys(&r.session_id, &r.run_id, &r.action);
+        lock_all(&mut tx, &[lock_id(&keys[2])]).await?;
         let live = match r.state.as_str() {
             "reserved" => true,
             "expired" => false,
@@ -447,7 +445,7 @@ impl Store {
                 // An expired reservation gave its estimate back; the actual cost is still owed.
                 let delta = if live { actual.saturating_sub(r.cost_micros) } else { actual };
                 if delta != 0 {
-                    add_spend_pg(&mut tx, &r.session_id, &r.run_id, &r.action, delta).await?;
+                    add_spend_pg(&mut tx, &keys, &[delta; 3]).await?;
                 }
                 sqlx::query(
                     "UPDATE reservations SET state = 'settled', actual_micros = $1, settled_at = $2 WHERE id = $3",
@@ -460,7 +458,7 @@ impl Store {
             }
             None => {
                 if live {
-                    add_spend_pg(&mut tx, &r.session_id, &r.run_id, &r.action, -r.cost_micros).await?;
+                    add_spend_pg(&mut tx, &keys, &[-r.cost_micros; 3]).await?;
                     sqlx::query("DELETE FROM window_events WHERE reservation_id = $1")
                         .bind(id)
                         .execute(&mut *tx)
@@ -493,32 +491,23 @@ impl Store {
         // two sweepers and the decisions never wait on each other in a cycle.
         let mut ids = Vec::with_capacity(rows.len());
         let mut deltas = std::collections::BTreeMap::<String, i64>::new();
-        let mut locks = std::collections::BTreeSet::new();
+        let mut locks = Vec::new();
         for r in &rows {
             let (id, s, run, a, c): (String, String, String, String, i64) =
                 (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, r.try_get(4)?);
             if c != 0 {
                 let keys = spend_keys(&s, &run, &a);
-                locks.insert(lock_id(&keys[2]));
+                locks.push(lock_id(&keys[2]));
                 for k in keys {
                     *deltas.entry(k).or_default() -= c;
                 }
             }
             ids.push(id);
         }
-        for l in &locks {
-            sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(l).execute(&mut *tx).await?;
-        }
         if !deltas.is_empty() {
+            lock_all(&mut tx, &locks).await?;
             let (keys, amounts): (Vec<String>, Vec<i64>) = deltas.into_iter().unzip();
-            sqlx::query(
-                "INSERT INTO spend (key, micros) SELECT k, d FROM UNNEST($1::text[], $2::bigint[]) AS u(k, d) ORDER BY k \
-                 ON CONFLICT (key) DO UPDATE SET micros = spend.micros + EXCLUDED.micros",
-            )
-            .bind(&keys)
-            .bind(&amounts)
-            .execute(&mut *tx)
-            .await?;
+            add_spend_pg(&mut tx, &keys, &amounts).await?;
         }
         if !ids.is_empty() {
             sqlx::query("DELETE FROM window_events WHERE reservation_id = ANY($1)")
@@ -698,14 +687,13 @@ impl Lanes {
         let mut locks: Vec<i64> = Vec::with_capacity(MAX_BATCH_LOCKS);
         let mut n = 0;
         for w in q.iter().take(MAX_BATCH) {
-            let fresh = w.call.locks.iter().filter(|l| !locks.contains(l)).count();
-            if n > 0 && locks.len() + fresh > MAX_BATCH_LOCKS {
-                break;
-            }
             for &l in &w.call.locks {
                 if !locks.contains(&l) {
                     locks.push(l);
                 }
+            }
+            if n > 0 && locks.len() > MAX_BATCH_LOCKS {
+                break;
             }
             n += 1;
         }
@@ -765,58 +753,54 @@ async fn drive_lane(store: Store, mut guard: LaneGuard) {
     let lane = guard.lane;
     loop {
         let mut batch = store.lanes.take(lane);
+        if batch.is_empty() {
+            guard.armed = false;
+            return;
+        }
         // A caller that has gone (its request was cancelled or timed out, and it was told so)
         // must not get a reservation it will never settle.
-        let before = batch.len();
         batch.retain(|w| !w.done.is_closed());
-        if batch.is_empty() && before > 0 {
+        if batch.is_empty() {
             continue;
         }
-        if !batch.is_empty() {
-            store.lanes.transactions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            store.lanes.calls.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        store.lanes.transactions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        store.lanes.calls.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        if batch.len() == 1 {
+            one_by_one(&store, batch).await;
+            continue;
         }
-        match batch.len() {
-            0 => {
-                guard.armed = false;
-                return;
+        let calls: Vec<&Call> = batch.iter().map(|w| &w.call).collect();
+        match store.pg_decide_batch(&calls).await {
+            Ok(outs) => {
+                for (w, o) in batch.into_iter().zip(outs) {
+                    answer(&store, w, Ok(o));
+                }
             }
-            1 => {
+            // A batch is all or nothing: one bad call (a duplicate id) must not fail the others,
+            // so each is tried again on its own.
+            Err(e) if one_call_may_be_at_fault(&e) => {
+                tracing::warn!(error = %e, calls = batch.len(), "a batch of decisions failed; deciding them one by one");
+                one_by_one(&store, batch).await;
+            }
+            // The database could not be asked (no connection, a timeout): trying each call again
+            // would keep the lane, and the calls queued behind it, waiting once per call. Every
+            // call of the batch fails now; nothing was reserved.
+            Err(e) => {
+                tracing::error!(error = %e, calls = batch.len(), "a batch of decisions failed");
+                let why = e.to_string();
                 for w in batch {
-                    let out = store.pg_decide_one(&w.call).await;
-                    answer(&store, w, out);
-                }
-            }
-            _ => {
-                let calls: Vec<&Call> = batch.iter().map(|w| &w.call).collect();
-                match store.pg_decide_batch(&calls).await {
-                    Ok(outs) => {
-                        for (w, o) in batch.into_iter().zip(outs) {
-                            answer(&store, w, Ok(o));
-                        }
-                    }
-                    // A batch is all or nothing: one bad call (a duplicate id) must not fail the
-                    // others, so each is tried again on its own.
-                    Err(e) if one_call_may_be_at_fault(&e) => {
-                        tracing::warn!(error = %e, calls = batch.len(), "a batch of decisions failed; deciding them one by one");
-                        for w in batch {
-                            let out = store.pg_decide_one(&w.call).await;
-                            answer(&store, w, out);
-                        }
-                    }
-                    // The database could not be asked (no connection, a timeout): trying each
-                    // call again would keep the lane, and the calls queued behind it, waiting once
-                    // per call. Every call of the batch fails now; nothing was reserved.
-                    Err(e) => {
-                        tracing::error!(error = %e, calls = batch.len(), "a batch of decisions failed");
-                        let why = e.to_string();
-                        for w in batch {
-                            let _ = w.done.send(Err(StoreError::Unavailable(why.clone())));
-                        }
-                    }
+                    let _ = w.done.send(Err(StoreError::Unavailable(why.clone())));
                 }
             }
         }
+    }
+}
+
+/// Decides each call in a transaction of its own, in order.
+async fn one_by_one(store: &Store, calls: Vec<Waiting>) {
+    for w in calls {
+        let out = store.pg_decide_one(&w.call).await;
+        answer(store, w, out);
     }
 }
 
@@ -845,22 +829,22 @@ async fn insert_reservation_pg(tx: &mut sqlx::Transaction<'_, Postgres>, r: &Res
     Ok(())
 }
 
-async fn add_spend_pg(
-    tx: &mut sqlx::Transaction<'_, Postgres>,
-    session: &str,
-    run: &str,
-    action: &str,
-    delta: i64,
-) -> Result<()> {
-    let keys = spend_keys(session, run, action);
+/// Adds `deltas[i]` to the spend counter `keys[i]`, rows in key order.
+async fn add_spend_pg(tx: &mut sqlx::Transaction<'_, Postgres>, keys: &[String], deltas: &[i64]) -> Result<()> {
     sqlx::query(
-        "INSERT INTO spend (key, micros) SELECT k, $2 FROM UNNEST($1::text[]) AS u(k) ORDER BY k \
+        "INSERT INTO spend (key, micros) SELECT k, d FROM UNNEST($1::text[], $2::bigint[]) AS u(k, d) ORDER BY k \
          ON CONFLICT (key) DO UPDATE SET micros = spend.micros + EXCLUDED.micros",
     )
-    .bind(&keys[..])
-    .bind(delta)
+    .bind(keys)
+    .bind(deltas)
     .execute(&mut **tx)
     .await?;
+    Ok(())
+}
+
+/// Takes these advisory locks for the transaction, sorted and each once (`sentinel_lock_all`).
+async fn lock_all(tx: &mut sqlx::Transaction<'_, Postgres>, locks: &[i64]) -> Result<()> {
+    sqlx::query("SELECT sentinel_lock_all($1)").bind(locks).execute(&mut **tx).await?;
     Ok(())
 }
 

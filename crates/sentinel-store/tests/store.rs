@@ -300,6 +300,19 @@ async fn first_call_waiting(
     (blocker, first)
 }
 
+/// `n` calls of `cost` on session `s` (ids `q-0`…), queued behind a [`first_call_waiting`].
+async fn queue_calls(
+    pg: &Store,
+    n: usize,
+    cost: i64,
+) -> Vec<tokio::task::JoinHandle<Result<PgDecideOutcome, StoreError>>> {
+    let queued = (0..n)
+        .map(|i| tokio::spawn(decide_one(pg.clone(), "s".into(), cost, i64::MAX, None, format!("q-{i}"))))
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    queued
+}
+
 /// A caller that has gone before its turn (its request was cancelled or timed out) gets no
 /// reservation: the calls queued behind a running transaction are checked when their batch is
 /// taken.
@@ -307,10 +320,7 @@ async fn first_call_waiting(
 async fn a_cancelled_call_queued_on_a_session_reserves_nothing() {
     let (pg, url, cleanup) = fresh_pg_at().await;
     let (mut blocker, first) = first_call_waiting(&pg, &url, 10).await;
-    let queued: Vec<_> = (0..10)
-        .map(|i| tokio::spawn(decide_one(pg.clone(), "s".into(), 10, 1_000_000, None, format!("q-{i}"))))
-        .collect();
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let queued = queue_calls(&pg, 10, 10).await;
     for q in &queued[..5] {
         q.abort();
     }
@@ -397,10 +407,7 @@ async fn a_full_session_lane_refuses_at_once() {
     let (pg, url, cleanup) = fresh_pg_at().await;
     let (mut blocker, first) = first_call_waiting(&pg, &url, 1).await;
     // 1,024 may wait behind the running transaction; the 6 after them are refused.
-    let queued: Vec<_> = (0..1030)
-        .map(|i| tokio::spawn(decide_one(pg.clone(), "s".into(), 1, i64::MAX, None, format!("q-{i}"))))
-        .collect();
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let queued = queue_calls(&pg, 1030, 1).await;
     sqlx::query("COMMIT").execute(&mut blocker).await.unwrap();
     assert!(matches!(first.await.unwrap(), Ok(PgDecideOutcome::Passed)));
     let (mut passed, mut refused) = (0, 0);
@@ -484,10 +491,7 @@ async fn concurrent_sweeps_give_every_reservation_back_once() {
 async fn a_halt_stops_the_calls_already_queued_on_a_session() {
     let (pg, url, cleanup) = fresh_pg_at().await;
     let (mut blocker, first) = first_call_waiting(&pg, &url, 1).await;
-    let queued: Vec<_> = (0..20)
-        .map(|i| tokio::spawn(decide_one(pg.clone(), "s".into(), 1, i64::MAX, None, format!("q-{i}"))))
-        .collect();
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let queued = queue_calls(&pg, 20, 1).await;
     pg.set_halt("agent", "a", "runaway", "ops").await.unwrap();
     sqlx::query("COMMIT").execute(&mut blocker).await.unwrap();
     // The first call had read the halts before the halt existed, and was waiting to write.
