@@ -254,7 +254,7 @@ def open_loop(binary: Path, a, rate: int, path: str | None, variant: dict | None
     with tempfile.TemporaryDirectory() as d:
         s = Server(server, Path(d), env=server_env)
         call(s.url, s.key, "POST", "/api/v1/policies", POLICY)
-        load_env = {**os.environ, **({"LOAD_PATH": path} if path else {})}
+        load_env = {**os.environ, "PACING": a.pacing, **({"LOAD_PATH": path} if path else {})}
         cpu0, threads0, ticks0 = cpu_seconds(s.proc.pid), thread_ticks(s.proc.pid), cpu_ticks()
         out = subprocess.run([str(TARGET / "release" / "examples" / "decide_load"), s.url, s.key, str(rate),
                               str(a.seconds), "64"], capture_output=True, text=True, check=True, env=load_env).stdout
@@ -301,6 +301,10 @@ def main() -> None:
                     help="the PostgreSQL fleet's session budget; each call costs $0.001 (default 20: 20,000 calls)")
     ap.add_argument("--only-sqlite-latency", action="store_true", help="stop after the open-loop SQLite latency runs")
     ap.add_argument("--rates", default="10000,20000", help="offered rates of the open-loop runs, comma-separated")
+    ap.add_argument("--pacing", choices=("tick", "poisson", "uniform"), default="tick",
+                    help="when the open-loop requests are due (decide_load's PACING): tick (the default, as in every "
+                         "figure before 2026-12-06) sends each millisecond's requests at once, in bursts; poisson "
+                         "makes them independent arrivals, each sent at its own time")
     ap.add_argument("--max-steal", type=float, default=5.0, metavar="PCT",
                     help="repeat an open-loop round (the peer and every variant) in which the hypervisor stole more "
                          "than PCT%% of the machine's CPU; discarded rounds are listed in the summary")
@@ -364,7 +368,8 @@ def main() -> None:
             p50 = sorted(r["p50"] for r in rs)
             in_order = ", ".join(f"{r['p99']:.2f} ({r['steal']:.1f}%)" for r in rs)
             summary.append(
-                f"SUMMARY {what} sqlite open-loop at {rate}/s ({a.rounds} fresh servers, 64 connections): "
+                f"SUMMARY {what} sqlite open-loop at {rate}/s ({a.rounds} fresh servers, 64 connections, {a.pacing} "
+                f"arrivals): "
                 f"achieved {min(r['rate'] for r in rs):.0f}/s or more; p50 median {p50[len(p50) // 2]:.2f} ms; "
                 f"p99 median {p99[len(p99) // 2]:.2f} ms (runs in order, with the CPU stolen: {in_order}); "
                 f"non-200 {sum(r['non200'] for r in rs)}; server CPU median "
