@@ -255,6 +255,11 @@ pub fn improve_message(msg: &str) -> String {
         let Some((found, tail)) = rest.split_once('`') else {
             continue;
         };
+        // serde_json ends the list with where the key is; that stays at the end of the message.
+        let (tail, at) = match tail.rfind(" at line ") {
+            Some(i) => (tail.get(..i).unwrap_or(tail), tail.get(i..).unwrap_or_default()),
+            None => (tail, ""),
+        };
         let expected: Vec<String> = tail
             .trim_start_matches(',')
             .trim()
@@ -264,7 +269,7 @@ pub fn improve_message(msg: &str) -> String {
             .map(|s| s.trim().trim_matches('`').to_string())
             .filter(|s| !s.is_empty() && s != "there are no fields")
             .collect();
-        let mut out = format!("unknown {noun} `{found}`");
+        let mut out = format!("unknown {noun} `{found}`{at}");
         if !expected.is_empty() {
             let list: Vec<String> = expected.iter().map(|e| format!("`{e}`")).collect();
             out.push_str(&format!("; expected one of {}", list.join(", ")));
@@ -338,6 +343,11 @@ mod tests {
         assert_eq!(
             improve_message("unknown variant `greater`, expected one of `gt`, `gte`, `lt`"),
             "unknown value `greater`; expected one of `gt`, `gte`, `lt`; did you mean `gt`?"
+        );
+        // Where serde_json found the key stays with it, outside the list.
+        assert_eq!(
+            improve_message("unknown field `ledgr`, expected one of `stream`, `ledger` at line 1 column 8"),
+            "unknown key `ledgr` at line 1 column 8; expected one of `stream`, `ledger`; did you mean `ledger`?"
         );
     }
 }

@@ -11,14 +11,14 @@
 use std::time::{Duration, Instant};
 
 use axum::Json;
-use axum::extract::{Path as UrlPath, Query, State};
+use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
 use sentinel_core::{ActionRequest, Decision};
 use sentinel_store::{ApprovalRow, InterventionIn, NewApproval, Scope};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::{ApiError, ApiJson, AppState, Caller};
+use crate::{ApiError, ApiJson, ApiQuery, AppState, Caller};
 
 /// Default wait for a decision when the policy sets no timeout.
 pub const DEFAULT_TIMEOUT_SECS: u64 = 300;
@@ -200,6 +200,7 @@ pub async fn expire_due(s: &AppState) -> Result<(), ApiError> {
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     /// `pending`, `approved`, `rejected` or `expired`.
@@ -214,7 +215,7 @@ pub struct ListQuery {
 pub async fn list(
     State(s): State<AppState>,
     caller: Caller,
-    Query(q): Query<ListQuery>,
+    ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
     caller.require(&[Scope::Admin, Scope::Readonly, Scope::Agent])?;
     const STATUSES: &[&str] = &["pending", "approved", "rejected", "expired"];
@@ -387,6 +388,7 @@ pub async fn reject(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct WaitQuery {
     /// How long to hold the request open (default 25 s, at most 60).
@@ -403,7 +405,7 @@ pub async fn wait(
     State(s): State<AppState>,
     caller: Caller,
     UrlPath(id): UrlPath<String>,
-    Query(q): Query<WaitQuery>,
+    ApiQuery(q): ApiQuery<WaitQuery>,
 ) -> Result<Json<ApprovalRow>, ApiError> {
     caller.require(&[Scope::Admin, Scope::Readonly, Scope::Agent])?;
     let t = q.timeout_seconds.unwrap_or(25.0);

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use axum::Json;
 use std::sync::Arc;
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use parking_lot::Mutex;
@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{ApiError, ApiJson, AppState, Caller};
+use crate::{ApiError, ApiJson, ApiQuery, AppState, Caller};
 use sentinel_store::Scope;
 
 /// Default and largest reservation lifetimes.
@@ -1097,6 +1097,7 @@ pub async fn settle(
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct HaltBody {
     #[serde(default)]
@@ -1150,7 +1151,7 @@ pub async fn create_halt(
 pub async fn delete_halt(
     State(s): State<AppState>,
     caller: Caller,
-    Query(b): Query<HaltBody>,
+    ApiQuery(b): ApiQuery<HaltBody>,
 ) -> Result<StatusCode, ApiError> {
     caller.require(&[Scope::Admin])?;
     let (kind, target) = halt_target(&b)?;

@@ -1,7 +1,7 @@
 //! Ingest (`/ledger`, `/events`) and what operators read back (`/interventions`, `/agents`).
 
 use axum::Json;
-use axum::extract::{Path as UrlPath, Query, State};
+use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use sentinel_core::ledger::parse_tail;
@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::central::acting_agent;
-use crate::{ApiError, ApiJson, AppState, Caller};
+use crate::{ApiError, ApiJson, ApiQuery, AppState, Caller};
 
 /// Most lines in one ingest request.
 pub const MAX_BATCH: usize = 5000;
@@ -260,6 +260,7 @@ pub async fn ingest_event(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct InterventionQuery {
     /// `HARD_BLOCK`, `APPROVAL_REQUIRED`, `RATE_LIMITED`, `BUDGET_EXCEEDED`, `DOWNGRADE`, `WARNING` or `HALTED`.
@@ -347,7 +348,7 @@ fn filter_of(caller: &Caller, q: &InterventionQuery) -> Result<InterventionFilte
 pub async fn list_interventions(
     State(s): State<AppState>,
     caller: Caller,
-    Query(q): Query<InterventionQuery>,
+    ApiQuery(q): ApiQuery<InterventionQuery>,
 ) -> Result<Json<Value>, ApiError> {
     caller.require(&[Scope::Admin, Scope::Readonly, Scope::Agent])?;
     let f = filter_of(&caller, &q)?;
@@ -362,7 +363,7 @@ pub async fn list_interventions(
 pub async fn intervention_stats(
     State(s): State<AppState>,
     caller: Caller,
-    Query(q): Query<InterventionQuery>,
+    ApiQuery(q): ApiQuery<InterventionQuery>,
 ) -> Result<Json<Value>, ApiError> {
     caller.require(&[Scope::Admin, Scope::Readonly, Scope::Agent])?;
     if q.cursor.is_some() || q.limit.is_some() {

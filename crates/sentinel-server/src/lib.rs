@@ -37,7 +37,6 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
@@ -436,6 +435,20 @@ fn field_error(prefix: &str, path: &serde_path_to_error::Path, err: &impl std::f
     }
 }
 
+/// A query string whose errors (wrong types, unknown parameters) come back as problem+json naming
+/// the parameter, like a body's.
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> axum::extract::FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Self, ApiError> {
+        let query = parts.uri.query().unwrap_or_default();
+        let de = serde_urlencoded::Deserializer::new(url::form_urlencoded::parse(query.as_bytes()));
+        serde_path_to_error::deserialize::<_, T>(de).map(ApiQuery).map_err(|e| field_error("", e.path(), e.inner()))
+    }
+}
+
 /// A JSON body whose errors (syntax, wrong types, unknown fields) come back as problem+json with the field path.
 pub struct ApiJson<T>(pub T);
 
@@ -455,12 +468,13 @@ impl<S: Send + Sync, T: DeserializeOwned> axum::extract::FromRequest<S> for ApiJ
                 "send `Content-Type: application/json`",
             ));
         }
+        let limit = if req.uri().path() == "/api/v1/ledger" { crate::ingest::INGEST_BODY_LIMIT } else { BODY_LIMIT };
         let bytes = Bytes::from_request(req, state).await.map_err(|e| {
             if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "Payload too large",
-                    format!("request bodies are limited to {BODY_LIMIT} bytes"),
+                    format!("this endpoint takes request bodies of at most {limit} bytes"),
                 )
             } else {
                 ApiError::new(StatusCode::BAD_REQUEST, "Bad request", e.body_text())
@@ -799,6 +813,7 @@ async fn get_policy(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct UpdateQuery {
     expected_version: Option<i64>,
 }
@@ -808,7 +823,7 @@ async fn update_policy(
     State(s): State<AppState>,
     caller: Caller,
     UrlPath(id): UrlPath<String>,
-    axum::extract::Query(q): axum::extract::Query<UpdateQuery>,
+    ApiQuery(q): ApiQuery<UpdateQuery>,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Json<Value>, ApiError> {
     caller.require(&[Scope::Admin])?;
@@ -853,7 +868,7 @@ struct SyncQuery {
 async fn policy_sync(
     State(s): State<AppState>,
     caller: Caller,
-    axum::extract::Query(q): axum::extract::Query<SyncQuery>,
+    ApiQuery(q): ApiQuery<SyncQuery>,
     headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
     caller.require(&[Scope::Admin, Scope::Readonly, Scope::Agent])?;
@@ -998,13 +1013,14 @@ pub fn app_with_timeout(state: AppState, timeout: Duration) -> Router {
         .with_state(state)
         // One stack, applied once: each `Router::layer` call boxes every route again, and each box
         // is one more clone and allocation per request. Outermost first: trace, catch a panic,
-        // limit the body, time out (the timeout needs its inner body to have a default, which the
-        // limit's own body has not).
+        // set the body limit, time out.
         .layer(
             tower::ServiceBuilder::new()
                 .layer(TraceLayer::new_for_http())
                 .layer(CatchPanicLayer::custom(|_| ApiError::internal("a handler panicked".into()).into_response()))
-                .layer(RequestBodyLimitLayer::new(BODY_LIMIT))
+                // Read by the body extractors, so that a body over it is refused as problem+json (like
+                // any other bad body) whether or not it declared its length; `/api/v1/ledger` sets its own.
+                .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
                 .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, timeout)),
         )
 }

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Json;
-use axum::extract::{Path as UrlPath, Query, State};
+use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use hmac::{KeyInit, Mac};
@@ -29,7 +29,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::Digest;
 
-use crate::{ApiError, ApiJson, AppState, Caller};
+use crate::{ApiError, ApiJson, ApiQuery, AppState, Caller};
 
 /// Every event type, as it appears in `event_type` and in a channel's `events`.
 pub const EVENTS: &[&str] = &[
@@ -1311,6 +1311,7 @@ pub async fn test_policy_alert(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct MessageQuery {
     /// `pending`, `delivered` or `failed`.
@@ -1332,7 +1333,7 @@ pub struct MessageQuery {
 pub async fn list_messages(
     State(s): State<AppState>,
     caller: Caller,
-    Query(q): Query<MessageQuery>,
+    ApiQuery(q): ApiQuery<MessageQuery>,
 ) -> Result<Json<Value>, ApiError> {
     caller.require(&[Scope::Admin, Scope::Readonly])?;
     const STATUSES: &[&str] = &["pending", "delivered", "failed"];

@@ -219,6 +219,38 @@ impl Store {
         Ok(())
     }
 
+    /// Every table of the schema with its row count, by name (diagnostics, and the tests' proof
+    /// that a refused request wrote nothing).
+    pub async fn row_counts(&self) -> Result<Vec<(String, i64)>> {
+        let names: Vec<String> =
+            match &self.pool {
+                Pool::Sqlite(p) => sqlx::query_scalar(
+                    "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name",
+                )
+                .fetch_all(p)
+                .await?,
+                Pool::Postgres(p) => {
+                    sqlx::query_scalar(
+                        "SELECT table_name::text FROM information_schema.tables WHERE table_schema = current_schema() \
+                     AND table_type = 'BASE TABLE' ORDER BY table_name",
+                    )
+                    .fetch_all(p)
+                    .await?
+                }
+            };
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            // The names come from the catalogue, quoted as identifiers.
+            let q = format!("SELECT COUNT(*) FROM \"{}\"", name.replace('"', "\"\""));
+            let n: i64 = match &self.pool {
+                Pool::Sqlite(p) => sqlx::query_scalar(sqlx::AssertSqlSafe(q)).fetch_one(p).await?,
+                Pool::Postgres(p) => sqlx::query_scalar(sqlx::AssertSqlSafe(q)).fetch_one(p).await?,
+            };
+            out.push((name, n));
+        }
+        Ok(out)
+    }
+
     pub async fn close(&self) {
         match &self.pool {
             Pool::Sqlite(p) => p.close().await,
