@@ -275,6 +275,29 @@ fn serve_bootstraps_answers_and_stops_gracefully() {
     assert!(get("/api/v1/users/me", "as_nope").starts_with("HTTP/1.1 401"));
     assert!(get("/readyz", "").starts_with("HTTP/1.1 200"));
 
+    // Body limits over real HTTP, where a client declares the length: 2 MiB is read (and found
+    // wrong) by the ledger, whose batches may be 16 MiB, and refused unread by `/decide` (1 MiB);
+    // both answers are problem+json.
+    let post = |path: &str, body: &str| -> String {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(s, "POST {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).unwrap();
+        // The server may answer before reading everything; a refused rest is not an error here.
+        let _ = s.write_all(body.as_bytes());
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    };
+    let big = format!("{{\"stream\": \"s\", \"ledger\": [\"{}\"]}}", "x".repeat(2 << 20));
+    let ledger = post("/api/v1/ledger", &big);
+    assert!(
+        ledger.starts_with("HTTP/1.1 422") && ledger.contains("application/problem+json"),
+        "{}",
+        &ledger[..ledger.len().min(400)]
+    );
+    let decide = post("/api/v1/decide", &big);
+    assert!(decide.starts_with("HTTP/1.1 413") && decide.contains("application/problem+json"), "{decide}");
+    assert!(decide.contains("at most 1048576 bytes"), "{decide}");
+
     let pid = child.id().to_string();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     let t = Instant::now();
