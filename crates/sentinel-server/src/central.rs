@@ -489,7 +489,7 @@ pub struct DecideBody {
     #[serde(default)]
     pub cost_usd: f64,
     /// The call's arguments, a JSON object.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::strict_value")]
     #[schema(value_type = Object)]
     pub args: Value,
     #[serde(default)]
@@ -511,7 +511,7 @@ pub struct DecideBody {
     #[serde(default)]
     pub approval_id: Option<String>,
     /// Shown to the approver if this call needs approval (redacted like the arguments).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::strict_value_opt")]
     #[schema(value_type = Option<Object>)]
     pub context: Option<Value>,
 }
@@ -564,6 +564,7 @@ pub async fn decide(
     if !(b.cost_usd.is_finite() && b.cost_usd >= 0.0) {
         return Err(ApiError::field("cost_usd", format!("must be a finite amount of at least 0, got {}", b.cost_usd)));
     }
+    Usd::from_f64(b.cost_usd).map_err(|e| ApiError::field("cost_usd", e.to_string()))?;
     let ttl = b.reservation_ttl_seconds.unwrap_or(DEFAULT_TTL_SECS);
     if !(ttl.is_finite() && ttl > 0.0 && ttl <= MAX_TTL_SECS) {
         return Err(ApiError::field("reservation_ttl_seconds", format!("must be in (0, {MAX_TTL_SECS}], got {ttl}")));

@@ -82,8 +82,30 @@ fn millis_of(ts: &str) -> Option<i64> {
     chrono::DateTime::parse_from_rfc3339(ts).ok().map(|t| t.timestamp_millis())
 }
 
-fn micros(x: f64) -> i64 {
-    if x.is_finite() { (x * 1e6).round() as i64 } else { 0 }
+/// An amount of a line in micro-dollars: finite, not negative, and within what a budget can count
+/// (an overflowing total would break every sum over the agent's lines).
+fn micros(field: &str, i: usize, name: &str, x: f64) -> Result<i64, ApiError> {
+    let bad = |m: String| ApiError::field(&format!("{field}[{i}].{name}"), m);
+    if !(x.is_finite() && x >= 0.0) {
+        return Err(bad(format!("must be a finite amount of at least 0, got {x}")));
+    }
+    let usd = sentinel_core::Usd::from_f64(x).map_err(|e| bad(e.to_string()))?;
+    i64::try_from(usd.micros()).map_err(|_| bad(format!("{x} is too large")))
+}
+
+/// An id a line carries (its own, its agent's, its run's): what `/decide` accepts for ids.
+fn line_id(field: &str, i: usize, name: &str, v: &str, may_be_empty: bool) -> Result<(), ApiError> {
+    let path = format!("{field}[{i}].{name}");
+    if v.is_empty() && !may_be_empty {
+        return Err(ApiError::field(&path, "must not be empty"));
+    }
+    if v.len() > 200 {
+        return Err(ApiError::field(&path, "must be at most 200 characters"));
+    }
+    if v.chars().any(char::is_control) {
+        return Err(ApiError::field(&path, "must not contain control characters"));
+    }
+    Ok(())
 }
 
 /// Takes a batch of ledger lines and interventions from an SDK. Idempotent by entry id; the chain is
@@ -113,12 +135,13 @@ pub async fn ingest_ledger(
         let chain = chain_of("ledger", i, &line)?;
         let e: LineHead<'_> = serde_json::from_str(&line)
             .map_err(|e| ApiError::field(&format!("ledger[{i}]"), format!("not a ledger entry: {e}")))?;
+        line_id("ledger", i, "id", &e.id, false)?;
+        line_id("ledger", i, "agent_id", &e.agent_id, true)?;
+        line_id("ledger", i, "run_id", &e.run_id, true)?;
         let agent_id = attribute(&e.agent_id, &agent);
         caller.must_own(&format!("`ledger[{i}].agent_id`"), &agent_id)?;
-        if e.id.is_empty() {
-            return Err(ApiError::field(&format!("ledger[{i}].id"), "must not be empty"));
-        }
-        let (id, run_id, cost_micros) = (e.id.into_owned(), e.run_id.into_owned(), micros(e.cost_usd));
+        let cost_micros = micros("ledger", i, "cost_usd", e.cost_usd)?;
+        let (id, run_id) = (e.id.into_owned(), e.run_id.into_owned());
         let failed = e.outcome == "error";
         ledger.push(LedgerIn { id, chain, agent_id, run_id, cost_micros, failed, line });
     }
@@ -128,6 +151,10 @@ pub async fn ingest_ledger(
         let chain = chain_of("interventions", i, line)?;
         let r: InterventionRecord = serde_json::from_str(line)
             .map_err(|e| ApiError::field(&format!("interventions[{i}]"), format!("not an intervention: {e}")))?;
+        line_id("interventions", i, "id", &r.id, false)?;
+        line_id("interventions", i, "agent_id", &r.agent_id, true)?;
+        line_id("interventions", i, "run_id", &r.run_id, true)?;
+        line_id("interventions", i, "session_id", &r.session_id, true)?;
         let agent_id = attribute(&r.agent_id, &agent);
         caller.must_own(&format!("`interventions[{i}].agent_id`"), &agent_id)?;
         let at = millis_of(&r.timestamp)
@@ -145,8 +172,8 @@ pub async fn ingest_ledger(
             action: r.action.clone(),
             policy: r.policy.clone(),
             rule: r.rule.clone(),
-            estimated_micros: micros(r.estimated_cost_usd),
-            prevented_micros: micros(r.cost_prevented_usd),
+            estimated_micros: micros("interventions", i, "estimated_cost_usd", r.estimated_cost_usd)?,
+            prevented_micros: micros("interventions", i, "cost_prevented_usd", r.cost_prevented_usd)?,
             body: line.to_string(),
         });
     }

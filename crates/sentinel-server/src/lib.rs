@@ -421,17 +421,147 @@ impl IntoResponse for ApiError {
 /// suggests the nearest valid key.
 fn field_error(prefix: &str, path: &serde_path_to_error::Path, err: &impl std::fmt::Display) -> ApiError {
     let p = path.to_string();
-    let p = if p == "." { String::new() } else { p };
+    let mut p = if p == "." { String::new() } else { p };
+    // A missing field is reported at its parent; the path names the field itself.
+    let text = err.to_string();
+    if let Some(field) = text.strip_prefix("missing field `").and_then(|r| r.split('`').next()) {
+        p = if p.is_empty() { field.to_string() } else { format!("{p}.{field}") };
+    }
     let full = match (prefix.is_empty(), p.is_empty()) {
         (true, _) => p,
         (false, true) => prefix.to_string(),
         (false, false) => format!("{prefix}.{p}"),
     };
-    let message = sentinel_core::load::improve_message(&err.to_string());
+    let message = sentinel_core::load::improve_message(&text);
     if full.is_empty() {
         ApiError::invalid(message.clone(), vec![FieldError { path: full, message }])
     } else {
         ApiError::field(&full, message)
+    }
+}
+
+/// What every JSON body must be beyond its type: an object (a struct's fields are never read by
+/// position from an array), without a key given twice in any object (a policy whose second
+/// `denied_actions` would silently replace the first, or arguments whose rules see one value and
+/// the tool another), and without NUL in any string (PostgreSQL's text cannot hold it). Read with
+/// [`strict_value`], which checks all of it.
+struct Checked;
+
+impl<'de> Deserialize<'de> for Checked {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        strict_value(d).map(|_| Checked)
+    }
+}
+
+/// A value refused as it is read, so that the error's path ends at its key.
+struct Refuse(&'static str);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Refuse {
+    type Value = Value;
+    fn deserialize<D: serde::Deserializer<'de>>(self, _: D) -> Result<Value, D::Error> {
+        Err(serde::de::Error::custom(self.0))
+    }
+}
+
+fn no_nul<E: serde::de::Error>(v: &str) -> Result<(), E> {
+    if v.contains('\0') { Err(E::custom("must not contain the NUL character")) } else { Ok(()) }
+}
+
+/// A JSON value built like `serde_json::Value`'s own, but refusing a key given twice in an object
+/// (`serde_json::Value` keeps the last) and NUL in a key or string. For the free-form parts of the
+/// bodies on the per-call path (`/decide`'s arguments and context), which skip [`check_strict`].
+pub(crate) fn strict_value<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Value, D::Error> {
+    d.deserialize_any(ValueVisitor)
+}
+
+/// [`strict_value`] for an optional field (`null` is `None`, as for `Option<Value>`).
+pub(crate) fn strict_value_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    strict_value(d).map(|v| if v.is_null() { None } else { Some(v) })
+}
+
+struct ValueVisitor;
+
+impl<'de> serde::de::DeserializeSeed<'de> for ValueVisitor {
+    type Value = Value;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(ValueVisitor)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for ValueVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("JSON")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Value, E> {
+        no_nul(v)?;
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Value, E> {
+        no_nul(&v)?;
+        Ok(Value::String(v))
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
+        while let Some(v) = seq.next_element_seed(ValueVisitor)? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = serde_json::Map::new();
+        while let Some(k) = map.next_key::<String>()? {
+            if k.contains('\0') {
+                // Refused at the key's value, whose path names the key.
+                map.next_value_seed(Refuse("a key must not contain the NUL character"))?;
+            }
+            match out.entry(k) {
+                serde_json::map::Entry::Occupied(_) => {
+                    map.next_value_seed(Refuse("this key is given more than once in its object"))?;
+                }
+                serde_json::map::Entry::Vacant(slot) => {
+                    slot.insert(map.next_value_seed(ValueVisitor)?);
+                }
+            }
+        }
+        Ok(Value::Object(out))
+    }
+}
+
+/// Refuses a body that is not a JSON object.
+fn check_object(bytes: &[u8]) -> Result<(), ApiError> {
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::invalid(
+            "the body must be a JSON object",
+            vec![FieldError { path: String::new(), message: "the body must be a JSON object".into() }],
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a whole body (see [`Checked`]); the error names where.
+fn check_strict(bytes: &[u8]) -> Result<(), ApiError> {
+    check_object(bytes)?;
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    match serde_path_to_error::deserialize::<_, Checked>(de) {
+        Ok(Checked) => Ok(()),
+        Err(e) => Err(field_error("", e.path(), e.inner())),
     }
 }
 
@@ -468,7 +598,9 @@ impl<S: Send + Sync, T: DeserializeOwned> axum::extract::FromRequest<S> for ApiJ
                 "send `Content-Type: application/json`",
             ));
         }
-        let limit = if req.uri().path() == "/api/v1/ledger" { crate::ingest::INGEST_BODY_LIMIT } else { BODY_LIMIT };
+        let path = req.uri().path();
+        let limit = if path == "/api/v1/ledger" { crate::ingest::INGEST_BODY_LIMIT } else { BODY_LIMIT };
+        let hot = matches!(path, "/api/v1/decide" | "/api/v1/settle" | "/api/v1/ledger");
         let bytes = Bytes::from_request(req, state).await.map_err(|e| {
             if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::new(
@@ -482,7 +614,20 @@ impl<S: Send + Sync, T: DeserializeOwned> axum::extract::FromRequest<S> for ApiJ
         })?;
         // Well-formed bodies take the plain parser; only a failure pays for tracking the field path.
         let plain = match serde_json::from_slice::<T>(&bytes) {
-            Ok(v) => return Ok(ApiJson(v)),
+            Ok(v) => {
+                // The per-call paths skip the full pass: their bodies are typed (serde refuses a
+                // field given twice) but for `/decide`'s free-form parts, which refuse repeated
+                // keys as they are read ([`strict_value`]); NUL can only be there as an escape.
+                if hot {
+                    check_object(&bytes)?;
+                    if memchr::memmem::find(&bytes, b"\\u0000").is_some() {
+                        check_strict(&bytes)?;
+                    }
+                } else {
+                    check_strict(&bytes)?;
+                }
+                return Ok(ApiJson(v));
+            }
             Err(e) => e,
         };
         let de = &mut serde_json::Deserializer::from_slice(&bytes);
@@ -570,6 +715,15 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        // Checked here, where every API request passes: an id or filter with NUL in it would reach
+        // the database, whose text (on PostgreSQL) cannot hold it.
+        if parts.uri.path_and_query().is_some_and(|pq| pq.as_str().contains("%00")) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "Bad request",
+                "the path or query contains the NUL character (`%00`), which no id or filter may hold",
+            ));
+        }
         let token = parts
             .headers
             .get(header::AUTHORIZATION)
@@ -955,6 +1109,10 @@ async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "Not found", "no such endpoint")
 }
 
+async fn method_not_allowed(method: axum::http::Method) -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed", format!("this endpoint does not take {method}"))
+}
+
 /// The whole HTTP surface. Tests call it with `oneshot`, without a socket.
 pub fn app(state: AppState) -> Router {
     app_with_timeout(state, Duration::from_secs(30))
@@ -1010,6 +1168,7 @@ pub fn app_with_timeout(state: AppState, timeout: Duration) -> Router {
         .route("/approve/{token}", get(links::show).post(links::decide))
         .merge(api)
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
         // One stack, applied once: each `Router::layer` call boxes every route again, and each box
         // is one more clone and allocation per request. Outermost first: trace, catch a panic,

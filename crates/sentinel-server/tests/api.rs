@@ -198,6 +198,8 @@ async fn health_and_unknown_routes() {
         assert!(body["database"].is_string());
         let (s, _, ctype) = e.call("GET", "/api/v1/nope", None, None).await;
         assert_eq!((s, ctype.as_str()), (StatusCode::NOT_FOUND, "application/problem+json"));
+        let (s, _, ctype) = e.call("PATCH", "/api/v1/policies", Some(&e.admin), None).await;
+        assert_eq!((s, ctype.as_str()), (StatusCode::METHOD_NOT_ALLOWED, "application/problem+json"));
     })
     .await;
 }
@@ -380,6 +382,82 @@ async fn bad_input_on_every_endpoint_is_a_problem_and_writes_nothing() {
         );
         assert!(tried >= 60, "only {tried} bad requests: the OpenAPI document lists fewer operations than it should");
         assert_eq!(e.state.store.row_counts().await.unwrap(), before, "a refused request wrote something");
+    })
+    .await;
+}
+
+/// Bodies are objects with each key once and no NUL in any string, whatever the endpoint's type
+/// would accept; the last active admin key cannot be taken away; a cost out of range is refused
+/// before anything is decided or written.
+#[tokio::test]
+async fn strict_bodies_amounts_and_the_last_admin_key() {
+    on_both(|e| async move {
+        let k = Some(e.admin.as_str());
+        let raw = |method: &'static str, uri: &'static str, body: &'static str| {
+            send_raw(&e, method, uri, "application/json", body.as_bytes().to_vec())
+        };
+        let before = e.state.store.row_counts().await.unwrap();
+        for (method, uri, body, path) in [
+            // Read by position, an array would halt agent `a` or create a key.
+            ("POST", "/api/v1/halts", r#"["a"]"#, ""),
+            ("POST", "/api/v1/keys", r#"["arr", "readonly", null]"#, ""),
+            ("POST", "/api/v1/decide", r#"["x"]"#, ""),
+            // A second key would silently replace the first.
+            (
+                "POST",
+                "/api/v1/policies",
+                r#"{"name": "d", "denied_actions": ["x"], "denied_actions": []}"#,
+                "denied_actions",
+            ),
+            ("POST", "/api/v1/policies", r#"{"name": "d", "budgets": {"run": 1, "run": 100}}"#, "budgets.run"),
+            // The rule would see one value and the tool the other.
+            ("POST", "/api/v1/decide", r#"{"action": "pay", "args": {"to": "alice", "to": "mallory"}}"#, "args.to"),
+            ("POST", "/api/v1/policies", r#"{"name": "a\u0000b"}"#, "name"),
+            ("POST", "/api/v1/keys", r#"{"name": "n\u0000", "scope": "readonly"}"#, "name"),
+            ("POST", "/api/v1/settle", r#"{"reservation_id": "r\u0000"}"#, "reservation_id"),
+            ("POST", "/api/v1/settle", r#"{}"#, "reservation_id"),
+            ("POST", "/api/v1/decide", r#"{"action": "x", "cost_usd": 1e13}"#, "cost_usd"),
+            ("POST", "/api/v1/decide", r#"{"action": "x", "cost_usd": 1e300}"#, "cost_usd"),
+        ] {
+            let (s, ctype, p) = raw(method, uri, body).await;
+            assert_eq!(
+                (s, ctype.as_str()),
+                (StatusCode::UNPROCESSABLE_ENTITY, "application/problem+json"),
+                "{body}: {p}"
+            );
+            assert_eq!(p["errors"][0]["path"], path, "{body}: {p}");
+        }
+        for uri in ["/api/v1/agents/a%00b", "/api/v1/interventions?agent_id=a%00b", "/api/v1/policies/p%00"] {
+            let (s, p, ctype) = e.call("GET", uri, k, None).await;
+            assert_eq!((s, ctype.as_str()), (StatusCode::BAD_REQUEST, "application/problem+json"), "{uri}: {p}");
+        }
+        assert_eq!(e.state.store.row_counts().await.unwrap(), before, "a refused body wrote something");
+        let (s, d, _) = e.call("GET", "/api/v1/halts", k, None).await;
+        assert_eq!((s, d["halts"].as_array().map(Vec::len)), (StatusCode::OK, Some(0)), "{d}");
+
+        // The only admin key: neither deactivated nor deleted; with a second one, either can go.
+        let (_, me, _) = e.call("GET", "/api/v1/users/me", k, None).await;
+        let first = me["key_id"].as_str().unwrap().to_string();
+        for (method, uri) in
+            [("POST", format!("/api/v1/keys/{first}/deactivate")), ("DELETE", format!("/api/v1/keys/{first}"))]
+        {
+            let (s, p, _) = e.call(method, &uri, k, None).await;
+            assert_eq!(s, StatusCode::CONFLICT, "{method} {uri}: {p}");
+            assert!(p["detail"].as_str().unwrap().contains("last active admin key"), "{p}");
+        }
+        let (s, second, _) =
+            e.call("POST", "/api/v1/keys", k, Some(json!({"name": "second admin", "scope": "admin"}))).await;
+        assert_eq!(s, StatusCode::CREATED, "{second}");
+        let (second_id, second_key) = (second["id"].as_str().unwrap(), second["key"].as_str().unwrap());
+        assert_eq!(e.call("POST", &format!("/api/v1/keys/{first}/deactivate"), k, None).await.0, StatusCode::OK);
+        assert_eq!(e.call("GET", "/api/v1/users/me", k, None).await.0, StatusCode::UNAUTHORIZED);
+        let (s, p, _) = e.call("DELETE", &format!("/api/v1/keys/{second_id}"), Some(second_key), None).await;
+        assert_eq!(s, StatusCode::CONFLICT, "the other admin key is inactive now: {p}");
+        assert_eq!(
+            e.call("POST", &format!("/api/v1/keys/{first}/activate"), Some(second_key), None).await.0,
+            StatusCode::OK
+        );
+        assert_eq!(e.call("DELETE", &format!("/api/v1/keys/{second_id}"), k, None).await.0, StatusCode::NO_CONTENT);
     })
     .await;
 }

@@ -549,3 +549,42 @@ async fn openapi_document_lists_the_endpoints() {
     }
     assert!(doc["components"]["schemas"]["DecideBody"]["properties"]["cost_usd"].is_object());
 }
+
+/// An uploaded line's amounts and ids are checked like a decision's: an amount that is negative or
+/// would overflow every total over the agent, or an id with a NUL or of any length, is refused
+/// with the line's field, and nothing of the batch is written.
+#[tokio::test]
+async fn ingest_refuses_amounts_and_ids_out_of_range() {
+    on_both(|e| async move {
+        let home = tempfile::tempdir().unwrap();
+        let (ledger, interventions) = sdk_home(home.path(), 5);
+        let bot = agent_key(&e, "bot").await;
+        let before = e.state.store.row_counts().await.unwrap();
+        let cost = |l: &str, v: &str| l.replacen("\"cost_usd\":0.01", &format!("\"cost_usd\":{v}"), 1);
+        assert!(ledger[0].contains("\"cost_usd\":0.01"), "{}", ledger[0]);
+        let long = "x".repeat(201);
+        for (lines, path) in [
+            (vec![ledger[0].clone(), cost(&ledger[1], "1e300")], "ledger[1].cost_usd"),
+            (vec![cost(&ledger[0], "-1000")], "ledger[0].cost_usd"),
+            (vec![ledger[0].replacen("\"agent_id\":\"bot\"", "\"agent_id\":\"b\\u0000t\"", 1)], "ledger[0].agent_id"),
+            (vec![ledger[0].replacen("\"run_id\":\"r1\"", &format!("\"run_id\":\"{long}\""), 1)], "ledger[0].run_id"),
+        ] {
+            let (s, p, _) =
+                e.call("POST", "/api/v1/ledger", Some(&bot), Some(json!({"stream": "s", "ledger": lines}))).await;
+            assert_eq!((s, p["errors"][0]["path"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some(path)), "{p}");
+        }
+        // The amount replaced in place: the chain's fields must stay last.
+        let line = &interventions[0];
+        let at = line.find("\"cost_prevented_usd\":").unwrap() + "\"cost_prevented_usd\":".len();
+        let end = at + line[at..].find(',').unwrap();
+        let record = format!("{}1e300{}", &line[..at], &line[end..]);
+        let (s, p, _) =
+            e.call("POST", "/api/v1/ledger", Some(&bot), Some(json!({"stream": "s", "interventions": [record]}))).await;
+        let want = Some("interventions[0].cost_prevented_usd");
+        assert_eq!((s, p["errors"][0]["path"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, want), "{p}");
+        assert_eq!(e.state.store.row_counts().await.unwrap(), before, "a refused batch wrote something");
+        let (s, _, _) = e.call("GET", "/api/v1/agents", Some(&e.admin), None).await;
+        assert_eq!(s, StatusCode::OK);
+    })
+    .await;
+}

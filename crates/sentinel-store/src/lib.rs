@@ -427,37 +427,60 @@ impl Store {
         }
     }
 
-    /// Activates or deactivates a key. Errors with `NotFound` for an unknown id.
+    /// Activates or deactivates a key. Errors with `NotFound` for an unknown id, and with
+    /// `Conflict` for the last active admin key: without it nobody could manage keys again.
     pub async fn set_key_active(&self, id: &str, active: bool) -> Result<()> {
-        let _turn = self.turn().await;
-        let n = match &self.pool {
-            Pool::Sqlite(p) => sqlx::query("UPDATE api_keys SET active = ?1 WHERE id = ?2")
-                .bind(i64::from(active))
-                .bind(id)
-                .execute(p)
-                .await?
-                .rows_affected(),
-            Pool::Postgres(p) => sqlx::query("UPDATE api_keys SET active = $1 WHERE id = $2")
-                .bind(active)
-                .bind(id)
-                .execute(p)
-                .await?
-                .rows_affected(),
-        };
-        if n == 0 { Err(StoreError::NotFound(format!("key `{id}`"))) } else { Ok(()) }
+        if active {
+            return self.guarded_key_change(id, "UPDATE api_keys SET active = TRUE WHERE id = $1", false).await;
+        }
+        self.guarded_key_change(id, "UPDATE api_keys SET active = FALSE WHERE id = $1", true).await
     }
 
+    /// Deletes a key; like [`Store::set_key_active`], never the last active admin key.
     pub async fn delete_key(&self, id: &str) -> Result<()> {
+        self.guarded_key_change(id, "DELETE FROM api_keys WHERE id = $1", true).await
+    }
+
+    /// Runs `statement` (on the key `$1`), guarded when it takes a key away: it changes nothing
+    /// if the key is the last active admin key. Changes to keys are serialized (SQLite's writer
+    /// turn; an advisory lock on PostgreSQL), so two admins removing each other cannot both succeed.
+    async fn guarded_key_change(&self, id: &str, statement: &str, takes_away: bool) -> Result<()> {
+        const OTHERS: &str = " AND (scope <> 'admin' OR NOT active OR EXISTS (SELECT 1 FROM api_keys o \
+            WHERE o.scope = 'admin' AND o.active AND o.id <> $1))";
+        let q = if takes_away { format!("{statement}{OTHERS}") } else { statement.to_string() };
         let _turn = self.turn().await;
         let n = match &self.pool {
             Pool::Sqlite(p) => {
-                sqlx::query("DELETE FROM api_keys WHERE id = ?1").bind(id).execute(p).await?.rows_affected()
+                // SQLite reads TRUE, FALSE and NOT on its INTEGER column as 1, 0 and `= 0`.
+                let q = q.replace("$1", "?1");
+                sqlx::query(sqlx::AssertSqlSafe(q)).bind(id).execute(p).await?.rows_affected()
             }
             Pool::Postgres(p) => {
-                sqlx::query("DELETE FROM api_keys WHERE id = $1").bind(id).execute(p).await?.rows_affected()
+                let mut tx = p.begin().await?;
+                sqlx::query("SELECT pg_advisory_xact_lock(7305792154126213441)").execute(&mut *tx).await?;
+                let n = sqlx::query(sqlx::AssertSqlSafe(q)).bind(id).execute(&mut *tx).await?.rows_affected();
+                tx.commit().await?;
+                n
             }
         };
-        if n == 0 { Err(StoreError::NotFound(format!("key `{id}`"))) } else { Ok(()) }
+        if n > 0 {
+            return Ok(());
+        }
+        let exists = match &self.pool {
+            Pool::Sqlite(p) => {
+                sqlx::query("SELECT 1 FROM api_keys WHERE id = ?1").bind(id).fetch_optional(p).await?.is_some()
+            }
+            Pool::Postgres(p) => {
+                sqlx::query("SELECT 1 FROM api_keys WHERE id = $1").bind(id).fetch_optional(p).await?.is_some()
+            }
+        };
+        if exists {
+            Err(StoreError::Conflict(format!(
+                "key `{id}` is the last active admin key; create or activate another admin key first"
+            )))
+        } else {
+            Err(StoreError::NotFound(format!("key `{id}`")))
+        }
     }
 
     /// Records "last used" for many keys in one transaction, so authentication costs no write per request.
