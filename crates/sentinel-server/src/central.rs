@@ -104,6 +104,9 @@ fn id_of(key: u128) -> String {
 pub struct Memory {
     held: [Mutex<Shard>; SHARDS],
     persist: Persist,
+    /// Held by a settle of a reservation that expired first, from reading its state until the
+    /// charge is journaled: two such settles of one reservation must not both charge.
+    late: tokio::sync::Mutex<()>,
 }
 
 /// Where reservation changes go before a decision is answered.
@@ -338,7 +341,7 @@ impl Authority {
             }
             None => Persist::Direct(spawn_writer(store.clone())),
         };
-        Ok(Authority::Memory(Box::new(Memory { held, persist })))
+        Ok(Authority::Memory(Box::new(Memory { held, persist, late: tokio::sync::Mutex::new(()) })))
     }
 }
 
@@ -1060,9 +1063,27 @@ pub async fn settle(
             let Some(h) = held else {
                 // Not held: settled, released, expired, or unknown. What the journal holds may
                 // not be in the database yet.
+                let _late = m.late.lock().await;
                 s.authority.fold_now(&s.store).await;
                 let r = s.store.get_reservation(&b.reservation_id).await?;
                 caller.must_own(&what, &r.agent_id)?;
+                if r.state == "expired" && !b.release {
+                    // Expiry gave the estimate back; the action ran after all, so its actual cost
+                    // (the estimate if none is given) is owed, as on PostgreSQL.
+                    let owed = actual.unwrap_or(micros(r.cost_micros));
+                    let req = ActionRequest::new(&r.action).agent(&r.agent_id).run(&r.run_id).session(&r.session_id);
+                    m.persist(CounterOp::Finish {
+                        id: b.reservation_id.clone(),
+                        state: "settled",
+                        actual_micros: Some(to_micros(owed)),
+                        at: now_ms,
+                    })
+                    .await?;
+                    drop(s.engine().restore(&req, 0, None, owed, 1));
+                    return Ok(Json(json!({"reservation_id": b.reservation_id, "state": state,
+                        "estimated_cost_usd": r.cost_micros as f64 / 1e6, "actual_cost_usd": owed.as_f64(),
+                        "expired_before_settling": true})));
+                }
                 return Err(ApiError::new(
                     StatusCode::CONFLICT,
                     "Conflict",
@@ -1081,7 +1102,7 @@ pub async fn settle(
             m.persist(CounterOp::Finish { id: b.reservation_id.clone(), state, actual_micros, at: now_ms }).await?;
             Ok(Json(
                 json!({"reservation_id": b.reservation_id, "state": state, "estimated_cost_usd": estimate.as_f64(),
-                "actual_cost_usd": actual_micros.map(|m| m as f64 / 1e6)}),
+                "actual_cost_usd": actual_micros.map(|m| m as f64 / 1e6), "expired_before_settling": false}),
             ))
         }
         Authority::Shared => {

@@ -255,10 +255,12 @@ async fn expired_reservations_give_their_budget_back() {
         let body = json!({"action": "pay", "cost_usd": 0.9, "reservation_ttl_seconds": 0.3});
         let (_, d) = decide(&e, &e.admin, body.clone()).await;
         assert_eq!(d["verdict"], "allow");
+        let first = d["reservation"]["id"].as_str().unwrap().to_string();
         let (_, d) = decide(&e, &e.admin, body.clone()).await;
         assert_eq!(d["verdict"], "deny", "the first reservation still holds the budget");
         sentinel_server::central::spawn_sweeper(e.state.clone());
         let admin = e.admin.clone();
+        let body = json!({"action": "pay", "cost_usd": 0.9, "reservation_ttl_seconds": 60});
         eventually("expiry", || {
             let e = &e;
             let admin = admin.clone();
@@ -266,6 +268,21 @@ async fn expired_reservations_give_their_budget_back() {
             async move { decide(e, &admin, body).await.1["verdict"] == "allow" }
         })
         .await;
+        // The expired call ran after all: settling it charges its actual cost, once, on both
+        // backends (0.9 held + 0.5 owed is over the $1 session budget).
+        let settle = json!({"reservation_id": first, "actual_cost_usd": 0.5});
+        let (s, r, _) = e.call("POST", "/api/v1/settle", Some(&e.admin), Some(settle.clone())).await;
+        assert_eq!(s, StatusCode::OK, "{r}");
+        assert_eq!(
+            (r["expired_before_settling"].as_bool(), r["actual_cost_usd"].as_f64()),
+            (Some(true), Some(0.5)),
+            "{r}"
+        );
+        // Another action, so only the session's budget speaks: 0.95 would fit, 1.45 does not.
+        let (_, d) = decide(&e, &e.admin, json!({"action": "lookup", "cost_usd": 0.05})).await;
+        assert_eq!(d["verdict"], "deny", "the late settle was charged: {d}");
+        let (s, r, _) = e.call("POST", "/api/v1/settle", Some(&e.admin), Some(settle)).await;
+        assert_eq!(s, StatusCode::CONFLICT, "charged once: {r}");
     })
     .await;
 }
