@@ -444,6 +444,13 @@ async fn ledger_ingest_is_idempotent_and_finds_tampering() {
         let (_, a, _) = e.call("GET", "/api/v1/agents/bot", Some(&e.admin), None).await;
         assert_eq!(a["calls"].as_u64().unwrap() as usize, ledger.len(), "{a}");
         assert_eq!(a["interventions"], 4);
+        // The same entries under another stream: duplicates by id, so not counted again.
+        let (_, r, _) = e
+            .call("POST", "/api/v1/ledger", Some(&bot), Some(json!({"stream": "host-2:/agent", "ledger": &ledger[..3], "interventions": &interventions[..1]})))
+            .await;
+        assert_eq!((r["ledger_accepted"].as_u64(), r["ledger_duplicates"].as_u64()), (Some(0), Some(3)), "{r}");
+        let (_, a, _) = e.call("GET", "/api/v1/agents/bot", Some(&e.admin), None).await;
+        assert_eq!((a["calls"].as_u64().unwrap() as usize, a["interventions"].as_u64()), (ledger.len(), Some(4)), "{a}");
 
         // A recreated ledger sent to the same stream: its lines sit at positions already received.
         let h1 = tempfile::tempdir().unwrap();
