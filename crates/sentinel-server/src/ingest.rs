@@ -117,6 +117,7 @@ pub async fn ingest_ledger(
     caller: Caller,
     ApiJson(b): ApiJson<LedgerBatch>,
 ) -> Result<Json<Value>, ApiError> {
+    let started = std::time::Instant::now();
     caller.require(&[Scope::Admin, Scope::Agent])?;
     if b.stream.is_empty() || b.stream.len() > 300 || b.stream.chars().any(char::is_control) {
         return Err(ApiError::field("stream", "must be 1 to 300 printable characters"));
@@ -200,6 +201,8 @@ pub async fn ingest_ledger(
         .increment(report.interventions_accepted);
     metrics::counter!("sentinel_ingest_duplicates_total")
         .increment(report.ledger_duplicates + report.interventions_duplicates);
+    // From the parsed body to the committed batch: checks, chain, the store's transaction.
+    metrics::histogram!("sentinel_ingest_batch_seconds").record(started.elapsed().as_secs_f64());
     if !report.findings.is_empty() {
         metrics::counter!("sentinel_tamper_findings_total").increment(report.findings.len() as u64);
         for f in &report.findings {

@@ -444,6 +444,11 @@ async fn ledger_ingest_is_idempotent_and_finds_tampering() {
         let (_, a, _) = e.call("GET", "/api/v1/agents/bot", Some(&e.admin), None).await;
         assert_eq!(a["calls"].as_u64().unwrap() as usize, ledger.len(), "{a}");
         assert_eq!(a["interventions"], 4);
+        // Ingest shows on /metrics: counts and the batches' latency.
+        let (_, text, _) = e.call("GET", "/metrics", None, None).await;
+        for series in [r#"sentinel_ingest_entries_total{kind="ledger"}"#, "sentinel_ingest_batch_seconds_bucket"] {
+            assert!(text.as_str().unwrap_or_default().contains(series), "{series} missing from /metrics");
+        }
         // The same entries under another stream: duplicates by id, so not counted again.
         let (_, r, _) = e
             .call("POST", "/api/v1/ledger", Some(&bot), Some(json!({"stream": "host-2:/agent", "ledger": &ledger[..3], "interventions": &interventions[..1]})))
