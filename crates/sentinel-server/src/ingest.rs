@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::central::acting_agent;
-use crate::{ApiError, ApiJson, ApiQuery, AppState, Caller};
+use crate::{ApiError, ApiJson, ApiQuery, AppState, Caller, NoQuery};
 
 /// Most lines in one ingest request.
 pub const MAX_BATCH: usize = 5000;
@@ -258,6 +258,13 @@ pub async fn ingest_event(
     if b.tool_name.is_empty() || b.tool_name.len() > 512 {
         return Err(ApiError::field("tool_name", "must be 1 to 512 characters"));
     }
+    // Ids as `/decide` takes them.
+    crate::central::check_id("agent_id", &b.agent_id)?;
+    for (f, v) in [("event_id", &b.event_id), ("session_id", &b.session_id)] {
+        if let Some(v) = v {
+            crate::central::check_id(f, v)?;
+        }
+    }
     for (f, v) in [("input_hash", &b.input_hash), ("output_hash", &b.output_hash)] {
         if let Some(h) = v
             && !is_hex64(h)
@@ -420,7 +427,7 @@ pub async fn get_intervention(
 
 /// Agents seen in traffic, most recent first, with totals.
 #[utoipa::path(get, path = "/api/v1/agents", tag = "agents", responses((status = 200)))]
-pub async fn list_agents(State(s): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
+pub async fn list_agents(State(s): State<AppState>, caller: Caller, _: NoQuery) -> Result<Json<Value>, ApiError> {
     caller.require(&[Scope::Admin, Scope::Readonly])?;
     Ok(Json(json!({"agents": s.store.list_agents().await?})))
 }
@@ -430,6 +437,7 @@ pub async fn list_agents(State(s): State<AppState>, caller: Caller) -> Result<Js
 pub async fn get_agent(
     State(s): State<AppState>,
     caller: Caller,
+    _: NoQuery,
     UrlPath(id): UrlPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     caller.require(&[Scope::Admin, Scope::Readonly, Scope::Agent])?;
@@ -447,7 +455,7 @@ pub async fn get_agent(
 /// Every SDK stream: its agent, the last sequence number received and how many lines are stored.
 /// An uploader can resume from `last_seq` after losing its own offset.
 #[utoipa::path(get, path = "/api/v1/ledger/streams", tag = "ingest", responses((status = 200)))]
-pub async fn list_streams(State(s): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
+pub async fn list_streams(State(s): State<AppState>, caller: Caller, _: NoQuery) -> Result<Json<Value>, ApiError> {
     caller.require(&[Scope::Admin, Scope::Readonly, Scope::Agent])?;
     let mut streams = s.store.list_streams().await?;
     if let Some(own) = &caller.0.agent_id {
@@ -458,7 +466,7 @@ pub async fn list_streams(State(s): State<AppState>, caller: Caller) -> Result<J
 
 /// Tamper findings (chain breaks, edits, gaps) from ingest.
 #[utoipa::path(get, path = "/api/v1/findings", tag = "ingest", responses((status = 200)))]
-pub async fn list_findings(State(s): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
+pub async fn list_findings(State(s): State<AppState>, caller: Caller, _: NoQuery) -> Result<Json<Value>, ApiError> {
     caller.require(&[Scope::Admin, Scope::Readonly])?;
     Ok(Json(json!({"findings": s.store.tamper_findings(None).await?})))
 }

@@ -565,6 +565,24 @@ fn check_strict(bytes: &[u8]) -> Result<(), ApiError> {
     }
 }
 
+/// For an endpoint that takes no query parameters: any query string is refused (a filter that
+/// looks applied but is ignored would mislead).
+pub struct NoQuery;
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for NoQuery {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Self, ApiError> {
+        match parts.uri.query().filter(|q| !q.is_empty()) {
+            None => Ok(NoQuery),
+            Some(q) => {
+                let name = q.split(['=', '&']).next().unwrap_or(q);
+                Err(ApiError::field(name, format!("this endpoint takes no query parameters; got `{q}`")))
+            }
+        }
+    }
+}
+
 /// A query string whose errors (wrong types, unknown parameters) come back as problem+json naming
 /// the parameter, like a body's.
 pub struct ApiQuery<T>(pub T);
@@ -786,7 +804,7 @@ async fn readyz(State(s): State<AppState>) -> Response {
 }
 
 #[utoipa::path(get, path = "/api/v1/users/me", tag = "keys", responses((status = 200, description = "The calling key"), (status = 401)))]
-async fn me(caller: Caller) -> Json<Value> {
+async fn me(caller: Caller, _: NoQuery) -> Json<Value> {
     let k = caller.0;
     Json(json!({"key_id": k.id, "prefix": k.prefix, "name": k.name, "scope": k.scope, "agent_id": k.agent_id}))
 }
@@ -813,13 +831,15 @@ async fn create_key(
     match (&b.scope, &b.agent_id) {
         (Scope::Agent, None) => return Err(ApiError::field("agent_id", "an `agent` key must be bound to one agent")),
         (Scope::Agent, Some(a)) if a.trim().is_empty() => return Err(ApiError::field("agent_id", "must not be empty")),
+        // The ids `/decide` accepts, or the key could never decide anything.
+        (Scope::Agent, Some(a)) => central::check_id("agent_id", a)?,
         (Scope::Admin | Scope::Readonly, Some(_)) => {
             return Err(ApiError::field("agent_id", "only `agent` keys are bound to an agent"));
         }
         _ => {}
     }
-    if b.name.len() > 200 {
-        return Err(ApiError::field("name", "must be at most 200 characters"));
+    if b.name.len() > 200 || b.name.chars().any(char::is_control) {
+        return Err(ApiError::field("name", "must be at most 200 characters, without control characters"));
     }
     let (plaintext, rec) = s.issue_key(&b.name, b.scope, b.agent_id).await?;
     let mut body = serde_json::to_value(&rec).unwrap_or_default();
@@ -830,7 +850,7 @@ async fn create_key(
 }
 
 #[utoipa::path(get, path = "/api/v1/keys", tag = "keys", responses((status = 200, description = "Keys: prefix, name, scope, created, last used, active")))]
-async fn list_keys(State(s): State<AppState>, caller: Caller) -> Result<Json<Vec<ApiKey>>, ApiError> {
+async fn list_keys(State(s): State<AppState>, caller: Caller, _: NoQuery) -> Result<Json<Vec<ApiKey>>, ApiError> {
     caller.require(&[Scope::Admin])?;
     s.flush_touches().await?;
     Ok(Json(s.store.list_keys().await?))
@@ -951,7 +971,7 @@ async fn create_policy(
 }
 
 #[utoipa::path(get, path = "/api/v1/policies", tag = "policies", responses((status = 200)))]
-async fn list_policies(State(s): State<AppState>, caller: Caller) -> Result<Json<Vec<Value>>, ApiError> {
+async fn list_policies(State(s): State<AppState>, caller: Caller, _: NoQuery) -> Result<Json<Vec<Value>>, ApiError> {
     caller.require(&[Scope::Admin, Scope::Readonly])?;
     Ok(Json(s.store.list_policies().await?.into_iter().map(policy_json).collect()))
 }
@@ -1026,6 +1046,11 @@ async fn policy_sync(
     headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
     caller.require(&[Scope::Admin, Scope::Readonly, Scope::Agent])?;
+    for (f, v) in [("agent_id", &q.agent_id), ("run_id", &q.run_id)] {
+        if let Some(v) = v {
+            central::check_id(f, v)?;
+        }
+    }
     let agent = caller.agent_scope(q.agent_id.as_deref())?;
     let docs: Vec<PolicyDoc> = stored_docs(&s.store)
         .await?
@@ -1044,7 +1069,8 @@ async fn policy_sync(
     let not_modified = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+        // Weak comparison, as RFC 9110 has it for If-None-Match: `W/"x"` matches `"x"`.
+        .is_some_and(|v| v.split(',').map(|t| t.trim()).any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == etag));
     let tag = HeaderValue::from_str(&etag).map_err(|e| ApiError::internal(e.to_string()))?;
     if not_modified {
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, tag)]).into_response());

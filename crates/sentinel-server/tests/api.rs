@@ -239,6 +239,13 @@ async fn policy_sync_returns_what_applies_with_an_etag() {
         let first = app(e.state.clone()).oneshot(req(None)).await.unwrap();
         let tag = first.headers().get("etag").unwrap().to_str().unwrap().to_string();
         assert_eq!(app(e.state.clone()).oneshot(req(Some(&tag))).await.unwrap().status(), StatusCode::NOT_MODIFIED);
+        for other in [format!("W/{tag}"), format!("\"zzz\", {tag}")] {
+            assert_eq!(
+                app(e.state.clone()).oneshot(req(Some(&other))).await.unwrap().status(),
+                StatusCode::NOT_MODIFIED,
+                "{other}"
+            );
+        }
         // A change to an applicable policy changes the tag.
         let (_, list, _) = e.call("GET", "/api/v1/policies", k, None).await;
         let global = list.as_array().unwrap().iter().find(|p| p["name"] == "global").unwrap()["id"]
@@ -426,6 +433,53 @@ async fn strict_bodies_amounts_and_the_last_admin_key() {
                 "{body}: {p}"
             );
             assert_eq!(p["errors"][0]["path"], path, "{body}: {p}");
+        }
+        // Ids anywhere are what `/decide` accepts: 1 to 200 characters, no control characters.
+        let long = "x".repeat(201);
+        for (method, uri, body, path) in [
+            ("POST", "/api/v1/keys".to_string(), Some(json!({"scope": "agent", "agent_id": long})), "agent_id"),
+            ("POST", "/api/v1/keys".to_string(), Some(json!({"name": "a\u{202e}b\u{7}", "scope": "readonly"})), "name"),
+            (
+                "POST",
+                "/api/v1/events".to_string(),
+                Some(json!({"agent_id": "bot", "tool_name": "t", "event_id": ""})),
+                "event_id",
+            ),
+            (
+                "POST",
+                "/api/v1/events".to_string(),
+                Some(json!({"agent_id": "bot", "tool_name": "t", "session_id": long})),
+                "session_id",
+            ),
+            ("GET", format!("/api/v1/policies/sync?agent_id={long}"), None, "agent_id"),
+            ("GET", "/api/v1/policies/sync?run_id=".to_string(), None, "run_id"),
+        ] {
+            let (s, p, _) = e.call(method, &uri, k, body).await;
+            assert_eq!(
+                (s, p["errors"][0]["path"].as_str()),
+                (StatusCode::UNPROCESSABLE_ENTITY, Some(path)),
+                "{uri}: {p}"
+            );
+        }
+        // Lists that take no parameters refuse one rather than look filtered.
+        for uri in [
+            "/api/v1/agents",
+            "/api/v1/agents/bot",
+            "/api/v1/findings",
+            "/api/v1/halts",
+            "/api/v1/keys",
+            "/api/v1/ledger/streams",
+            "/api/v1/policies",
+            "/api/v1/notifications/channels",
+            "/api/v1/users/me",
+        ] {
+            let (s, p, ctype) = e.call("GET", &format!("{uri}?stream=st1"), k, None).await;
+            assert_eq!(
+                (s, ctype.as_str()),
+                (StatusCode::UNPROCESSABLE_ENTITY, "application/problem+json"),
+                "{uri}: {p}"
+            );
+            assert_eq!(p["errors"][0]["path"], "stream", "{uri}: {p}");
         }
         for uri in ["/api/v1/agents/a%00b", "/api/v1/interventions?agent_id=a%00b", "/api/v1/policies/p%00"] {
             let (s, p, ctype) = e.call("GET", uri, k, None).await;
