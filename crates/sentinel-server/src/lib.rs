@@ -37,7 +37,6 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 /// Largest request body accepted.
@@ -1206,7 +1205,16 @@ pub fn app_with_timeout(state: AppState, timeout: Duration) -> Router {
                 // Read by the body extractors, so that a body over it is refused as problem+json (like
                 // any other bad body) whether or not it declared its length; `/api/v1/ledger` sets its own.
                 .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
-                .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, timeout)),
+                // A request not answered in time (a slow handler, or a client that stops sending
+                // its body) gets a problem+json 503, like every other error.
+                .layer(axum::error_handling::HandleErrorLayer::new(move |_: tower::BoxError| async move {
+                    ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "Request timeout",
+                        format!("the request was not answered within the server's request timeout of {timeout:?}"),
+                    )
+                }))
+                .layer(tower::timeout::TimeoutLayer::new(timeout)),
         )
 }
 

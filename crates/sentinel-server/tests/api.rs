@@ -515,3 +515,39 @@ async fn strict_bodies_amounts_and_the_last_admin_key() {
     })
     .await;
 }
+
+/// A request body that never finishes: a client that stopped sending.
+struct Stalled;
+
+impl http_body::Body for Stalled {
+    type Data = axum::body::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::task::Poll::Pending
+    }
+}
+
+/// A request the server cannot answer in time is a 503 problem+json, not an empty 503.
+#[tokio::test]
+async fn a_request_past_the_timeout_is_a_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = env_on(&sqlite_file(dir.path())).await;
+    let req = Request::builder()
+        .method("POST")
+        .uri("/api/v1/decide")
+        .header("authorization", format!("Bearer {}", e.admin))
+        .header("content-type", "application/json")
+        .body(Body::new(Stalled))
+        .unwrap();
+    let app = sentinel_server::app_with_timeout(e.state.clone(), std::time::Duration::from_millis(200));
+    let resp = app.oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(resp.headers()["content-type"], "application/problem+json");
+    let bytes = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
+    let p: Value = serde_json::from_slice(&bytes).unwrap();
+    assert!(p["detail"].as_str().unwrap().contains("request timeout"), "{p}");
+}
