@@ -918,6 +918,16 @@ fn validate_policy(mut body: Value) -> Result<(String, Value), ApiError> {
     let Some(name) = doc.name.clone().filter(|n| !n.trim().is_empty()) else {
         return Err(ApiError::field("name", "a policy needs a unique, non-empty `name`"));
     };
+    if name.len() > 200 || name.chars().any(char::is_control) {
+        return Err(ApiError::field("name", "must be at most 200 characters, without control characters"));
+    }
+    // Action names as `/decide` takes them: a longer one could never match a call.
+    let allowed = doc.allowed_actions.as_deref().unwrap_or_default();
+    for (field, list) in [("denied_actions", doc.denied_actions.as_slice()), ("allowed_actions", allowed)] {
+        if let Some((i, _)) = list.iter().enumerate().find(|(_, a)| a.len() > 512) {
+            return Err(ApiError::field(&format!("{field}[{i}]"), "must be at most 512 characters"));
+        }
+    }
     if !doc.policies.is_empty() {
         return Err(ApiError::field("policies", "store each policy separately; a stored policy cannot hold others"));
     }

@@ -155,6 +155,9 @@ async fn policies_crud_validation_and_history() {
             (json!({"name": "x", "alerts": {"threshold_percent": 150}}), "alerts.threshold_percent", "(0, 100]"),
             (json!({"name": "x", "alerts": {"emails": ["nope"]}}), "alerts.emails", "not an email"),
             (json!({"description": "no name"}), "name", "unique"),
+            (json!({"name": "x".repeat(201)}), "name", "200 characters"),
+            (json!({"name": "x", "denied_actions": ["ok", "y".repeat(513)]}), "denied_actions[1]", "512"),
+            (json!({"name": "x", "allowed_actions": ["z".repeat(600)]}), "allowed_actions[0]", "512"),
             (json!([1, 2]), "", "object"),
         ];
         for (body, path, needle) in cases {
