@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{ApiError, ApiJson, ApiQuery, AppState, Caller, NoQuery};
+use crate::{ApiError, ApiJson, ApiQuery, AppState, Caller, NoQuery, TypedJson};
 use sentinel_store::Scope;
 
 /// Default and largest reservation lifetimes.
@@ -548,7 +548,7 @@ pub(crate) fn check_id(field: &str, v: &str) -> Result<(), ApiError> {
 pub async fn decide(
     State(s): State<AppState>,
     caller: Caller,
-    ApiJson(b): ApiJson<DecideBody>,
+    TypedJson(b): TypedJson<DecideBody>,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     caller.require(&[Scope::Admin, Scope::Agent])?;
@@ -1035,7 +1035,7 @@ pub struct SettleBody {
 pub async fn settle(
     State(s): State<AppState>,
     caller: Caller,
-    ApiJson(b): ApiJson<SettleBody>,
+    TypedJson(b): TypedJson<SettleBody>,
 ) -> Result<Json<Value>, ApiError> {
     caller.require(&[Scope::Admin, Scope::Agent])?;
     if b.release && b.actual_cost_usd.is_some() {

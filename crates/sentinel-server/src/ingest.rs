@@ -12,8 +12,8 @@ use sentinel_store::{ChainPos, EventIn, InterventionFilter, InterventionIn, Ledg
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::central::acting_agent;
-use crate::{ApiError, ApiJson, ApiQuery, AppState, Caller, NoQuery};
+use crate::central::{acting_agent, check_id};
+use crate::{ApiError, ApiJson, ApiQuery, AppState, Caller, NoQuery, TypedJson};
 
 /// Most lines in one ingest request.
 pub const MAX_BATCH: usize = 5000;
@@ -82,30 +82,18 @@ fn millis_of(ts: &str) -> Option<i64> {
     chrono::DateTime::parse_from_rfc3339(ts).ok().map(|t| t.timestamp_millis())
 }
 
-/// An amount of a line in micro-dollars: finite, not negative, and within what a budget can count
-/// (an overflowing total would break every sum over the agent's lines).
+/// An amount of a line in micro-dollars: what a budget can count (finite, not negative, below the
+/// core's cap), so no total over the agent's lines can overflow.
 fn micros(field: &str, i: usize, name: &str, x: f64) -> Result<i64, ApiError> {
     let bad = |m: String| ApiError::field(&format!("{field}[{i}].{name}"), m);
-    if !(x.is_finite() && x >= 0.0) {
-        return Err(bad(format!("must be a finite amount of at least 0, got {x}")));
-    }
     let usd = sentinel_core::Usd::from_f64(x).map_err(|e| bad(e.to_string()))?;
     i64::try_from(usd.micros()).map_err(|_| bad(format!("{x} is too large")))
 }
 
-/// An id a line carries (its own, its agent's, its run's): what `/decide` accepts for ids.
+/// An id a line carries (its own, its agent's, its run's): what `/decide` accepts for ids, or
+/// nothing where the line may leave it out.
 fn line_id(field: &str, i: usize, name: &str, v: &str, may_be_empty: bool) -> Result<(), ApiError> {
-    let path = format!("{field}[{i}].{name}");
-    if v.is_empty() && !may_be_empty {
-        return Err(ApiError::field(&path, "must not be empty"));
-    }
-    if v.len() > 200 {
-        return Err(ApiError::field(&path, "must be at most 200 characters"));
-    }
-    if v.chars().any(char::is_control) {
-        return Err(ApiError::field(&path, "must not contain control characters"));
-    }
-    Ok(())
+    if v.is_empty() && may_be_empty { Ok(()) } else { check_id(&format!("{field}[{i}].{name}"), v) }
 }
 
 /// Takes a batch of ledger lines and interventions from an SDK. Idempotent by entry id; the chain is
@@ -115,7 +103,7 @@ fn line_id(field: &str, i: usize, name: &str, v: &str, may_be_empty: bool) -> Re
 pub async fn ingest_ledger(
     State(s): State<AppState>,
     caller: Caller,
-    ApiJson(b): ApiJson<LedgerBatch>,
+    TypedJson(b): TypedJson<LedgerBatch>,
 ) -> Result<Json<Value>, ApiError> {
     let started = std::time::Instant::now();
     caller.require(&[Scope::Admin, Scope::Agent])?;
@@ -252,18 +240,15 @@ pub async fn ingest_event(
 ) -> Result<Response, ApiError> {
     caller.require(&[Scope::Admin, Scope::Agent])?;
     caller.must_own("`agent_id`", &b.agent_id)?;
-    if b.agent_id.is_empty() || b.agent_id.len() > 200 {
-        return Err(ApiError::field("agent_id", "must be 1 to 200 characters"));
+    // Ids as `/decide` takes them.
+    check_id("agent_id", &b.agent_id)?;
+    for (f, v) in [("event_id", &b.event_id), ("session_id", &b.session_id)] {
+        if let Some(v) = v {
+            check_id(f, v)?;
+        }
     }
     if b.tool_name.is_empty() || b.tool_name.len() > 512 {
         return Err(ApiError::field("tool_name", "must be 1 to 512 characters"));
-    }
-    // Ids as `/decide` takes them.
-    crate::central::check_id("agent_id", &b.agent_id)?;
-    for (f, v) in [("event_id", &b.event_id), ("session_id", &b.session_id)] {
-        if let Some(v) = v {
-            crate::central::check_id(f, v)?;
-        }
     }
     for (f, v) in [("input_hash", &b.input_hash), ("output_hash", &b.output_hash)] {
         if let Some(h) = v

@@ -468,7 +468,7 @@ fn no_nul<E: serde::de::Error>(v: &str) -> Result<(), E> {
 
 /// A JSON value built like `serde_json::Value`'s own, but refusing a key given twice in an object
 /// (`serde_json::Value` keeps the last) and NUL in a key or string. For the free-form parts of the
-/// bodies on the per-call path (`/decide`'s arguments and context), which skip [`check_strict`].
+/// bodies read as [`TypedJson`] (`/decide`'s arguments and context), which skip [`check_strict`].
 pub(crate) fn strict_value<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Value, D::Error> {
     d.deserialize_any(ValueVisitor)
 }
@@ -596,72 +596,93 @@ impl<S: Send + Sync, T: DeserializeOwned> axum::extract::FromRequestParts<S> for
     }
 }
 
-/// A JSON body whose errors (syntax, wrong types, unknown fields) come back as problem+json with the field path.
+/// A JSON body whose errors (syntax, wrong types, unknown fields) come back as problem+json with
+/// the field path. Besides its type, the whole body is checked as [`Checked`] says.
 pub struct ApiJson<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> axum::extract::FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
-        let is_json = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("application/json"));
-        if !is_json {
-            return Err(ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "Unsupported media type",
-                "send `Content-Type: application/json`",
-            ));
+        read_json(req, state, true).await.map(ApiJson)
+    }
+}
+
+/// [`ApiJson`] for the per-call paths (`/decide`, `/settle`, `/ledger`), without the second pass
+/// over the body: for a type whose fields serde refuses when given twice (every derived struct)
+/// and whose free-form parts are read with [`strict_value`]. It still refuses a body that is not
+/// an object, and runs the full check when the raw body holds an escaped NUL (the only way a
+/// string can contain one).
+pub struct TypedJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> axum::extract::FromRequest<S> for TypedJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        read_json(req, state, false).await.map(TypedJson)
+    }
+}
+
+/// The route whose bodies may be larger than [`BODY_LIMIT`].
+const LEDGER_PATH: &str = "/api/v1/ledger";
+
+/// Reads a JSON body as `T`; `full` runs [`check_strict`] on every body, else only where needed.
+async fn read_json<T: DeserializeOwned, S: Send + Sync>(
+    req: axum::extract::Request,
+    state: &S,
+    full: bool,
+) -> Result<T, ApiError> {
+    let is_json = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !is_json {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Unsupported media type",
+            "send `Content-Type: application/json`",
+        ));
+    }
+    // For the message only: the limit itself is the route's `DefaultBodyLimit`.
+    let limit = if req.uri().path() == LEDGER_PATH { crate::ingest::INGEST_BODY_LIMIT } else { BODY_LIMIT };
+    let bytes = <Bytes as axum::extract::FromRequest<S>>::from_request(req, state).await.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "Payload too large",
+                format!("this endpoint takes request bodies of at most {limit} bytes"),
+            )
+        } else {
+            ApiError::new(StatusCode::BAD_REQUEST, "Bad request", e.body_text())
         }
-        let path = req.uri().path();
-        let limit = if path == "/api/v1/ledger" { crate::ingest::INGEST_BODY_LIMIT } else { BODY_LIMIT };
-        let hot = matches!(path, "/api/v1/decide" | "/api/v1/settle" | "/api/v1/ledger");
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "Payload too large",
-                    format!("this endpoint takes request bodies of at most {limit} bytes"),
-                )
+    })?;
+    // Well-formed bodies take the plain parser; only a failure pays for tracking the field path.
+    let plain = match serde_json::from_slice::<T>(&bytes) {
+        Ok(v) => {
+            if full || memchr::memmem::find(&bytes, b"\\u0000").is_some() {
+                check_strict(&bytes)?;
             } else {
-                ApiError::new(StatusCode::BAD_REQUEST, "Bad request", e.body_text())
+                check_object(&bytes)?;
             }
-        })?;
-        // Well-formed bodies take the plain parser; only a failure pays for tracking the field path.
-        let plain = match serde_json::from_slice::<T>(&bytes) {
-            Ok(v) => {
-                // The per-call paths skip the full pass: their bodies are typed (serde refuses a
-                // field given twice) but for `/decide`'s free-form parts, which refuse repeated
-                // keys as they are read ([`strict_value`]); NUL can only be there as an escape.
-                if hot {
-                    check_object(&bytes)?;
-                    if memchr::memmem::find(&bytes, b"\\u0000").is_some() {
-                        check_strict(&bytes)?;
-                    }
-                } else {
-                    check_strict(&bytes)?;
-                }
-                return Ok(ApiJson(v));
-            }
-            Err(e) => e,
-        };
-        let de = &mut serde_json::Deserializer::from_slice(&bytes);
-        match serde_path_to_error::deserialize::<_, T>(de) {
-            // The value parsed, but something follows it.
-            Ok(_) => Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "Malformed JSON",
-                sentinel_core::load::improve_message(&plain.to_string()),
-            )),
-            Err(e) if e.inner().is_syntax() || e.inner().is_eof() => Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "Malformed JSON",
-                sentinel_core::load::improve_message(&e.into_inner().to_string()),
-            )),
-            Err(e) => Err(field_error("", e.path(), e.inner())),
+            return Ok(v);
         }
+        Err(e) => e,
+    };
+    let de = &mut serde_json::Deserializer::from_slice(&bytes);
+    match serde_path_to_error::deserialize::<_, T>(de) {
+        // The value parsed, but something follows it.
+        Ok(_) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "Malformed JSON",
+            sentinel_core::load::improve_message(&plain.to_string()),
+        )),
+        Err(e) if e.inner().is_syntax() || e.inner().is_eof() => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "Malformed JSON",
+            sentinel_core::load::improve_message(&e.into_inner().to_string()),
+        )),
+        Err(e) => Err(field_error("", e.path(), e.inner())),
     }
 }
 
@@ -1169,7 +1190,7 @@ pub fn app_with_timeout(state: AppState, timeout: Duration) -> Router {
         .route("/api/v1/settle", post(central::settle))
         .route("/api/v1/halts", post(central::create_halt).get(central::list_halts).delete(central::delete_halt))
         .route(
-            "/api/v1/ledger",
+            LEDGER_PATH,
             post(ingest::ingest_ledger).layer(axum::extract::DefaultBodyLimit::max(ingest::INGEST_BODY_LIMIT)),
         )
         .route("/api/v1/ledger/streams", get(ingest::list_streams))

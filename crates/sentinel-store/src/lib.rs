@@ -222,30 +222,18 @@ impl Store {
     /// Every table of the schema with its row count, by name (diagnostics, and the tests' proof
     /// that a refused request wrote nothing).
     pub async fn row_counts(&self) -> Result<Vec<(String, i64)>> {
-        let names: Vec<String> =
-            match &self.pool {
-                Pool::Sqlite(p) => sqlx::query_scalar(
-                    "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name",
-                )
-                .fetch_all(p)
-                .await?,
-                Pool::Postgres(p) => {
-                    sqlx::query_scalar(
-                        "SELECT table_name::text FROM information_schema.tables WHERE table_schema = current_schema() \
-                     AND table_type = 'BASE TABLE' ORDER BY table_name",
-                    )
-                    .fetch_all(p)
-                    .await?
-                }
-            };
+        let tables = if self.is_pg() {
+            "SELECT table_name::text FROM information_schema.tables WHERE table_schema = current_schema() \
+             AND table_type = 'BASE TABLE' ORDER BY table_name"
+        } else {
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name"
+        };
+        let names: Vec<String> = per_backend!(self, p => sqlx::query_scalar(tables).fetch_all(p).await?);
         let mut out = Vec::with_capacity(names.len());
         for name in names {
             // The names come from the catalogue, quoted as identifiers.
             let q = format!("SELECT COUNT(*) FROM \"{}\"", name.replace('"', "\"\""));
-            let n: i64 = match &self.pool {
-                Pool::Sqlite(p) => sqlx::query_scalar(sqlx::AssertSqlSafe(q)).fetch_one(p).await?,
-                Pool::Postgres(p) => sqlx::query_scalar(sqlx::AssertSqlSafe(q)).fetch_one(p).await?,
-            };
+            let n: i64 = per_backend!(self, p => sqlx::query_scalar(sqlx::AssertSqlSafe(q)).fetch_one(p).await?);
             out.push((name, n));
         }
         Ok(out)
@@ -430,31 +418,30 @@ impl Store {
     /// Activates or deactivates a key. Errors with `NotFound` for an unknown id, and with
     /// `Conflict` for the last active admin key: without it nobody could manage keys again.
     pub async fn set_key_active(&self, id: &str, active: bool) -> Result<()> {
-        if active {
-            return self.guarded_key_change(id, "UPDATE api_keys SET active = TRUE WHERE id = $1", false).await;
-        }
-        self.guarded_key_change(id, "UPDATE api_keys SET active = FALSE WHERE id = $1", true).await
+        let statement = if active {
+            "UPDATE api_keys SET active = TRUE WHERE id = ?1"
+        } else {
+            "UPDATE api_keys SET active = FALSE WHERE id = ?1"
+        };
+        self.guarded_key_change(id, statement, !active).await
     }
 
     /// Deletes a key; like [`Store::set_key_active`], never the last active admin key.
     pub async fn delete_key(&self, id: &str) -> Result<()> {
-        self.guarded_key_change(id, "DELETE FROM api_keys WHERE id = $1", true).await
+        self.guarded_key_change(id, "DELETE FROM api_keys WHERE id = ?1", true).await
     }
 
-    /// Runs `statement` (on the key `$1`), guarded when it takes a key away: it changes nothing
+    /// Runs `statement` (on the key `?1`), guarded when it takes a key away: it changes nothing
     /// if the key is the last active admin key. Changes to keys are serialized (SQLite's writer
     /// turn; an advisory lock on PostgreSQL), so two admins removing each other cannot both succeed.
+    /// (SQLite reads TRUE, FALSE and NOT on its INTEGER `active` column as 1, 0 and `= 0`.)
     async fn guarded_key_change(&self, id: &str, statement: &str, takes_away: bool) -> Result<()> {
         const OTHERS: &str = " AND (scope <> 'admin' OR NOT active OR EXISTS (SELECT 1 FROM api_keys o \
-            WHERE o.scope = 'admin' AND o.active AND o.id <> $1))";
-        let q = if takes_away { format!("{statement}{OTHERS}") } else { statement.to_string() };
+            WHERE o.scope = 'admin' AND o.active AND o.id <> ?1))";
+        let q = sql(self.is_pg(), &if takes_away { format!("{statement}{OTHERS}") } else { statement.to_string() });
         let _turn = self.turn().await;
         let n = match &self.pool {
-            Pool::Sqlite(p) => {
-                // SQLite reads TRUE, FALSE and NOT on its INTEGER column as 1, 0 and `= 0`.
-                let q = q.replace("$1", "?1");
-                sqlx::query(sqlx::AssertSqlSafe(q)).bind(id).execute(p).await?.rows_affected()
-            }
+            Pool::Sqlite(p) => sqlx::query(sqlx::AssertSqlSafe(q)).bind(id).execute(p).await?.rows_affected(),
             Pool::Postgres(p) => {
                 let mut tx = p.begin().await?;
                 sqlx::query("SELECT pg_advisory_xact_lock(7305792154126213441)").execute(&mut *tx).await?;
@@ -466,14 +453,8 @@ impl Store {
         if n > 0 {
             return Ok(());
         }
-        let exists = match &self.pool {
-            Pool::Sqlite(p) => {
-                sqlx::query("SELECT 1 FROM api_keys WHERE id = ?1").bind(id).fetch_optional(p).await?.is_some()
-            }
-            Pool::Postgres(p) => {
-                sqlx::query("SELECT 1 FROM api_keys WHERE id = $1").bind(id).fetch_optional(p).await?.is_some()
-            }
-        };
+        let exists = sql(self.is_pg(), "SELECT 1 FROM api_keys WHERE id = ?1");
+        let exists = per_backend!(self, p => sqlx::query(sqlx::AssertSqlSafe(exists)).bind(id).fetch_optional(p).await?.is_some());
         if exists {
             Err(StoreError::Conflict(format!(
                 "key `{id}` is the last active admin key; create or activate another admin key first"
