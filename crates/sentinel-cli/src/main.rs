@@ -75,6 +75,10 @@ struct ServeArgs {
     /// Seconds before a request is cut off
     #[arg(long, default_value_t = 30)]
     request_timeout: u64,
+    /// Seconds a connection may take to send a request's head (from its opening, or from the
+    /// answer before); a slow or idle client is then disconnected
+    #[arg(long, env = "SENTINEL_IDLE_TIMEOUT", default_value_t = 30)]
+    idle_timeout: u64,
     /// The key-hashing secret (every replica of a fleet needs the same) [default: DATA_DIR/server-secret]
     #[arg(long, env = "SENTINEL_SECRET_FILE")]
     secret_file: Option<PathBuf>,
@@ -468,6 +472,7 @@ fn serve(a: ServeArgs) -> Result<ExitCode> {
         database_url: a.database_url,
         listen: a.listen,
         request_timeout: Duration::from_secs(a.request_timeout.max(1)),
+        idle_timeout: Duration::from_secs(a.idle_timeout.max(1)),
         secret_file: a.secret_file,
         cors_origins: a.cors_origins,
         notify: sentinel_server::notify::NotifyConfig {

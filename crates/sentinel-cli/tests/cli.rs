@@ -234,6 +234,7 @@ fn serve_bootstraps_answers_and_stops_gracefully() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_sentinel"))
         .args(["serve", "--data-dir", &dir.path().display().to_string(), "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--idle-timeout", "2"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -297,6 +298,36 @@ fn serve_bootstraps_answers_and_stops_gracefully() {
     let decide = post("/api/v1/decide", &big);
     assert!(decide.starts_with("HTTP/1.1 413") && decide.contains("application/problem+json"), "{decide}");
     assert!(decide.contains("at most 1048576 bytes"), "{decide}");
+
+    // A client that sends its request head slowly, or not at all, or stays idle after an answer,
+    // is disconnected after --idle-timeout (2 s here); one that keeps within it is served.
+    let until_closed = |s: &mut TcpStream| -> (String, Duration) {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let t = Instant::now();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out); // EOF, or a reset: either way the server let go
+        (String::from_utf8_lossy(&out).into_owned(), t.elapsed())
+    };
+    let mut silent = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut slow = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(slow, "GET /healthz HTTP/1.1\r\nHost: localhost\r\n").unwrap();
+    let mut idle = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(idle, "GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut patient = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(patient, "GET /healthz HTTP/1.1\r\nHost: local").unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    write!(patient, "host\r\nConnection: close\r\n\r\n").unwrap();
+    let (answer, _) = until_closed(&mut patient);
+    assert!(answer.starts_with("HTTP/1.1 200"), "a head sent within the timeout is served: {answer}");
+    for (name, s) in [("silent", &mut silent), ("slow", &mut slow), ("idle", &mut idle)] {
+        let (out, took) = until_closed(s);
+        assert!(took < Duration::from_secs(10), "{name}: still connected after {took:?}");
+        if name == "idle" {
+            assert!(out.starts_with("HTTP/1.1 200") && out.matches("HTTP/1.1").count() == 1, "{out}");
+        } else {
+            assert!(!out.contains("200 OK"), "{name}: {out}");
+        }
+    }
 
     let pid = child.id().to_string();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());

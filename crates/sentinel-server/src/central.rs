@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{ApiError, ApiJson, ApiQuery, AppState, Caller, NoQuery, TypedJson};
+use crate::{ApiError, ApiJson, ApiQuery, AppState, Caller, TypedJson};
 use sentinel_store::Scope;
 
 /// Default and largest reservation lifetimes.
@@ -1188,7 +1188,7 @@ pub async fn delete_halt(
 
 /// Every current halt.
 #[utoipa::path(get, path = "/api/v1/halts", tag = "decisions", responses((status = 200)))]
-pub async fn list_halts(State(s): State<AppState>, caller: Caller, _: NoQuery) -> Result<Json<Value>, ApiError> {
+pub async fn list_halts(State(s): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
     caller.require(&[Scope::Admin, Scope::Readonly, Scope::Agent])?;
     let mut halts = s.store.list_halts().await?;
     if let Some(own) = &caller.0.agent_id {

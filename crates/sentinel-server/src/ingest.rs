@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::central::{acting_agent, check_id};
-use crate::{ApiError, ApiJson, ApiQuery, AppState, Caller, NoQuery, TypedJson};
+use crate::{ApiError, ApiJson, ApiQuery, AppState, Caller, TypedJson};
 
 /// Most lines in one ingest request.
 pub const MAX_BATCH: usize = 5000;
@@ -412,7 +412,7 @@ pub async fn get_intervention(
 
 /// Agents seen in traffic, most recent first, with totals.
 #[utoipa::path(get, path = "/api/v1/agents", tag = "agents", responses((status = 200)))]
-pub async fn list_agents(State(s): State<AppState>, caller: Caller, _: NoQuery) -> Result<Json<Value>, ApiError> {
+pub async fn list_agents(State(s): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
     caller.require(&[Scope::Admin, Scope::Readonly])?;
     Ok(Json(json!({"agents": s.store.list_agents().await?})))
 }
@@ -422,7 +422,6 @@ pub async fn list_agents(State(s): State<AppState>, caller: Caller, _: NoQuery) 
 pub async fn get_agent(
     State(s): State<AppState>,
     caller: Caller,
-    _: NoQuery,
     UrlPath(id): UrlPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     caller.require(&[Scope::Admin, Scope::Readonly, Scope::Agent])?;
@@ -440,7 +439,7 @@ pub async fn get_agent(
 /// Every SDK stream: its agent, the last sequence number received and how many lines are stored.
 /// An uploader can resume from `last_seq` after losing its own offset.
 #[utoipa::path(get, path = "/api/v1/ledger/streams", tag = "ingest", responses((status = 200)))]
-pub async fn list_streams(State(s): State<AppState>, caller: Caller, _: NoQuery) -> Result<Json<Value>, ApiError> {
+pub async fn list_streams(State(s): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
     caller.require(&[Scope::Admin, Scope::Readonly, Scope::Agent])?;
     let mut streams = s.store.list_streams().await?;
     if let Some(own) = &caller.0.agent_id {
@@ -451,7 +450,7 @@ pub async fn list_streams(State(s): State<AppState>, caller: Caller, _: NoQuery)
 
 /// Tamper findings (chain breaks, edits, gaps) from ingest.
 #[utoipa::path(get, path = "/api/v1/findings", tag = "ingest", responses((status = 200)))]
-pub async fn list_findings(State(s): State<AppState>, caller: Caller, _: NoQuery) -> Result<Json<Value>, ApiError> {
+pub async fn list_findings(State(s): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
     caller.require(&[Scope::Admin, Scope::Readonly])?;
     Ok(Json(json!({"findings": s.store.tamper_findings(None).await?})))
 }

@@ -49,6 +49,9 @@ pub struct Config {
     pub database_url: Option<String>,
     pub listen: SocketAddr,
     pub request_timeout: Duration,
+    /// How long a connection may take to send a request's head, counted from its opening or from
+    /// the answer before: a slow or idle client is disconnected after it.
+    pub idle_timeout: Duration,
     /// The key-hashing secret; default `<data_dir>/server-secret`, created on first start. Every
     /// replica of a fleet must use the same one.
     pub secret_file: Option<PathBuf>,
@@ -564,22 +567,37 @@ fn check_strict(bytes: &[u8]) -> Result<(), ApiError> {
     }
 }
 
-/// For an endpoint that takes no query parameters: any query string is refused (a filter that
-/// looks applied but is ignored would mislead).
-pub struct NoQuery;
-
-impl<S: Send + Sync> axum::extract::FromRequestParts<S> for NoQuery {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Self, ApiError> {
-        match parts.uri.query().filter(|q| !q.is_empty()) {
-            None => Ok(NoQuery),
-            Some(q) => {
-                let name = q.split(['=', '&']).next().unwrap_or(q);
-                Err(ApiError::field(name, format!("this endpoint takes no query parameters; got `{q}`")))
+/// Whether the operation at `method` and `path` (its route, as the OpenAPI document spells it)
+/// takes query parameters. Read off the generated document once, so the two cannot disagree.
+fn takes_query(method: &axum::http::Method, path: &str) -> bool {
+    static TAKING: OnceLock<Vec<(String, String)>> = OnceLock::new();
+    let taking = TAKING.get_or_init(|| {
+        let doc = serde_json::to_value(openapi_doc()).unwrap_or_default();
+        let mut out = Vec::new();
+        for (path, item) in doc.get("paths").and_then(Value::as_object).into_iter().flatten() {
+            for (method, op) in item.as_object().into_iter().flatten() {
+                let mut params = op.get("parameters").and_then(Value::as_array).into_iter().flatten();
+                if params.any(|p| p.get("in").is_some_and(|i| i == "query")) {
+                    out.push((method.to_uppercase(), path.clone()));
+                }
             }
         }
+        out
+    });
+    taking.iter().any(|(m, p)| m == method.as_str() && p == path)
+}
+
+/// For an operation that takes no query parameters, any query string is refused (a filter that
+/// looks applied but is ignored would mislead). Checked by [`Caller`], which every API request
+/// passes; the operations that take parameters check them with [`ApiQuery`].
+fn refuse_query(parts: &Parts) -> Result<(), ApiError> {
+    let Some(q) = parts.uri.query().filter(|q| !q.is_empty()) else { return Ok(()) };
+    let route = parts.extensions.get::<axum::extract::MatchedPath>().map(axum::extract::MatchedPath::as_str);
+    if route.is_some_and(|r| takes_query(&parts.method, r)) {
+        return Ok(());
     }
+    let name = q.split(['=', '&']).next().unwrap_or(q);
+    Err(ApiError::field(name, format!("this endpoint takes no query parameters; got `{q}`")))
 }
 
 /// A query string whose errors (wrong types, unknown parameters) come back as problem+json naming
@@ -762,6 +780,7 @@ impl FromRequestParts<AppState> for Caller {
                 "the path or query contains the NUL character (`%00`), which no id or filter may hold",
             ));
         }
+        refuse_query(parts)?;
         let token = parts
             .headers
             .get(header::AUTHORIZATION)
@@ -824,7 +843,7 @@ async fn readyz(State(s): State<AppState>) -> Response {
 }
 
 #[utoipa::path(get, path = "/api/v1/users/me", tag = "keys", responses((status = 200, description = "The calling key"), (status = 401)))]
-async fn me(caller: Caller, _: NoQuery) -> Json<Value> {
+async fn me(caller: Caller) -> Json<Value> {
     let k = caller.0;
     Json(json!({"key_id": k.id, "prefix": k.prefix, "name": k.name, "scope": k.scope, "agent_id": k.agent_id}))
 }
@@ -870,7 +889,7 @@ async fn create_key(
 }
 
 #[utoipa::path(get, path = "/api/v1/keys", tag = "keys", responses((status = 200, description = "Keys: prefix, name, scope, created, last used, active")))]
-async fn list_keys(State(s): State<AppState>, caller: Caller, _: NoQuery) -> Result<Json<Vec<ApiKey>>, ApiError> {
+async fn list_keys(State(s): State<AppState>, caller: Caller) -> Result<Json<Vec<ApiKey>>, ApiError> {
     caller.require(&[Scope::Admin])?;
     s.flush_touches().await?;
     Ok(Json(s.store.list_keys().await?))
@@ -1001,7 +1020,7 @@ async fn create_policy(
 }
 
 #[utoipa::path(get, path = "/api/v1/policies", tag = "policies", responses((status = 200)))]
-async fn list_policies(State(s): State<AppState>, caller: Caller, _: NoQuery) -> Result<Json<Vec<Value>>, ApiError> {
+async fn list_policies(State(s): State<AppState>, caller: Caller) -> Result<Json<Vec<Value>>, ApiError> {
     caller.require(&[Scope::Admin, Scope::Readonly])?;
     Ok(Json(s.store.list_policies().await?.into_iter().map(policy_json).collect()))
 }
@@ -1405,25 +1424,15 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
                 ]),
         );
     }
-    // Answers go out at once: a decision is one small write, and waiting for an ACK (Nagle) would
-    // only add latency.
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+    serve(listener, router, config.idle_timeout, config.request_timeout, {
+        let s = state.clone();
+        async move {
+            shutdown_signal().await;
+            s.shutting_down.store(true, std::sync::atomic::Ordering::SeqCst);
+            s.approvals_changed.notify_waiters();
         }
-    });
-    axum::serve(listener, router)
-        .with_graceful_shutdown({
-            let s = state.clone();
-            async move {
-                shutdown_signal().await;
-                s.shutting_down.store(true, std::sync::atomic::Ordering::SeqCst);
-                s.approvals_changed.notify_waiters();
-            }
-        })
-        .await
-        .map_err(|source| ServerError::Bind { addr, source })?;
+    })
+    .await;
     flusher.abort();
     let _ = tokio::time::timeout(Duration::from_secs(5), dispatcher).await;
     let left = state.activity.flush(&state.store).await;
@@ -1435,6 +1444,57 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     store.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Serves HTTP/1.1 connections until `shutdown` completes, then lets the requests in flight finish
+/// (for at most `drain`). Written out instead of `axum::serve`, which installs no timer, so hyper's
+/// header-read timeout would be inert and a client could hold a connection forever by sending its
+/// request head slowly or not at all.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    idle: Duration,
+    drain: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(idle);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let tcp = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // A connection that failed before it was accepted concerns only its client;
+                    // anything else (no file descriptors left) is given a moment to pass.
+                    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+                    if !matches!(e.kind(), ConnectionAborted | ConnectionRefused | ConnectionReset) {
+                        tracing::warn!(error = %e, "cannot accept a connection");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        // Answers go out at once: a decision is one small write, and waiting for an ACK (Nagle)
+        // would only add latency.
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let conn = graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(tcp), service));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+        tracing::warn!(after = ?drain, "requests still running at shutdown were cut off");
+    }
 }
 
 async fn shutdown_signal() {

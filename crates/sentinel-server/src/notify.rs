@@ -29,7 +29,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::Digest;
 
-use crate::{ApiError, ApiJson, ApiQuery, AppState, Caller, NoQuery};
+use crate::{ApiError, ApiJson, ApiQuery, AppState, Caller};
 
 /// Every event type, as it appears in `event_type` and in a channel's `events`.
 pub const EVENTS: &[&str] = &[
@@ -1175,7 +1175,7 @@ pub async fn create_channel(
 }
 
 #[utoipa::path(get, path = "/api/v1/notifications/channels", tag = "notifications", responses((status = 200)))]
-pub async fn list_channels(State(s): State<AppState>, caller: Caller, _: NoQuery) -> Result<Json<Value>, ApiError> {
+pub async fn list_channels(State(s): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
     caller.require(&[Scope::Admin, Scope::Readonly])?;
     let items: Vec<Value> = s.store.list_channels().await?.iter().map(|c| channel_json(c, false)).collect();
     Ok(Json(json!({"items": items, "events": EVENTS})))

@@ -454,6 +454,30 @@ async fn ledger_ingest_is_idempotent_and_finds_tampering() {
             .call("POST", "/api/v1/ledger", Some(&bot), Some(json!({"stream": "host-2:/agent", "ledger": &ledger[..3], "interventions": &interventions[..1]})))
             .await;
         assert_eq!((r["ledger_accepted"].as_u64(), r["ledger_duplicates"].as_u64()), (Some(0), Some(3)), "{r}");
+        assert_eq!(r["findings"].as_array().unwrap().len(), 0, "the same bytes again are no finding: {r}");
+        let (_, a, _) = e.call("GET", "/api/v1/agents/bot", Some(&e.admin), None).await;
+        assert_eq!((a["calls"].as_u64().unwrap() as usize, a["interventions"].as_u64()), (ledger.len(), Some(4)), "{a}");
+
+        // Entry ids received before, re-sent with other bytes, at their positions and from another
+        // stream: what came first is kept, and each is a `rewrite` finding naming the entry.
+        let edit = |line: &str, from: &str, to: &str| {
+            let changed = line.replacen(from, to, 1);
+            assert_ne!(changed, line, "{from} not in {line}");
+            changed
+        };
+        let (l2, i0) = (edit(&ledger[2], "\"search\"", "\"sEarch\""), edit(&interventions[0], "\"rm\"", "\"rM\""));
+        for stream in ["host-1:/agent", "host-3:/agent"] {
+            let (_, r, _) = e
+                .call("POST", "/api/v1/ledger", Some(&bot), Some(json!({"stream": stream, "ledger": [&l2], "interventions": [&i0]})))
+                .await;
+            assert_eq!((r["ledger_accepted"].as_u64(), r["interventions_accepted"].as_u64()), (Some(0), Some(0)), "{r}");
+            let rewrites: Vec<_> = r["findings"].as_array().unwrap().iter().filter(|f| f["kind"] == "rewrite").collect();
+            assert_eq!(rewrites.len(), 2, "{stream}: {r}");
+            assert_eq!(rewrites[0]["entry_id"], serde_json::from_str::<Value>(&ledger[2]).unwrap()["id"], "{r}");
+            assert_eq!(rewrites[1]["entry_id"], serde_json::from_str::<Value>(&interventions[0]).unwrap()["id"], "{r}");
+        }
+        let stored = e.state.store.ledger_lines("host-1:/agent").await.unwrap();
+        assert_eq!(stored[2].2, ledger[2], "the bytes received first are kept");
         let (_, a, _) = e.call("GET", "/api/v1/agents/bot", Some(&e.admin), None).await;
         assert_eq!((a["calls"].as_u64().unwrap() as usize, a["interventions"].as_u64()), (ledger.len(), Some(4)), "{a}");
 

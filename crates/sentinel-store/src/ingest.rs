@@ -57,7 +57,9 @@ pub struct TamperFinding {
     pub seq: i64,
     pub entry_id: Option<String>,
     /// `hash_mismatch` (the line was edited), `chain_break` (lines removed, reordered or edited
-    /// before it), or `gap` (sequence numbers skipped: lines never arrived).
+    /// before it), `gap` (sequence numbers skipped: lines never arrived), `fork` (a different line
+    /// at a position already received), or `rewrite` (an entry id received before, now with other
+    /// bytes).
     pub kind: String,
     pub detail: String,
     pub at: i64,
@@ -178,6 +180,23 @@ fn fork(stream: &str, id: &str, seq: i64, now: i64) -> TamperFinding {
     }
 }
 
+/// An entry id that was received before arrived again with other bytes (`elsewhere`: first from
+/// another stream). What was stored first is kept.
+fn rewrite(stream: &str, id: &str, seq: i64, now: i64, elsewhere: bool) -> TamperFinding {
+    let first = if elsewhere { "from another stream" } else { "at this position" };
+    TamperFinding {
+        id: crate::new_id(),
+        stream: stream.into(),
+        seq,
+        entry_id: Some(id.into()),
+        kind: "rewrite".into(),
+        detail: format!(
+            "line `{id}` (position {seq}) was received before {first} with other bytes: it was edited after it was sent; the line received first was kept"
+        ),
+        at: now,
+    }
+}
+
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// Per-agent and per-run totals from one batch.
@@ -190,12 +209,14 @@ struct Tally {
 impl Tally {
     fn call(&mut self, agent: &str, run: &str, cost: i64, at: i64) {
         let a = self.agents.entry(agent.into()).or_default();
+        // Sums saturate: a total can only be as wrong as the lines it adds up, never an error that
+        // would refuse the batch (and every batch after it) for good.
         a[0] += 1;
-        a[1] += cost;
+        a[1] = a[1].saturating_add(cost);
         a[4] = a[4].max(at);
         let r = self.runs.entry((agent.into(), run.into())).or_default();
         r[0] += 1;
-        r[1] += cost;
+        r[1] = r[1].saturating_add(cost);
         r[2] = r[2].max(at);
     }
     fn intervention(&mut self, agent: &str, run: &str, blocked: bool, at: i64) {
@@ -384,7 +405,8 @@ impl Store {
     /// Stores a batch from one SDK stream in one transaction: new lines only (by id and sequence),
     /// chain checked against what the stream sent before, findings recorded, agents and runs tallied.
     /// A different line at a position already received (a rewritten or recreated log) is not
-    /// stored; it is recorded as a `fork` finding.
+    /// stored; it is recorded as a `fork` finding. An entry id received before with other bytes
+    /// (at its position, or from another stream) keeps what came first and is a `rewrite` finding.
     pub async fn ingest(
         &self,
         stream: &str,
@@ -412,8 +434,14 @@ impl Store {
                 let old: Vec<&str> =
                     ledger.iter().zip(&fresh).filter(|(_, f)| !**f).map(|(l, _)| l.id.as_str()).collect();
                 let known = $exists(&mut $tx, "ledger_entries", &old).await?;
-                for (l, _) in ledger.iter().zip(&fresh).filter(|(l, f)| !**f && !known.contains(&l.id)) {
-                    findings.push(fork(stream, &l.id, l.chain.seq, now));
+                for (l, _) in ledger.iter().zip(&fresh).filter(|(_, f)| !**f) {
+                    match known.get(&l.id) {
+                        None => findings.push(fork(stream, &l.id, l.chain.seq, now)),
+                        Some(first) if *first != l.line => {
+                            findings.push(rewrite(stream, &l.id, l.chain.seq, now, false))
+                        }
+                        Some(_) => {}
+                    }
                 }
                 let new: Vec<LedgerIn> = ledger.into_iter().zip(fresh).filter(|(_, f)| *f).map(|(l, _)| l).collect();
                 // New in this stream, but an entry id received before (in another stream): not
@@ -422,7 +450,12 @@ impl Store {
                 // 112,000-115,000 on SQLite.)
                 let ids: Vec<&str> = new.iter().map(|l| l.id.as_str()).collect();
                 let stored = $exists(&mut $tx, "ledger_entries", &ids).await?;
-                let counted: Vec<&LedgerIn> = new.iter().filter(|l| !stored.contains(&l.id)).collect();
+                for l in &new {
+                    if stored.get(&l.id).is_some_and(|first| *first != l.line) {
+                        findings.push(rewrite(stream, &l.id, l.chain.seq, now, true));
+                    }
+                }
+                let counted: Vec<&LedgerIn> = new.iter().filter(|l| !stored.contains_key(&l.id)).collect();
                 for l in &counted {
                     tally.call(&l.agent_id, &l.run_id, l.cost_micros, now);
                 }
@@ -446,13 +479,25 @@ impl Store {
                 }
                 let iold_ids: Vec<&str> = iold.iter().map(|i| i.id.as_str()).collect();
                 let iknown = $exists(&mut $tx, "interventions", &iold_ids).await?;
-                for i in iold.iter().filter(|i| !iknown.contains(&i.id)) {
-                    findings.push(fork(&istream, &i.id, i.chain.as_ref().map_or(0, |c| c.seq), now));
+                for i in &iold {
+                    let seq = i.chain.as_ref().map_or(0, |c| c.seq);
+                    match iknown.get(&i.id) {
+                        None => findings.push(fork(&istream, &i.id, seq, now)),
+                        Some(first) if *first != i.body => findings.push(rewrite(&istream, &i.id, seq, now, false)),
+                        Some(_) => {}
+                    }
                 }
                 let inew_ids: Vec<&str> = inew.iter().map(|i| i.id.as_str()).collect();
                 let istored = $exists(&mut $tx, "interventions", &inew_ids).await?;
-                for i in inew.iter().filter(|i| !istored.contains(&i.id)) {
-                    tally.intervention(&i.agent_id, &i.run_id, i.outcome == "BLOCKED", now);
+                for i in &inew {
+                    match istored.get(&i.id) {
+                        None => tally.intervention(&i.agent_id, &i.run_id, i.outcome == "BLOCKED", now),
+                        Some(first) if *first != i.body => {
+                            let seq = i.chain.as_ref().map_or(0, |c| c.seq);
+                            findings.push(rewrite(&istream, &i.id, seq, now, true));
+                        }
+                        Some(_) => {}
+                    }
                 }
                 let iins = $insert_i(&mut $tx, &inew, "sdk").await?;
                 report.interventions_accepted = iins;
@@ -987,24 +1032,30 @@ where
     })
 }
 
+/// Entry ids already stored, with the bytes stored for each.
+type Stored = std::collections::HashMap<String, String>;
+
+/// The column that holds what was received, in one of the two ingest tables.
+fn bytes_column(table: &str) -> &'static str {
+    if table == "interventions" { "body" } else { "line" }
+}
+
 // ---- SQLite helpers
 
-/// Which of `ids` are already stored in `table` (one of the two ingest tables).
-async fn existing_sqlite(
-    tx: &mut sqlx::Transaction<'_, Sqlite>,
-    table: &'static str,
-    ids: &[&str],
-) -> Result<std::collections::HashSet<String>> {
-    let mut found = std::collections::HashSet::new();
+/// Which of `ids` are already stored in `table` (one of the two ingest tables), with the bytes
+/// stored for each (`line` or `body`).
+async fn existing_sqlite(tx: &mut sqlx::Transaction<'_, Sqlite>, table: &'static str, ids: &[&str]) -> Result<Stored> {
+    let mut found = Stored::new();
     for chunk in ids.chunks(500) {
-        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(format!("SELECT id FROM {table} WHERE id IN ("));
+        let mut qb: QueryBuilder<Sqlite> =
+            QueryBuilder::new(format!("SELECT id, {} AS bytes FROM {table} WHERE id IN (", bytes_column(table)));
         let mut sep = qb.separated(", ");
         for id in chunk {
             sep.push_bind(*id);
         }
         qb.push(")");
         for r in qb.build().fetch_all(&mut **tx).await? {
-            found.insert(r.try_get::<String, _>("id")?);
+            found.insert(r.try_get("id")?, r.try_get("bytes")?);
         }
     }
     Ok(found)
@@ -1103,7 +1154,7 @@ async fn apply_tally_sqlite(tx: &mut sqlx::Transaction<'_, Sqlite>, t: &Tally, n
         sqlx::query(
             "INSERT INTO agents (agent_id, first_seen, last_seen, calls, cost_micros, interventions, blocked) VALUES (?1, ?2, ?2, ?3, ?4, ?5, ?6) \
              ON CONFLICT (agent_id) DO UPDATE SET last_seen = MAX(agents.last_seen, excluded.last_seen), calls = agents.calls + excluded.calls, \
-             cost_micros = agents.cost_micros + excluded.cost_micros, interventions = agents.interventions + excluded.interventions, blocked = agents.blocked + excluded.blocked",
+             cost_micros = CASE WHEN agents.cost_micros > 9223372036854775807 - excluded.cost_micros THEN 9223372036854775807 ELSE agents.cost_micros + excluded.cost_micros END, interventions = agents.interventions + excluded.interventions, blocked = agents.blocked + excluded.blocked",
         )
         .bind(agent).bind(seen).bind(calls).bind(cost).bind(iv).bind(blocked).execute(&mut **tx).await?;
     }
@@ -1111,7 +1162,7 @@ async fn apply_tally_sqlite(tx: &mut sqlx::Transaction<'_, Sqlite>, t: &Tally, n
         let seen = if *seen == 0 { now } else { *seen };
         sqlx::query(
             "INSERT INTO runs (agent_id, run_id, first_seen, last_seen, calls, cost_micros) VALUES (?1, ?2, ?3, ?3, ?4, ?5) \
-             ON CONFLICT (agent_id, run_id) DO UPDATE SET last_seen = MAX(runs.last_seen, excluded.last_seen), calls = runs.calls + excluded.calls, cost_micros = runs.cost_micros + excluded.cost_micros",
+             ON CONFLICT (agent_id, run_id) DO UPDATE SET last_seen = MAX(runs.last_seen, excluded.last_seen), calls = runs.calls + excluded.calls, cost_micros = CASE WHEN runs.cost_micros > 9223372036854775807 - excluded.cost_micros THEN 9223372036854775807 ELSE runs.cost_micros + excluded.cost_micros END",
         )
         .bind(agent).bind(run).bind(seen).bind(calls).bind(cost).execute(&mut **tx).await?;
     }
@@ -1120,16 +1171,12 @@ async fn apply_tally_sqlite(tx: &mut sqlx::Transaction<'_, Sqlite>, t: &Tally, n
 
 // ---- PostgreSQL helpers
 
-async fn existing_pg(
-    tx: &mut sqlx::Transaction<'_, Postgres>,
-    table: &'static str,
-    ids: &[&str],
-) -> Result<std::collections::HashSet<String>> {
+async fn existing_pg(tx: &mut sqlx::Transaction<'_, Postgres>, table: &'static str, ids: &[&str]) -> Result<Stored> {
     if ids.is_empty() {
         return Ok(Default::default());
     }
-    let sql = format!("SELECT id FROM {table} WHERE id = ANY($1)");
-    let rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).bind(ids).fetch_all(&mut **tx).await?;
+    let sql = format!("SELECT id, {} FROM {table} WHERE id = ANY($1)", bytes_column(table));
+    let rows: Vec<(String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(ids).fetch_all(&mut **tx).await?;
     Ok(rows.into_iter().collect())
 }
 
@@ -1243,7 +1290,7 @@ async fn apply_tally_pg(tx: &mut sqlx::Transaction<'_, Postgres>, t: &Tally, now
         sqlx::query(
             "INSERT INTO agents (agent_id, first_seen, last_seen, calls, cost_micros, interventions, blocked) VALUES ($1, $2, $2, $3, $4, $5, $6) \
              ON CONFLICT (agent_id) DO UPDATE SET last_seen = GREATEST(agents.last_seen, EXCLUDED.last_seen), calls = agents.calls + EXCLUDED.calls, \
-             cost_micros = agents.cost_micros + EXCLUDED.cost_micros, interventions = agents.interventions + EXCLUDED.interventions, blocked = agents.blocked + EXCLUDED.blocked",
+             cost_micros = CASE WHEN agents.cost_micros > 9223372036854775807 - EXCLUDED.cost_micros THEN 9223372036854775807 ELSE agents.cost_micros + EXCLUDED.cost_micros END, interventions = agents.interventions + EXCLUDED.interventions, blocked = agents.blocked + EXCLUDED.blocked",
         )
         .bind(agent).bind(seen).bind(calls).bind(cost).bind(iv).bind(blocked).execute(&mut **tx).await?;
     }
@@ -1251,7 +1298,7 @@ async fn apply_tally_pg(tx: &mut sqlx::Transaction<'_, Postgres>, t: &Tally, now
         let seen = if *seen == 0 { now } else { *seen };
         sqlx::query(
             "INSERT INTO runs (agent_id, run_id, first_seen, last_seen, calls, cost_micros) VALUES ($1, $2, $3, $3, $4, $5) \
-             ON CONFLICT (agent_id, run_id) DO UPDATE SET last_seen = GREATEST(runs.last_seen, EXCLUDED.last_seen), calls = runs.calls + EXCLUDED.calls, cost_micros = runs.cost_micros + EXCLUDED.cost_micros",
+             ON CONFLICT (agent_id, run_id) DO UPDATE SET last_seen = GREATEST(runs.last_seen, EXCLUDED.last_seen), calls = runs.calls + EXCLUDED.calls, cost_micros = CASE WHEN runs.cost_micros > 9223372036854775807 - EXCLUDED.cost_micros THEN 9223372036854775807 ELSE runs.cost_micros + EXCLUDED.cost_micros END",
         )
         .bind(agent).bind(run).bind(seen).bind(calls).bind(cost).execute(&mut **tx).await?;
     }

@@ -505,3 +505,37 @@ async fn a_halt_stops_the_calls_already_queued_on_a_session() {
     pg.close().await;
     cleanup.await;
 }
+
+/// An agent's and a run's totals saturate instead of failing the batch: a stream whose lines add
+/// up past what a total can hold (here 1,100 lines of $9 billion, the most one line may carry)
+/// keeps uploading, and its totals stay readable.
+#[tokio::test]
+async fn ingest_totals_saturate_instead_of_refusing_batches() {
+    use sentinel_store::{ChainPos, LedgerIn};
+    on_both(|s| async move {
+        const MOST: i64 = 9_000_000_000_000_000; // $9e9 in micros
+        let hash = |n: i64| format!("{n:064x}");
+        let lines: Vec<LedgerIn> = (1..=1100_i64)
+            .map(|n| LedgerIn {
+                id: format!("big-{n}"),
+                chain: ChainPos { seq: n, prev: hash(n - 1), hash: hash(n), hash_ok: true },
+                agent_id: "big".into(),
+                run_id: "r".into(),
+                cost_micros: MOST,
+                failed: false,
+                line: format!("{{\"n\":{n}}}"),
+            })
+            .collect();
+        for chunk in lines.chunks(500) {
+            let r = s.ingest("big-stream", "big", chunk.to_vec(), vec![]).await.unwrap();
+            assert_eq!(r.ledger_accepted as usize, chunk.len());
+            assert!(r.findings.is_empty(), "{:?}", r.findings);
+        }
+        let (agent, runs) = s.get_agent("big").await.unwrap();
+        assert_eq!(agent.calls, 1100);
+        let most = i64::MAX as f64 / 1e6;
+        assert_eq!((agent.cost_usd, runs[0].cost_usd), (most, most), "saturated at the largest total");
+        assert_eq!(s.list_agents().await.unwrap().len(), 1);
+    })
+    .await;
+}
