@@ -319,6 +319,17 @@ fn serve_bootstraps_answers_and_stops_gracefully() {
     write!(patient, "host\r\nConnection: close\r\n\r\n").unwrap();
     let (answer, _) = until_closed(&mut patient);
     assert!(answer.starts_with("HTTP/1.1 200"), "a head sent within the timeout is served: {answer}");
+    // A running request is not idle: a body that takes longer than the idle timeout to arrive
+    // (the request timeout is the limit for that) is read and answered.
+    let body = r#"{"action": "search", "agent_id": "a", "cost_usd": 0.01}"#;
+    let mut trickle = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(trickle, "POST /api/v1/decide HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).unwrap();
+    for part in body.as_bytes().chunks(body.len() / 6 + 1) {
+        std::thread::sleep(Duration::from_millis(500));
+        trickle.write_all(part).unwrap();
+    }
+    let (answer, _) = until_closed(&mut trickle);
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.contains("\"verdict\":\"allow\""), "{answer}");
     for (name, s) in [("silent", &mut silent), ("slow", &mut slow), ("idle", &mut idle)] {
         let (out, took) = until_closed(s);
         assert!(took < Duration::from_secs(10), "{name}: still connected after {took:?}");

@@ -1424,7 +1424,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
                 ]),
         );
     }
-    serve(listener, router, config.idle_timeout, config.request_timeout, {
+    serve(listener, router, Some(config.idle_timeout), config.request_timeout, {
         let s = state.clone();
         async move {
             shutdown_signal().await;
@@ -1447,18 +1447,22 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
 }
 
 /// Serves HTTP/1.1 connections until `shutdown` completes, then lets the requests in flight finish
-/// (for at most `drain`). Written out instead of `axum::serve`, which installs no timer, so hyper's
-/// header-read timeout would be inert and a client could hold a connection forever by sending its
-/// request head slowly or not at all.
-async fn serve(
+/// (for at most `drain`). A connection with no request running is closed once it has been `idle`
+/// (if given) since it opened or since its last answer: a client cannot hold a connection by
+/// sending its request head slowly or not at all, nor by keeping it open unused.
+///
+/// Written out instead of `axum::serve`, which installs no timer, so that hyper's own header-read
+/// timeout is inert there. That timeout is not used either: it arms a timer for every request,
+/// about 1,800 instructions each (`examples/conn_cost.rs`), where [`Activity`] costs a clock read
+/// and three atomic operations, and a task per connection that wakes once per `idle`.
+pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
-    idle: Duration,
+    idle: Option<Duration>,
     drain: Duration,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(idle);
+    let http = hyper::server::conn::http1::Builder::new();
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -1483,17 +1487,95 @@ async fn serve(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let activity = Arc::new(Activity::new());
+        let service = hyper::service::service_fn({
+            let (router, activity) = (router.clone(), Arc::clone(&activity));
+            move |req: axum::http::Request<hyper::body::Incoming>| {
+                let running = Running::start(&activity);
+                let answer = tower::ServiceExt::oneshot(router.clone(), req);
+                async move {
+                    let answer = answer.await;
+                    drop(running);
+                    answer
+                }
+            }
+        });
         let conn = graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(tcp), service));
-        tokio::spawn(async move {
+        let served = tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection ended");
             }
         });
+        // A task of its own, so that the connection's many wake-ups do not poll its timer.
+        if let Some(idle) = idle {
+            tokio::spawn(async move { activity.close_when_idle(idle, served).await });
+        }
     }
     drop(listener);
     if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
         tracing::warn!(after = ?drain, "requests still running at shutdown were cut off");
+    }
+}
+
+/// What one connection is doing: how many of its requests are running, and when it last was
+/// busy (milliseconds since the first connection).
+struct Activity {
+    running: std::sync::atomic::AtomicU32,
+    last_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Activity {
+    fn epoch() -> Instant {
+        static EPOCH: OnceLock<Instant> = OnceLock::new();
+        *EPOCH.get_or_init(Instant::now)
+    }
+
+    fn now_ms() -> u64 {
+        u64::try_from(Self::epoch().elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn new() -> Self {
+        Activity { running: 0.into(), last_ms: Self::now_ms().into() }
+    }
+
+    /// Aborts the connection's task once no request has run on it for `idle`, and ends with it.
+    async fn close_when_idle(&self, idle: Duration, mut served: tokio::task::JoinHandle<()>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+        loop {
+            let quiet = Self::now_ms().saturating_sub(self.last_ms.load(Relaxed));
+            let running = self.running.load(Relaxed) > 0;
+            if !running && quiet >= idle_ms {
+                served.abort();
+                tracing::debug!("closed a connection idle for {idle:?}");
+                return;
+            }
+            // Running requests are the request timeout's business; look again a period later.
+            let wait = if running { idle_ms } else { idle_ms - quiet };
+            tokio::select! {
+                _ = &mut served => return,
+                () = tokio::time::sleep(Duration::from_millis(wait.max(1))) => {}
+            }
+        }
+    }
+}
+
+/// One running request of a connection; its end (or its cancellation) marks the connection busy
+/// until now.
+struct Running(Arc<Activity>);
+
+impl Running {
+    fn start(a: &Arc<Activity>) -> Self {
+        a.running.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Running(Arc::clone(a))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.0.last_ms.store(Activity::now_ms(), Relaxed);
+        self.0.running.fetch_sub(1, Relaxed);
     }
 }
 
