@@ -1462,7 +1462,9 @@ pub async fn serve(
     drain: Duration,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let http = hyper::server::conn::http1::Builder::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    // Not hyper's (see above); said explicitly, so that hyper does not warn of its default.
+    http.header_read_timeout(None);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
