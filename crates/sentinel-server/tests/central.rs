@@ -544,6 +544,16 @@ async fn ledger_ingest_is_idempotent_and_finds_tampering() {
         assert_eq!((s, p["errors"][0]["path"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("input_hash")));
         let (s, ..) = e.call("POST", "/api/v1/events", Some(&bot), Some(json!({"agent_id": "other", "tool_name": "t"}))).await;
         assert_eq!(s, StatusCode::FORBIDDEN);
+        // Event ids are each agent's own: another agent's event with the same id is stored too.
+        let theirs = json!({"agent_id": "other", "tool_name": "crm_search", "event_id": "ev-1"});
+        let (s, r, _) = e.call("POST", "/api/v1/events", Some(&other), Some(theirs.clone())).await;
+        assert_eq!((s, &r["created"]), (StatusCode::CREATED, &json!(true)), "{r}");
+        let (s, r, _) = e.call("POST", "/api/v1/events", Some(&other), Some(theirs)).await;
+        assert_eq!((s, &r["created"]), (StatusCode::OK, &json!(false)), "{r}");
+        for agent in ["bot", "other"] {
+            let (_, a, _) = e.call("GET", &format!("/api/v1/agents/{agent}"), Some(&e.admin), None).await;
+            assert_eq!(a["events"], 1, "{agent}: {a}");
+        }
     })
     .await;
 }

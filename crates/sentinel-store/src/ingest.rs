@@ -1001,12 +1001,12 @@ impl Store {
         match &self.pool {
             Pool::Sqlite(p) => q!(
                 p,
-                "INSERT INTO events (id, agent_id, tool_name, session_id, at, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (id) DO NOTHING",
+                "INSERT INTO events (id, agent_id, tool_name, session_id, at, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (agent_id, id) DO NOTHING",
                 "INSERT INTO agents (agent_id, first_seen, last_seen, events) VALUES (?1, ?2, ?2, 1) ON CONFLICT (agent_id) DO UPDATE SET events = agents.events + 1, last_seen = MAX(agents.last_seen, excluded.last_seen)"
             ),
             Pool::Postgres(p) => q!(
                 p,
-                "INSERT INTO events (id, agent_id, tool_name, session_id, at, body) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
+                "INSERT INTO events (id, agent_id, tool_name, session_id, at, body) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (agent_id, id) DO NOTHING",
                 "INSERT INTO agents (agent_id, first_seen, last_seen, events) VALUES ($1, $2, $2, 1) ON CONFLICT (agent_id) DO UPDATE SET events = agents.events + 1, last_seen = GREATEST(agents.last_seen, EXCLUDED.last_seen)"
             ),
         }
