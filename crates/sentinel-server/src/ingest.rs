@@ -82,6 +82,18 @@ fn millis_of(ts: &str) -> Option<i64> {
     chrono::DateTime::parse_from_rfc3339(ts).ok().map(|t| t.timestamp_millis())
 }
 
+/// How far ahead of the server's clock an uploaded time may be: clocks of agents' machines drift.
+pub const MAX_CLOCK_AHEAD_MS: i64 = 5 * 60 * 1000;
+
+/// The time an uploaded record is listed, filtered and counted at: the time it claims, unless that
+/// is more than [`MAX_CLOCK_AHEAD_MS`] ahead of the server's clock (a wrong clock, or a record made
+/// to stay at the top of every list and keep its agent "last seen" forever); then the time it
+/// arrived, and `true`. The record is still stored with the time it claims: refusing it would stop
+/// the sender's uploads at that line for good, and its hash covers the claimed time.
+fn listed_at(claimed: i64, now: i64) -> (i64, bool) {
+    if claimed > now.saturating_add(MAX_CLOCK_AHEAD_MS) { (now, true) } else { (claimed, false) }
+}
+
 /// An amount of a line in micro-dollars: what a budget can count (finite, not negative, below the
 /// core's cap), so no total over the agent's lines can overflow.
 fn micros(field: &str, i: usize, name: &str, x: f64) -> Result<i64, ApiError> {
@@ -135,6 +147,7 @@ pub async fn ingest_ledger(
         ledger.push(LedgerIn { id, chain, agent_id, run_id, cost_micros, failed, line });
     }
     let mut interventions = Vec::with_capacity(b.interventions.len());
+    let (now, mut clock_ahead) = (sentinel_store::now_ms(), 0u64);
     for (i, line) in b.interventions.iter().enumerate() {
         let line = line.trim_end_matches(['\n', '\r']);
         let chain = chain_of("interventions", i, line)?;
@@ -148,6 +161,12 @@ pub async fn ingest_ledger(
         caller.must_own(&format!("`interventions[{i}].agent_id`"), &agent_id)?;
         let at = millis_of(&r.timestamp)
             .ok_or_else(|| ApiError::field(&format!("interventions[{i}].timestamp"), "must be an RFC 3339 time"))?;
+        let (at, ahead) = listed_at(at, now);
+        if ahead {
+            clock_ahead += 1;
+            tracing::warn!(stream = %b.stream, id = %r.id, timestamp = %r.timestamp,
+                "an uploaded intervention is dated ahead of the server's clock; listed at its arrival");
+        }
         interventions.push(InterventionIn {
             id: r.id.clone(),
             chain: Some(chain),
@@ -172,7 +191,9 @@ pub async fn ingest_ledger(
         .filter(|i| i.outcome == "BLOCKED" || i.risk_level.eq_ignore_ascii_case("CRITICAL"))
         .cloned()
         .collect();
-    let report = s.store.ingest(&b.stream, &agent, ledger, interventions).await?;
+    let mut report = s.store.ingest(&b.stream, &agent, ledger, interventions).await?;
+    report.clock_ahead = clock_ahead;
+    metrics::counter!("sentinel_ingest_clock_ahead_total").increment(clock_ahead);
     if !notable.is_empty() || !report.findings.is_empty() || !report.failing_agents.is_empty() {
         let (s2, stream, findings, failing) =
             (s.clone(), b.stream.clone(), report.findings.clone(), report.failing_agents.clone());
@@ -262,10 +283,18 @@ pub async fn ingest_event(
     {
         return Err(ApiError::field("duration_ms", "must be a non-negative number"));
     }
-    let at = match &b.timestamp {
-        Some(t) => millis_of(t).ok_or_else(|| ApiError::field("timestamp", "must be an RFC 3339 time"))?,
-        None => sentinel_store::now_ms(),
+    let now = sentinel_store::now_ms();
+    let (at, clock_ahead) = match &b.timestamp {
+        Some(t) => {
+            listed_at(millis_of(t).ok_or_else(|| ApiError::field("timestamp", "must be an RFC 3339 time"))?, now)
+        }
+        None => (now, false),
     };
+    if clock_ahead {
+        metrics::counter!("sentinel_ingest_clock_ahead_total").increment(1);
+        tracing::warn!(agent_id = %b.agent_id, timestamp = ?b.timestamp,
+            "an event is dated ahead of the server's clock; listed at its arrival");
+    }
     let id = b.event_id.clone().unwrap_or_else(sentinel_store::new_id);
     let e = EventIn {
         id: id.clone(),
@@ -278,7 +307,8 @@ pub async fn ingest_event(
     let created = s.store.insert_event(&e).await?;
     metrics::counter!("sentinel_ingest_entries_total", "kind" => "events").increment(u64::from(created));
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-    Ok((status, Json(json!({"id": id, "agent_id": b.agent_id, "created": created}))).into_response())
+    Ok((status, Json(json!({"id": id, "agent_id": b.agent_id, "created": created, "clock_ahead": clock_ahead})))
+        .into_response())
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

@@ -613,6 +613,53 @@ async fn openapi_document_lists_the_endpoints() {
     assert!(doc["components"]["schemas"]["DecideBody"]["properties"]["cost_usd"].is_object());
 }
 
+/// A record dated far ahead of the server's clock (a wrong clock, or one made to stay on top of every
+/// list) is kept with the time it claims but listed, filtered and counted at its arrival, and the
+/// answer says so; a time within the allowed skew is listed as claimed.
+#[tokio::test]
+async fn uploads_dated_ahead_of_the_clock_are_listed_at_arrival() {
+    on_both(|e| async move {
+        let home = tempfile::tempdir().unwrap();
+        let (_, interventions) = sdk_home(home.path(), 10);
+        let bot = agent_key(&e, "bot").await;
+        let redate = |line: &str, ts: &str| {
+            let at = line.find("\"timestamp\":\"").unwrap() + "\"timestamp\":\"".len();
+            let end = at + line[at..].find('"').unwrap();
+            format!("{}{ts}{}", &line[..at], &line[end..])
+        };
+        let soon = (chrono::Utc::now() + chrono::Duration::minutes(2)).to_rfc3339();
+        let lines = [redate(&interventions[0], "2999-01-01T00:00:00+00:00"), redate(&interventions[1], &soon)];
+        let before = sentinel_store::now_ms();
+        for (line, ahead) in [(&lines[0], 1), (&lines[1], 0)] {
+            let body = json!({"stream": format!("s{ahead}"), "interventions": [line]});
+            let (s, r, _) = e.call("POST", "/api/v1/ledger", Some(&bot), Some(body)).await;
+            assert_eq!(
+                (s, &r["interventions_accepted"], &r["clock_ahead"]),
+                (StatusCode::OK, &json!(1), &json!(ahead)),
+                "{r}"
+            );
+        }
+        let after = sentinel_store::now_ms();
+        let (_, page, _) = e.call("GET", "/api/v1/interventions", Some(&e.admin), None).await;
+        let items = page["items"].as_array().unwrap();
+        let far = items.iter().find(|i| i["record"]["timestamp"] == "2999-01-01T00:00:00+00:00").unwrap();
+        let at = far["at"].as_i64().unwrap();
+        assert!((before..=after).contains(&at), "listed at {at}, arrived in {before}..{after}");
+        let near = items.iter().find(|i| i["record"]["timestamp"] == json!(soon)).unwrap();
+        assert!(near["at"].as_i64().unwrap() > after, "{near}");
+        // The agent is not "last seen" in the year 2999.
+        let (_, a, _) = e.call("GET", "/api/v1/agents/bot", Some(&e.admin), None).await;
+        assert!(a["last_seen"].as_i64().unwrap() < after + 10 * 60 * 1000, "{a}");
+        // Events alike.
+        let ev = json!({"agent_id": "bot", "tool_name": "t", "timestamp": "2999-01-01T00:00:00Z"});
+        let (s, r, _) = e.call("POST", "/api/v1/events", Some(&bot), Some(ev)).await;
+        assert_eq!((s, &r["clock_ahead"]), (StatusCode::CREATED, &json!(true)), "{r}");
+        let (_, text, _) = e.call("GET", "/metrics", None, None).await;
+        assert!(text.as_str().unwrap_or_default().contains("sentinel_ingest_clock_ahead_total"), "{text}");
+    })
+    .await;
+}
+
 /// An uploaded line's amounts and ids are checked like a decision's: an amount that is negative or
 /// would overflow every total over the agent, or an id with a NUL or of any length, is refused
 /// with the line's field, and nothing of the batch is written.

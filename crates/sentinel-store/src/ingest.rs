@@ -73,6 +73,9 @@ pub struct IngestReport {
     pub interventions_accepted: u64,
     pub interventions_duplicates: u64,
     pub findings: Vec<TamperFinding>,
+    /// Interventions dated more than the allowed clock skew ahead of the server's clock: each is
+    /// listed at the time it arrived instead (its stored line keeps the time it claims).
+    pub clock_ahead: u64,
     /// Agents whose run of consecutive failed calls reached [`FAILURE_STREAK`] with this batch.
     #[serde(skip)]
     pub failing_agents: Vec<(String, i64)>,
