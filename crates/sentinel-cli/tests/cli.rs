@@ -340,9 +340,23 @@ fn serve_bootstraps_answers_and_stops_gracefully() {
         }
     }
 
+    // SIGTERM while a request is half received and another connection sits silent: the request
+    // is still read and answered, the silent connection does not hold the stop up (the drain
+    // would otherwise wait the whole request timeout, 30 s), and no new connection is taken.
+    let mut quiet = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut inflight = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(inflight, "POST /api/v1/decide HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len()).unwrap();
+    let (first, rest) = body.as_bytes().split_at(body.len() / 2);
+    inflight.write_all(first).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
     let pid = child.id().to_string();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     let t = Instant::now();
+    std::thread::sleep(Duration::from_millis(500));
+    inflight.write_all(rest).unwrap();
+    let (answer, _) = until_closed(&mut inflight);
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.contains("\"verdict\":\"allow\""), "{answer}");
+    assert!(answer.to_ascii_lowercase().contains("connection: close"), "no keep-alive while stopping: {answer}");
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
@@ -350,6 +364,9 @@ fn serve_bootstraps_answers_and_stops_gracefully() {
         assert!(t.elapsed() < Duration::from_secs(15), "server did not stop on SIGTERM");
         std::thread::sleep(Duration::from_millis(50));
     };
+    assert!(t.elapsed() < Duration::from_secs(8), "a silent connection held the stop up for {:?}", t.elapsed());
+    let (out, _) = until_closed(&mut quiet);
+    assert!(out.is_empty(), "{out}");
     assert!(status.success(), "graceful shutdown exits 0: {status:?}");
 
     // Restart: no new bootstrap key is made or printed, and the old one still works.

@@ -1447,14 +1447,16 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
 }
 
 /// Serves HTTP/1.1 connections until `shutdown` completes, then lets the requests in flight finish
-/// (for at most `drain`). A connection with no request running is closed once it has been `idle`
-/// (if given) since it opened or since its last answer: a client cannot hold a connection by
-/// sending its request head slowly or not at all, nor by keeping it open unused.
+/// (for at most `drain`; what still runs then is cut off before this returns). A connection with
+/// no request running is closed once it has been `idle` (if given) since it opened or since its
+/// last answer: a client cannot hold a connection by sending its request head slowly or not at
+/// all, nor by keeping it open unused.
 ///
 /// Written out instead of `axum::serve`, which installs no timer, so that hyper's own header-read
 /// timeout is inert there. That timeout is not used either: it arms a timer for every request,
-/// about 1,800 instructions each (`examples/conn_cost.rs`), where [`Activity`] costs a clock read
-/// and three atomic operations, and a task per connection that wakes once per `idle`.
+/// 1,428 instructions each over bare hyper (`examples/conn_cost.rs`), where [`Activity`] costs
+/// 488 (a clock read, an `Arc` clone and drop, three atomic operations) and a task per
+/// connection that wakes once per `idle`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
@@ -1465,9 +1467,11 @@ pub async fn serve(
     let mut http = hyper::server::conn::http1::Builder::new();
     // Not hyper's (see above); said explicitly, so that hyper does not warn of its default.
     http.header_read_timeout(None);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
+        while connections.try_join_next().is_some() {}
         let tcp = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((tcp, _)) => tcp,
@@ -1502,29 +1506,53 @@ pub async fn serve(
                 }
             }
         });
-        let conn = graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(tcp), service));
-        let served = tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended");
+        let conn = http.serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
+        let ended = Ended(Arc::clone(&activity));
+        let served = connections.spawn(async move {
+            let mut conn = std::pin::pin!(conn);
+            let mut closing = false;
+            loop {
+                tokio::select! {
+                    biased;
+                    done = conn.as_mut() => {
+                        if let Err(e) = done {
+                            tracing::debug!(error = %e, "connection ended");
+                        }
+                        return;
+                    }
+                    () = ended.0.close.notified(), if !closing => {}
+                }
+                // No further request is read; one being read or run is answered first.
+                conn.as_mut().graceful_shutdown();
+                closing = true;
             }
         });
         // A task of its own, so that the connection's many wake-ups do not poll its timer.
-        if let Some(idle) = idle {
-            tokio::spawn(async move { activity.close_when_idle(idle, served).await });
-        }
+        tokio::spawn(activity.watch(idle, stopped.clone(), served));
     }
     drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
-        tracing::warn!(after = ?drain, "requests still running at shutdown were cut off");
+    let _ = stop.send(true);
+    let drained = tokio::time::timeout(drain, async { while connections.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::warn!(after = ?drain, running = connections.len(), "requests still running at shutdown were cut off");
+        connections.shutdown().await;
     }
 }
 
 /// What one connection is doing: how many of its requests are running, and when it last was
-/// busy (milliseconds since the first connection).
+/// busy (milliseconds since the first connection); and the signals between it and its watch.
 struct Activity {
     running: std::sync::atomic::AtomicU32,
     last_ms: std::sync::atomic::AtomicU64,
+    /// The watch asks the connection to close gracefully.
+    close: tokio::sync::Notify,
+    /// The connection's task ended (or was aborted).
+    ended: tokio::sync::Notify,
 }
+
+/// How long a connection asked to close may take to do it, with no request running, before it is
+/// cut: a request head that started arriving is not waited for.
+const CLOSE_GRACE: Duration = Duration::from_millis(200);
 
 impl Activity {
     fn epoch() -> Instant {
@@ -1537,28 +1565,72 @@ impl Activity {
     }
 
     fn new() -> Self {
-        Activity { running: 0.into(), last_ms: Self::now_ms().into() }
+        Activity {
+            running: 0.into(),
+            last_ms: Self::now_ms().into(),
+            close: tokio::sync::Notify::new(),
+            ended: tokio::sync::Notify::new(),
+        }
     }
 
-    /// Aborts the connection's task once no request has run on it for `idle`, and ends with it.
-    async fn close_when_idle(&self, idle: Duration, mut served: tokio::task::JoinHandle<()>) {
-        use std::sync::atomic::Ordering::Relaxed;
-        let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+    /// Closes the connection once no request has run on it for `idle`, and at shutdown; ends with
+    /// the connection. Closing asks hyper (a request being read or run is answered first, and no
+    /// further one is read), and cuts the connection only if it is still open [`CLOSE_GRACE`]
+    /// after that and after its last answer, with nothing running: a head that never came, or
+    /// came too slowly.
+    async fn watch(
+        self: Arc<Self>,
+        idle: Option<Duration>,
+        mut stopped: tokio::sync::watch::Receiver<bool>,
+        conn: tokio::task::AbortHandle,
+    ) {
+        use std::sync::atomic::Ordering::{Acquire, Relaxed};
+        let idle_ms = idle.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let grace_ms = u64::try_from(CLOSE_GRACE.as_millis()).unwrap_or(u64::MAX);
+        let (mut stopping, mut asked_at) = (*stopped.borrow(), None::<u64>);
         loop {
-            let quiet = Self::now_ms().saturating_sub(self.last_ms.load(Relaxed));
-            let running = self.running.load(Relaxed) > 0;
-            if !running && quiet >= idle_ms {
-                served.abort();
-                tracing::debug!("closed a connection idle for {idle:?}");
-                return;
-            }
-            // Running requests are the request timeout's business; look again a period later.
-            let wait = if running { idle_ms } else { idle_ms - quiet };
+            // `running` first: a request that ended before it was read has its end in `last_ms`.
+            let running = self.running.load(Acquire) > 0;
+            let now = Self::now_ms();
+            let quiet = now.saturating_sub(self.last_ms.load(Relaxed));
+            let wait = match asked_at {
+                None if stopping || (!running && idle_ms.is_some_and(|l| quiet >= l)) => {
+                    self.close.notify_one();
+                    asked_at = Some(now);
+                    Some(CLOSE_GRACE)
+                }
+                // Running requests are the request timeout's business; look again a period later.
+                None => idle_ms.map(|l| Duration::from_millis(if running { l } else { l - quiet }.max(1))),
+                Some(at) => {
+                    if !running && quiet >= grace_ms && now.saturating_sub(at) >= grace_ms {
+                        conn.abort();
+                        tracing::debug!(stopping, "cut a connection that did not close when asked");
+                        return;
+                    }
+                    Some(CLOSE_GRACE)
+                }
+            };
+            let sleep = async {
+                match wait {
+                    Some(w) => tokio::time::sleep(w).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                _ = &mut served => return,
-                () = tokio::time::sleep(Duration::from_millis(wait.max(1))) => {}
+                () = self.ended.notified() => return,
+                changed = stopped.changed(), if !stopping => stopping = changed.is_err() || *stopped.borrow(),
+                () = sleep => {}
             }
         }
+    }
+}
+
+/// Held by a connection's task: its end (or abort) ends its watch.
+struct Ended(Arc<Activity>);
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        self.0.ended.notify_one();
     }
 }
 
@@ -1575,9 +1647,11 @@ impl Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
-        use std::sync::atomic::Ordering::Relaxed;
+        use std::sync::atomic::Ordering::{Relaxed, Release};
+        // The end first, then the count (released): a watch that reads the lower count reads
+        // this end too, and does not take a connection that just answered for an idle one.
         self.0.last_ms.store(Activity::now_ms(), Relaxed);
-        self.0.running.fetch_sub(1, Relaxed);
+        self.0.running.fetch_sub(1, Release);
     }
 }
 
