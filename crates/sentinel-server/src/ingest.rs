@@ -87,7 +87,7 @@ pub const MAX_CLOCK_AHEAD_MS: i64 = 5 * 60 * 1000;
 
 /// The time an uploaded record is listed, filtered and counted at: the time it claims, unless that
 /// is more than [`MAX_CLOCK_AHEAD_MS`] ahead of the server's clock (a wrong clock, or a record made
-/// to stay at the top of every list and keep its agent "last seen" forever); then the time it
+/// to stay at the top of every newest-first list and inside every time filter); then the time it
 /// arrived, and `true`. The record is still stored with the time it claims: refusing it would stop
 /// the sender's uploads at that line for good, and its hash covers the claimed time.
 fn listed_at(claimed: i64, now: i64) -> (i64, bool) {

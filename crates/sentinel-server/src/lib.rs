@@ -584,7 +584,9 @@ fn takes_query(method: &axum::http::Method, path: &str) -> bool {
         }
         out
     });
-    taking.iter().any(|(m, p)| m == method.as_str() && p == path)
+    // A `HEAD` is answered by the route's `GET`, parameters included.
+    let method = if method == axum::http::Method::HEAD { "GET" } else { method.as_str() };
+    taking.iter().any(|(m, p)| m == method && p == path)
 }
 
 /// For an operation that takes no query parameters, any query string is refused (a filter that
@@ -780,7 +782,6 @@ impl FromRequestParts<AppState> for Caller {
                 "the path or query contains the NUL character (`%00`), which no id or filter may hold",
             ));
         }
-        refuse_query(parts)?;
         let token = parts
             .headers
             .get(header::AUTHORIZATION)
@@ -810,6 +811,8 @@ impl FromRequestParts<AppState> for Caller {
         if !key.active {
             return Err(unauthorized("the API key is deactivated"));
         }
+        // After the key: a caller without a valid one learns nothing but that.
+        refuse_query(parts)?;
         let now = sentinel_store::now_ms();
         let mut t = state.touches.lock();
         match t.get_mut(&key.id) {

@@ -1,6 +1,8 @@
 //! Ingest from SDKs (ledger lines and interventions, by stream, with chain checks), monitoring
 //! events, the agents and runs seen in traffic, and the intervention queries operators read.
 
+use std::collections::HashMap;
+
 use serde::Serialize;
 use serde_json::Value;
 use sqlx::{Postgres, QueryBuilder, Row, Sqlite};
@@ -185,8 +187,7 @@ fn fork(stream: &str, id: &str, seq: i64, now: i64) -> TamperFinding {
 
 /// An entry id that was received before arrived again with other bytes (`elsewhere`: first from
 /// another stream). What was stored first is kept.
-fn rewrite(stream: &str, id: &str, seq: i64, now: i64, elsewhere: bool) -> TamperFinding {
-    let first = if elsewhere { "from another stream" } else { "at this position" };
+fn rewrite(stream: &str, id: &str, seq: i64, now: i64) -> TamperFinding {
     TamperFinding {
         id: crate::new_id(),
         stream: stream.into(),
@@ -194,10 +195,41 @@ fn rewrite(stream: &str, id: &str, seq: i64, now: i64, elsewhere: bool) -> Tampe
         entry_id: Some(id.into()),
         kind: "rewrite".into(),
         detail: format!(
-            "line `{id}` (position {seq}) was received before {first} with other bytes: it was edited after it was sent; the line received first was kept"
+            "line `{id}` (position {seq}) was received before with other bytes: it was edited after it was sent; the line received first was kept"
         ),
         at: now,
     }
+}
+
+/// Of a batch's new lines (`id`, bytes), those that will be stored: not received before, and the
+/// first of the batch's lines with their id (a later one is a duplicate, or a `rewrite` finding
+/// when its bytes differ). `stored` maps ids received before to their bytes.
+fn first_copies<'a, T>(
+    lines: &[&'a T],
+    key: impl Fn(&T) -> (&str, &str, i64),
+    stored: &HashMap<String, String>,
+    stream: &str,
+    now: i64,
+    findings: &mut Vec<TamperFinding>,
+) -> Vec<&'a T> {
+    let mut seen: HashMap<&str, &str> = HashMap::with_capacity(lines.len());
+    let mut out = Vec::with_capacity(lines.len());
+    for &l in lines {
+        let (id, bytes, seq) = key(l);
+        let first = match stored.get(id) {
+            Some(first) => Some(first.as_str()),
+            None => seen.get(id).copied(),
+        };
+        match first {
+            Some(first) if first != bytes => findings.push(rewrite(stream, id, seq, now)),
+            Some(_) => {}
+            None => {
+                seen.insert(id, bytes);
+                out.push(l);
+            }
+        }
+    }
+    out
 }
 
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -440,9 +472,7 @@ impl Store {
                 for (l, _) in ledger.iter().zip(&fresh).filter(|(_, f)| !**f) {
                     match known.get(&l.id) {
                         None => findings.push(fork(stream, &l.id, l.chain.seq, now)),
-                        Some(first) if *first != l.line => {
-                            findings.push(rewrite(stream, &l.id, l.chain.seq, now, false))
-                        }
+                        Some(first) if *first != l.line => findings.push(rewrite(stream, &l.id, l.chain.seq, now)),
                         Some(_) => {}
                     }
                 }
@@ -453,12 +483,15 @@ impl Store {
                 // 112,000-115,000 on SQLite.)
                 let ids: Vec<&str> = new.iter().map(|l| l.id.as_str()).collect();
                 let stored = $exists(&mut $tx, "ledger_entries", &ids).await?;
-                for l in &new {
-                    if stored.get(&l.id).is_some_and(|first| *first != l.line) {
-                        findings.push(rewrite(stream, &l.id, l.chain.seq, now, true));
-                    }
-                }
-                let counted: Vec<&LedgerIn> = new.iter().filter(|l| !stored.contains_key(&l.id)).collect();
+                let refs: Vec<&LedgerIn> = new.iter().collect();
+                let counted = first_copies(
+                    &refs,
+                    |l| (l.id.as_str(), l.line.as_str(), l.chain.seq),
+                    &stored,
+                    stream,
+                    now,
+                    &mut findings,
+                );
                 for l in &counted {
                     tally.call(&l.agent_id, &l.run_id, l.cost_micros, now);
                 }
@@ -486,21 +519,22 @@ impl Store {
                     let seq = i.chain.as_ref().map_or(0, |c| c.seq);
                     match iknown.get(&i.id) {
                         None => findings.push(fork(&istream, &i.id, seq, now)),
-                        Some(first) if *first != i.body => findings.push(rewrite(&istream, &i.id, seq, now, false)),
+                        Some(first) if *first != i.body => findings.push(rewrite(&istream, &i.id, seq, now)),
                         Some(_) => {}
                     }
                 }
                 let inew_ids: Vec<&str> = inew.iter().map(|i| i.id.as_str()).collect();
                 let istored = $exists(&mut $tx, "interventions", &inew_ids).await?;
-                for i in &inew {
-                    match istored.get(&i.id) {
-                        None => tally.intervention(&i.agent_id, &i.run_id, i.outcome == "BLOCKED", now),
-                        Some(first) if *first != i.body => {
-                            let seq = i.chain.as_ref().map_or(0, |c| c.seq);
-                            findings.push(rewrite(&istream, &i.id, seq, now, true));
-                        }
-                        Some(_) => {}
-                    }
+                let icounted = first_copies(
+                    &inew,
+                    |i| (i.id.as_str(), i.body.as_str(), i.chain.as_ref().map_or(0, |c| c.seq)),
+                    &istored,
+                    &istream,
+                    now,
+                    &mut findings,
+                );
+                for i in &icounted {
+                    tally.intervention(&i.agent_id, &i.run_id, i.outcome == "BLOCKED", now);
                 }
                 let iins = $insert_i(&mut $tx, &inew, "sdk").await?;
                 report.interventions_accepted = iins;
@@ -829,9 +863,16 @@ impl Store {
         macro_rules! grouped {
             ($p:expr, $pg:expr) => {{
                 let (w, binds) = render(&clauses, $pg, 1);
+                // Saturating, as the agents' totals do: an integer SUM past i64 fails the query
+                // (SQLite) or its cast (PostgreSQL), which would break the stats for good.
+                let sum = if $pg {
+                    "CAST(LEAST(SUM(prevented_micros), 9223372036854775807) AS BIGINT)"
+                } else {
+                    "CAST(MIN(TOTAL(prevented_micros), 9223372036854775807.0) AS INTEGER)"
+                };
                 let sql = format!(
                     "SELECT (at / 86400000) AS day, outcome, risk_level, action, COALESCE(policy, '') AS policy, \
-                     COUNT(*) AS n, CAST(SUM(prevented_micros) AS BIGINT) AS prevented FROM interventions{w} \
+                     COUNT(*) AS n, {sum} AS prevented FROM interventions{w} \
                      GROUP BY (at / 86400000), outcome, risk_level, action, COALESCE(policy, '')"
                 );
                 let q = bind_all!(sqlx::query(sqlx::AssertSqlSafe(sql)), &binds);
@@ -864,7 +905,7 @@ impl Store {
             let mut policies: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
             for (_, outcome, risk, action, policy, n, p) in rows {
                 total += n;
-                prevented += p;
+                prevented = i64::saturating_add(prevented, *p);
                 if outcome == "BLOCKED" {
                     blocked += n;
                     if risk == "HIGH" || risk == "CRITICAL" {
@@ -872,12 +913,12 @@ impl Store {
                     }
                     let a = actions.entry(action.as_str()).or_default();
                     a.0 += n;
-                    a.1 += p;
+                    a.1 = a.1.saturating_add(*p);
                 }
                 if !policy.is_empty() {
                     let e = policies.entry(policy.as_str()).or_default();
                     e.0 += n;
-                    e.1 += p;
+                    e.1 = e.1.saturating_add(*p);
                 }
             }
             let rank = |m: BTreeMap<&str, (i64, i64)>| {
@@ -1036,7 +1077,7 @@ where
 }
 
 /// Entry ids already stored, with the bytes stored for each.
-type Stored = std::collections::HashMap<String, String>;
+type Stored = HashMap<String, String>;
 
 /// The column that holds what was received, in one of the two ingest tables.
 fn bytes_column(table: &str) -> &'static str {

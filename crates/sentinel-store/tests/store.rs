@@ -511,11 +511,11 @@ async fn a_halt_stops_the_calls_already_queued_on_a_session() {
 /// keeps uploading, and its totals stay readable.
 #[tokio::test]
 async fn ingest_totals_saturate_instead_of_refusing_batches() {
-    use sentinel_store::{ChainPos, LedgerIn};
+    use sentinel_store::{ChainPos, InterventionFilter, InterventionIn, LedgerIn};
     on_both(|s| async move {
         const MOST: i64 = 9_000_000_000_000_000; // $9e9 in micros
         let hash = |n: i64| format!("{n:064x}");
-        let lines: Vec<LedgerIn> = (1..=1100_i64)
+        let lines: Vec<LedgerIn> = (1..=1110_i64)
             .map(|n| LedgerIn {
                 id: format!("big-{n}"),
                 chain: ChainPos { seq: n, prev: hash(n - 1), hash: hash(n), hash_ok: true },
@@ -526,16 +526,43 @@ async fn ingest_totals_saturate_instead_of_refusing_batches() {
                 line: format!("{{\"n\":{n}}}"),
             })
             .collect();
-        for chunk in lines.chunks(500) {
-            let r = s.ingest("big-stream", "big", chunk.to_vec(), vec![]).await.unwrap();
-            assert_eq!(r.ledger_accepted as usize, chunk.len());
+        let now = sentinel_store::now_ms();
+        let interventions: Vec<InterventionIn> = (1..=1110_i64)
+            .map(|n| InterventionIn {
+                id: format!("iv-{n}"),
+                chain: Some(ChainPos { seq: n, prev: hash(n - 1), hash: hash(n), hash_ok: true }),
+                at: now,
+                agent_id: "big".into(),
+                run_id: "r".into(),
+                session_id: String::new(),
+                kind: "BUDGET_EXCEEDED".into(),
+                outcome: "BLOCKED".into(),
+                risk_level: "HIGH".into(),
+                action: "pay".into(),
+                policy: Some("p".into()),
+                rule: None,
+                estimated_micros: MOST,
+                prevented_micros: MOST,
+                body: format!("{{\"n\":{n}}}"),
+            })
+            .collect();
+        // One batch whose own total passes i64 (summed in Rust), then one added to a saturated
+        // total (summed in SQL).
+        for (l, i) in [(&lines[..1100], &interventions[..1100]), (&lines[1100..], &interventions[1100..])] {
+            let r = s.ingest("big-stream", "big", l.to_vec(), i.to_vec()).await.unwrap();
+            assert_eq!((r.ledger_accepted as usize, r.interventions_accepted as usize), (l.len(), i.len()));
             assert!(r.findings.is_empty(), "{:?}", r.findings);
         }
         let (agent, runs) = s.get_agent("big").await.unwrap();
-        assert_eq!(agent.calls, 1100);
+        assert_eq!(agent.calls, 1110);
         let most = i64::MAX as f64 / 1e6;
         assert_eq!((agent.cost_usd, runs[0].cost_usd), (most, most), "saturated at the largest total");
         assert_eq!(s.list_agents().await.unwrap().len(), 1);
+        // The stats add the same amounts up: saturated too, not an error.
+        let st = s.intervention_stats(&InterventionFilter::default()).await.unwrap();
+        assert_eq!((st.total, st.blocked), (1110, 1110));
+        assert!(st.cost_prevented_usd >= 9.2e12, "{}", st.cost_prevented_usd);
+        assert!(st.top_blocked_actions[0].cost_prevented_usd >= 9.2e12, "{:?}", st.top_blocked_actions);
     })
     .await;
 }
