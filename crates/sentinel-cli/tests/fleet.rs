@@ -134,12 +134,12 @@ async fn two_replicas_share_budgets_and_rate_limits_without_overspend() {
         }
         assert_eq!(allowed[0] + allowed[1], expect_allowed, "{action}: exactly the affordable number is allowed");
         assert_eq!(denied, 1000 - expect_allowed);
-        // Both replicas decided against the one shared counter. With 333 affordable calls each
-        // allows some; the 50 slots of the rate limit may all go to whichever replica's calls
-        // reach the database first (seen once in a clean-clone run), which is still exact.
-        if expect_allowed > 100 {
-            assert!(allowed[0] > 0 && allowed[1] > 0, "both replicas allowed some: {allowed:?}");
-        }
+        // Both replicas decided (every call above got an answer) against the one shared counter:
+        // with a counter each, each replica would allow the affordable number of its own 500, so
+        // the exact total is the proof. How the allowed calls split between the replicas is a
+        // race; all of them went to one replica in clean-clone runs, for the rate limit and once
+        // for the budget, which is still exact.
+        eprintln!("{action}: allowed by replica {allowed:?}");
     }
     let reserved: i64 = sqlx::query_scalar(
         "SELECT COALESCE(SUM(cost_micros), 0)::BIGINT FROM reservations WHERE session_id = 'shared' AND state = 'reserved'",
