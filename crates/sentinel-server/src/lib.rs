@@ -398,6 +398,7 @@ impl From<StoreError> for ApiError {
                 ApiError::new(StatusCode::NOT_FOUND, "Not found", format!("{what} does not exist"))
             }
             StoreError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "Conflict", m),
+            StoreError::Forbidden(m) => ApiError::new(StatusCode::FORBIDDEN, "Forbidden", m),
             StoreError::Invalid(m) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "Invalid request", m),
             other => ApiError::internal(other.to_string()),
         }

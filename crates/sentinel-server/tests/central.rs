@@ -568,6 +568,31 @@ async fn ledger_ingest_is_idempotent_and_finds_tampering() {
             let (_, a, _) = e.call("GET", &format!("/api/v1/agents/{agent}"), Some(&e.admin), None).await;
             assert_eq!(a["events"], 1, "{agent}: {a}");
         }
+
+        // A stream is its first sender's: another agent's lines sent to it would move its chain
+        // and make the owner's next lines look like forks (not stored). Refused, nothing written.
+        let h4 = tempfile::tempdir().unwrap();
+        let (theirs, _) = sdk_home(h4.path(), 3);
+        let theirs: Vec<String> = theirs.iter().map(|l| edit(l, "\"agent_id\":\"bot\"", "\"agent_id\":\"other\"")).collect();
+        let before = e.state.store.row_counts().await.unwrap();
+        for key in [&other, &e.admin] {
+            let body = json!({"stream": "host-1:/agent", "agent_id": "other", "ledger": &theirs});
+            let (s, p, _) = e.call("POST", "/api/v1/ledger", Some(key), Some(body)).await;
+            assert_eq!(s, StatusCode::FORBIDDEN, "{p}");
+            assert!(p["detail"].as_str().unwrap().contains("belongs to agent `bot`"), "{p}");
+        }
+        assert_eq!(e.state.store.row_counts().await.unwrap(), before, "a refused batch wrote something");
+        // Another agent's entry id, in a stream of one's own: an `id_collision`, whatever the bytes
+        // (they are not compared with the other agent's line, so nothing of it is learnt).
+        let borrowed = edit(&theirs[0], &id_of(&theirs[0]), &id_of(&ledger[0]));
+        let (s, r, _) = e
+            .call("POST", "/api/v1/ledger", Some(&other), Some(json!({"stream": "other:/agent", "ledger": [&borrowed]})))
+            .await;
+        assert_eq!((s, &r["ledger_accepted"]), (StatusCode::OK, &json!(0)), "{r}");
+        let kinds: Vec<&str> = r["findings"].as_array().unwrap().iter().map(|f| f["kind"].as_str().unwrap()).collect();
+        assert!(kinds.contains(&"id_collision") && !kinds.contains(&"rewrite"), "{r}");
+        let (_, a, _) = e.call("GET", "/api/v1/agents/other", Some(&e.admin), None).await;
+        assert_eq!(a["calls"], 0, "{a}");
     })
     .await;
 }

@@ -60,8 +60,9 @@ pub struct TamperFinding {
     pub entry_id: Option<String>,
     /// `hash_mismatch` (the line was edited), `chain_break` (lines removed, reordered or edited
     /// before it), `gap` (sequence numbers skipped: lines never arrived), `fork` (a different line
-    /// at a position already received), or `rewrite` (an entry id received before, now with other
-    /// bytes).
+    /// at a position already received), `rewrite` (an entry id received before, now with other
+    /// bytes), or `id_collision` (an entry id another agent's line already has; its bytes are not
+    /// compared, so no agent learns anything of another's lines).
     pub kind: String,
     pub detail: String,
     pub at: i64,
@@ -201,32 +202,60 @@ fn rewrite(stream: &str, id: &str, seq: i64, now: i64) -> TamperFinding {
     }
 }
 
-/// Of a batch's new lines (`id`, bytes), those that will be stored: not received before, and the
-/// first of the batch's lines with their id (a later one is a duplicate, or a `rewrite` finding
-/// when its bytes differ). `stored` maps ids received before to their bytes.
-fn first_copies<'a, T>(
+fn collision(stream: &str, id: &str, seq: i64, now: i64) -> TamperFinding {
+    TamperFinding {
+        id: crate::new_id(),
+        stream: stream.into(),
+        seq,
+        entry_id: Some(id.into()),
+        kind: "id_collision".into(),
+        detail: format!("line `{id}` (position {seq}) has the id of another agent's line: it was not stored"),
+        at: now,
+    }
+}
+
+/// A line whose id was stored before: the same line again (no finding), the same agent's line
+/// with other bytes (`rewrite`), or another agent's (`id_collision`, bytes not compared).
+fn against_stored(
+    stored: &(String, String),
+    bytes: &str,
+    owner: &str,
+    (stream, id, seq, now): (&str, &str, i64, i64),
+) -> Option<TamperFinding> {
+    let (first, whose) = stored;
+    if whose != owner {
+        Some(collision(stream, id, seq, now))
+    } else if first != bytes {
+        Some(rewrite(stream, id, seq, now))
+    } else {
+        None
+    }
+}
+
+/// Of a batch's new lines (`id`, bytes, position, whose), those that will be stored: not received
+/// before (else see [`against_stored`]), and the first of the batch's lines with their id (a later
+/// one is a duplicate, or a `rewrite` finding when its bytes differ).
+fn first_copies<'a: 'o, 'o, T>(
     lines: &[&'a T],
-    key: impl Fn(&T) -> (&str, &str, i64),
-    stored: &HashMap<String, String>,
+    key: impl Fn(&'a T) -> (&'a str, &'a str, i64, &'o str),
+    stored: &Stored,
     stream: &str,
     now: i64,
     findings: &mut Vec<TamperFinding>,
 ) -> Vec<&'a T> {
-    let mut seen: HashMap<&str, &str> = HashMap::with_capacity(lines.len());
+    let mut seen: HashMap<&'a str, &'a str> = HashMap::with_capacity(lines.len());
     let mut out = Vec::with_capacity(lines.len());
     for &l in lines {
-        let (id, bytes, seq) = key(l);
-        let first = match stored.get(id) {
-            Some(first) => Some(first.as_str()),
-            None => seen.get(id).copied(),
-        };
-        match first {
-            Some(first) if first != bytes => findings.push(rewrite(stream, id, seq, now)),
-            Some(_) => {}
-            None => {
-                seen.insert(id, bytes);
-                out.push(l);
+        let (id, bytes, seq, owner) = key(l);
+        if let Some(before) = stored.get(id) {
+            findings.extend(against_stored(before, bytes, owner, (stream, id, seq, now)));
+        } else if let Some(first) = seen.get(id) {
+            if *first != bytes {
+                findings.push(rewrite(stream, id, seq, now));
             }
+        } else {
+            seen.insert(id, bytes);
+            out.push(l);
         }
     }
     out
@@ -472,8 +501,12 @@ impl Store {
                 for (l, _) in ledger.iter().zip(&fresh).filter(|(_, f)| !**f) {
                     match known.get(&l.id) {
                         None => findings.push(fork(stream, &l.id, l.chain.seq, now)),
-                        Some(first) if *first != l.line => findings.push(rewrite(stream, &l.id, l.chain.seq, now)),
-                        Some(_) => {}
+                        Some(before) => findings.extend(against_stored(
+                            before,
+                            &l.line,
+                            agent_id,
+                            (stream, &l.id, l.chain.seq, now),
+                        )),
                     }
                 }
                 let new: Vec<LedgerIn> = ledger.into_iter().zip(fresh).filter(|(_, f)| *f).map(|(l, _)| l).collect();
@@ -486,7 +519,7 @@ impl Store {
                 let refs: Vec<&LedgerIn> = new.iter().collect();
                 let counted = first_copies(
                     &refs,
-                    |l| (l.id.as_str(), l.line.as_str(), l.chain.seq),
+                    |l| (l.id.as_str(), l.line.as_str(), l.chain.seq, agent_id),
                     &stored,
                     stream,
                     now,
@@ -519,15 +552,16 @@ impl Store {
                     let seq = i.chain.as_ref().map_or(0, |c| c.seq);
                     match iknown.get(&i.id) {
                         None => findings.push(fork(&istream, &i.id, seq, now)),
-                        Some(first) if *first != i.body => findings.push(rewrite(&istream, &i.id, seq, now)),
-                        Some(_) => {}
+                        Some(before) => {
+                            findings.extend(against_stored(before, &i.body, &i.agent_id, (&istream, &i.id, seq, now)))
+                        }
                     }
                 }
                 let inew_ids: Vec<&str> = inew.iter().map(|i| i.id.as_str()).collect();
                 let istored = $exists(&mut $tx, "interventions", &inew_ids).await?;
                 let icounted = first_copies(
                     &inew,
-                    |i| (i.id.as_str(), i.body.as_str(), i.chain.as_ref().map_or(0, |c| c.seq)),
+                    |i| (i.id.as_str(), i.body.as_str(), i.chain.as_ref().map_or(0, |c| c.seq), i.agent_id.as_str()),
                     &istored,
                     &istream,
                     now,
@@ -1077,11 +1111,22 @@ where
 }
 
 /// Entry ids already stored, with the bytes stored for each.
-type Stored = HashMap<String, String>;
+/// Entry ids already stored: the bytes stored for each, and whose they are (a ledger line's
+/// stream's agent, an intervention's agent).
+type Stored = HashMap<String, (String, String)>;
 
-/// The column that holds what was received, in one of the two ingest tables.
-fn bytes_column(table: &str) -> &'static str {
-    if table == "interventions" { "body" } else { "line" }
+/// What to select from one of the two ingest tables for [`Stored`]: the id, what was received
+/// and whose it is, and from where.
+fn stored_select(table: &str) -> &'static str {
+    if table == "interventions" {
+        "SELECT id, body AS bytes, agent_id AS owner FROM interventions"
+    } else {
+        "SELECT e.id AS id, e.line AS bytes, s.agent_id AS owner FROM ledger_entries e JOIN streams s ON s.stream = e.stream"
+    }
+}
+
+fn id_column(table: &str) -> &'static str {
+    if table == "interventions" { "id" } else { "e.id" }
 }
 
 // ---- SQLite helpers
@@ -1092,30 +1137,46 @@ async fn existing_sqlite(tx: &mut sqlx::Transaction<'_, Sqlite>, table: &'static
     let mut found = Stored::new();
     for chunk in ids.chunks(500) {
         let mut qb: QueryBuilder<Sqlite> =
-            QueryBuilder::new(format!("SELECT id, {} AS bytes FROM {table} WHERE id IN (", bytes_column(table)));
+            QueryBuilder::new(format!("{} WHERE {} IN (", stored_select(table), id_column(table)));
         let mut sep = qb.separated(", ");
         for id in chunk {
             sep.push_bind(*id);
         }
         qb.push(")");
         for r in qb.build().fetch_all(&mut **tx).await? {
-            found.insert(r.try_get("id")?, r.try_get("bytes")?);
+            found.insert(r.try_get("id")?, (r.try_get("bytes")?, r.try_get("owner")?));
         }
     }
     Ok(found)
 }
 
+/// A stream is its first sender's: another agent's lines in it would move its chain (and make
+/// the owner's next lines look like forks, which are not stored).
+fn check_owner(stream: &str, owner: &str, agent: &str) -> Result<()> {
+    if owner == agent {
+        Ok(())
+    } else {
+        Err(StoreError::Forbidden(format!(
+            "stream `{stream}` belongs to agent `{owner}`; each agent uploads to streams of its own"
+        )))
+    }
+}
+
 async fn load_stream_sqlite(
     tx: &mut sqlx::Transaction<'_, Sqlite>,
     stream: &str,
-    _agent: &str,
+    agent: &str,
     _now: i64,
 ) -> Result<Option<StreamState>> {
-    let row = sqlx::query("SELECT last_seq, last_hash FROM streams WHERE stream = ?1")
+    let row = sqlx::query("SELECT last_seq, last_hash, agent_id FROM streams WHERE stream = ?1")
         .bind(stream)
         .fetch_optional(&mut **tx)
         .await?;
-    row.map(|r| Ok(StreamState { last_seq: r.try_get("last_seq")?, last_hash: r.try_get("last_hash")? })).transpose()
+    row.map(|r| {
+        check_owner(stream, r.try_get("agent_id")?, agent)?;
+        Ok(StreamState { last_seq: r.try_get("last_seq")?, last_hash: r.try_get("last_hash")? })
+    })
+    .transpose()
 }
 
 async fn save_stream_sqlite(
@@ -1219,9 +1280,10 @@ async fn existing_pg(tx: &mut sqlx::Transaction<'_, Postgres>, table: &'static s
     if ids.is_empty() {
         return Ok(Default::default());
     }
-    let sql = format!("SELECT id, {} FROM {table} WHERE id = ANY($1)", bytes_column(table));
-    let rows: Vec<(String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(ids).fetch_all(&mut **tx).await?;
-    Ok(rows.into_iter().collect())
+    let sql = format!("{} WHERE {} = ANY($1)", stored_select(table), id_column(table));
+    let rows: Vec<(String, String, String)> =
+        sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(ids).fetch_all(&mut **tx).await?;
+    Ok(rows.into_iter().map(|(id, bytes, owner)| (id, (bytes, owner))).collect())
 }
 
 async fn load_stream_pg(
@@ -1233,10 +1295,11 @@ async fn load_stream_pg(
     // Create-then-lock, so two replicas ingesting one stream take turns instead of racing.
     sqlx::query("INSERT INTO streams (stream, agent_id, last_seq, last_hash, entries, updated_at) VALUES ($1, $2, 0, '', 0, $3) ON CONFLICT (stream) DO NOTHING")
         .bind(stream).bind(agent).bind(now).execute(&mut **tx).await?;
-    let r = sqlx::query("SELECT last_seq, last_hash FROM streams WHERE stream = $1 FOR UPDATE")
+    let r = sqlx::query("SELECT last_seq, last_hash, agent_id FROM streams WHERE stream = $1 FOR UPDATE")
         .bind(stream)
         .fetch_one(&mut **tx)
         .await?;
+    check_owner(stream, r.try_get("agent_id")?, agent)?;
     let s = StreamState { last_seq: r.try_get("last_seq")?, last_hash: r.try_get("last_hash")? };
     Ok(if s.last_seq == 0 && s.last_hash.is_empty() { None } else { Some(s) })
 }
