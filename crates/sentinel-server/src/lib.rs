@@ -398,7 +398,6 @@ impl From<StoreError> for ApiError {
                 ApiError::new(StatusCode::NOT_FOUND, "Not found", format!("{what} does not exist"))
             }
             StoreError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "Conflict", m),
-            StoreError::Forbidden(m) => ApiError::new(StatusCode::FORBIDDEN, "Forbidden", m),
             StoreError::Invalid(m) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "Invalid request", m),
             other => ApiError::internal(other.to_string()),
         }
@@ -1459,7 +1458,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
 /// Written out instead of `axum::serve`, which installs no timer, so that hyper's own header-read
 /// timeout is inert there. That timeout is not used either: it arms a timer for every request,
 /// 1,428 instructions each over bare hyper (`examples/conn_cost.rs`), where [`Activity`] costs
-/// 488 (a clock read, an `Arc` clone and drop, three atomic operations) and a task per
+/// 457 (a clock read, an `Arc` clone and drop, four atomic operations) and a task per
 /// connection that wakes once per `idle`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
@@ -1536,9 +1535,11 @@ pub async fn serve(
     }
     drop(listener);
     let _ = stop.send(true);
-    let drained = tokio::time::timeout(drain, async { while connections.join_next().await.is_some() {} }).await;
+    // A little past `drain`, so that a request stopped by its own timeout still sends its 503.
+    let limit = drain.saturating_add(CLOSE_GRACE);
+    let drained = tokio::time::timeout(limit, async { while connections.join_next().await.is_some() {} }).await;
     if drained.is_err() {
-        tracing::warn!(after = ?drain, running = connections.len(), "requests still running at shutdown were cut off");
+        tracing::warn!(after = ?limit, running = connections.len(), "requests still running at shutdown were cut off");
         connections.shutdown().await;
     }
 }
@@ -1548,6 +1549,8 @@ pub async fn serve(
 struct Activity {
     running: std::sync::atomic::AtomicU32,
     last_ms: std::sync::atomic::AtomicU64,
+    /// Whether any request was read on it.
+    started: std::sync::atomic::AtomicBool,
     /// The watch asks the connection to close gracefully.
     close: tokio::sync::Notify,
     /// The connection's task ended (or was aborted).
@@ -1572,16 +1575,18 @@ impl Activity {
         Activity {
             running: 0.into(),
             last_ms: Self::now_ms().into(),
+            started: false.into(),
             close: tokio::sync::Notify::new(),
             ended: tokio::sync::Notify::new(),
         }
     }
 
     /// Closes the connection once no request has run on it for `idle`, and at shutdown; ends with
-    /// the connection. Closing asks hyper (a request being read or run is answered first, and no
-    /// further one is read), and cuts the connection only if it is still open [`CLOSE_GRACE`]
-    /// after that and after its last answer, with nothing running: a head that never came, or
-    /// came too slowly.
+    /// the connection. Closing asks hyper (a request whose head was read is answered first, and no
+    /// further one is read; a head only partly received on a connection that answered before is
+    /// dropped, as any keep-alive close may), and cuts the connection if it is still open
+    /// [`CLOSE_GRACE`] later with nothing running and no request ever read on it: a head that
+    /// never came, or came too slowly.
     async fn watch(
         self: Arc<Self>,
         idle: Option<Duration>,
@@ -1606,7 +1611,13 @@ impl Activity {
                 // Running requests are the request timeout's business; look again a period later.
                 None => idle_ms.map(|l| Duration::from_millis(if running { l } else { l - quiet }.max(1))),
                 Some(at) => {
-                    if !running && quiet >= grace_ms && now.saturating_sub(at) >= grace_ms {
+                    // hyper closes by itself a connection that has answered (once the answer is
+                    // written) or received nothing; one with a head begun but never finished is
+                    // cut after the grace. One whose client does not read its answer is cut a
+                    // whole idle period after it (at shutdown the drain's limit does that).
+                    let patience =
+                        if self.started.load(Relaxed) { if stopping { None } else { idle_ms } } else { Some(grace_ms) };
+                    if !running && patience.is_some_and(|p| quiet >= p && now.saturating_sub(at) >= grace_ms) {
                         conn.abort();
                         tracing::debug!(stopping, "cut a connection that did not close when asked");
                         return;
@@ -1645,6 +1656,7 @@ struct Running(Arc<Activity>);
 impl Running {
     fn start(a: &Arc<Activity>) -> Self {
         a.running.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        a.started.store(true, std::sync::atomic::Ordering::Relaxed);
         Running(Arc::clone(a))
     }
 }

@@ -519,7 +519,7 @@ impl Store {
                 let refs: Vec<&LedgerIn> = new.iter().collect();
                 let counted = first_copies(
                     &refs,
-                    |l| (l.id.as_str(), l.line.as_str(), l.chain.seq, agent_id),
+                    |l| (l.id.as_str(), l.line.as_str(), l.chain.seq, l.agent_id.as_str()),
                     &stored,
                     stream,
                     now,
@@ -771,7 +771,7 @@ impl Store {
 
     /// Every stream and where its chain stands: (stream, agent, last seq, entries, updated at).
     pub async fn list_streams(&self) -> Result<Vec<StreamRow>> {
-        let sql = "SELECT stream, agent_id, last_seq, entries, updated_at FROM streams ORDER BY stream";
+        let sql = "SELECT stream, agent_id, last_seq, entries, updated_at FROM streams ORDER BY stream, agent_id";
         macro_rules! q {
             ($p:expr) => {
                 sqlx::query(sql)
@@ -898,7 +898,8 @@ impl Store {
             ($p:expr, $pg:expr) => {{
                 let (w, binds) = render(&clauses, $pg, 1);
                 // Saturating, as the agents' totals do: an integer SUM past i64 fails the query
-                // (SQLite) or its cast (PostgreSQL), which would break the stats for good.
+                // (SQLite) or its cast (PostgreSQL), which would break the stats for good. SQLite's
+                // TOTAL is a float sum, exact up to 2^53 micro-dollars (about $9 billion).
                 let sum = if $pg {
                     "CAST(LEAST(SUM(prevented_micros), 9223372036854775807) AS BIGINT)"
                 } else {
@@ -1121,12 +1122,8 @@ fn stored_select(table: &str) -> &'static str {
     if table == "interventions" {
         "SELECT id, body AS bytes, agent_id AS owner FROM interventions"
     } else {
-        "SELECT e.id AS id, e.line AS bytes, s.agent_id AS owner FROM ledger_entries e JOIN streams s ON s.stream = e.stream"
+        "SELECT id, line AS bytes, agent_id AS owner FROM ledger_entries"
     }
-}
-
-fn id_column(table: &str) -> &'static str {
-    if table == "interventions" { "id" } else { "e.id" }
 }
 
 // ---- SQLite helpers
@@ -1136,8 +1133,7 @@ fn id_column(table: &str) -> &'static str {
 async fn existing_sqlite(tx: &mut sqlx::Transaction<'_, Sqlite>, table: &'static str, ids: &[&str]) -> Result<Stored> {
     let mut found = Stored::new();
     for chunk in ids.chunks(500) {
-        let mut qb: QueryBuilder<Sqlite> =
-            QueryBuilder::new(format!("{} WHERE {} IN (", stored_select(table), id_column(table)));
+        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(format!("{} WHERE id IN (", stored_select(table)));
         let mut sep = qb.separated(", ");
         for id in chunk {
             sep.push_bind(*id);
@@ -1150,33 +1146,18 @@ async fn existing_sqlite(tx: &mut sqlx::Transaction<'_, Sqlite>, table: &'static
     Ok(found)
 }
 
-/// A stream is its first sender's: another agent's lines in it would move its chain (and make
-/// the owner's next lines look like forks, which are not stored).
-fn check_owner(stream: &str, owner: &str, agent: &str) -> Result<()> {
-    if owner == agent {
-        Ok(())
-    } else {
-        Err(StoreError::Forbidden(format!(
-            "stream `{stream}` belongs to agent `{owner}`; each agent uploads to streams of its own"
-        )))
-    }
-}
-
 async fn load_stream_sqlite(
     tx: &mut sqlx::Transaction<'_, Sqlite>,
     stream: &str,
     agent: &str,
     _now: i64,
 ) -> Result<Option<StreamState>> {
-    let row = sqlx::query("SELECT last_seq, last_hash, agent_id FROM streams WHERE stream = ?1")
+    let row = sqlx::query("SELECT last_seq, last_hash FROM streams WHERE agent_id = ?1 AND stream = ?2")
+        .bind(agent)
         .bind(stream)
         .fetch_optional(&mut **tx)
         .await?;
-    row.map(|r| {
-        check_owner(stream, r.try_get("agent_id")?, agent)?;
-        Ok(StreamState { last_seq: r.try_get("last_seq")?, last_hash: r.try_get("last_hash")? })
-    })
-    .transpose()
+    row.map(|r| Ok(StreamState { last_seq: r.try_get("last_seq")?, last_hash: r.try_get("last_hash")? })).transpose()
 }
 
 async fn save_stream_sqlite(
@@ -1190,8 +1171,8 @@ async fn save_stream_sqlite(
 ) -> Result<()> {
     let added = i64::try_from(added).unwrap_or(i64::MAX);
     if existed {
-        sqlx::query("UPDATE streams SET last_seq = ?1, last_hash = ?2, entries = entries + ?3, updated_at = ?4 WHERE stream = ?5")
-            .bind(s.last_seq).bind(&s.last_hash).bind(added).bind(now).bind(stream).execute(&mut **tx).await?;
+        sqlx::query("UPDATE streams SET last_seq = ?1, last_hash = ?2, entries = entries + ?3, updated_at = ?4 WHERE stream = ?5 AND agent_id = ?6")
+            .bind(s.last_seq).bind(&s.last_hash).bind(added).bind(now).bind(stream).bind(agent).execute(&mut **tx).await?;
     } else {
         sqlx::query("INSERT INTO streams (stream, agent_id, last_seq, last_hash, entries, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
             .bind(stream).bind(agent).bind(s.last_seq).bind(&s.last_hash).bind(added).bind(now).execute(&mut **tx).await?;
@@ -1210,9 +1191,14 @@ async fn insert_ledger_sqlite(
     while rows.peek().is_some() {
         let chunk: Vec<LedgerIn> = rows.by_ref().take(500).collect();
         let mut qb: QueryBuilder<Sqlite> =
-            QueryBuilder::new("INSERT INTO ledger_entries (id, stream, seq, received_at, line) ");
+            QueryBuilder::new("INSERT INTO ledger_entries (id, stream, seq, received_at, line, agent_id) ");
         qb.push_values(chunk, |mut b, l| {
-            b.push_bind(l.id).push_bind(stream).push_bind(l.chain.seq).push_bind(now).push_bind(l.line);
+            b.push_bind(l.id)
+                .push_bind(stream)
+                .push_bind(l.chain.seq)
+                .push_bind(now)
+                .push_bind(l.line)
+                .push_bind(l.agent_id);
         });
         qb.push(" ON CONFLICT (id) DO NOTHING");
         n += qb.build().execute(&mut **tx).await?.rows_affected();
@@ -1280,7 +1266,7 @@ async fn existing_pg(tx: &mut sqlx::Transaction<'_, Postgres>, table: &'static s
     if ids.is_empty() {
         return Ok(Default::default());
     }
-    let sql = format!("{} WHERE {} = ANY($1)", stored_select(table), id_column(table));
+    let sql = format!("{} WHERE id = ANY($1)", stored_select(table));
     let rows: Vec<(String, String, String)> =
         sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(ids).fetch_all(&mut **tx).await?;
     Ok(rows.into_iter().map(|(id, bytes, owner)| (id, (bytes, owner))).collect())
@@ -1293,13 +1279,13 @@ async fn load_stream_pg(
     now: i64,
 ) -> Result<Option<StreamState>> {
     // Create-then-lock, so two replicas ingesting one stream take turns instead of racing.
-    sqlx::query("INSERT INTO streams (stream, agent_id, last_seq, last_hash, entries, updated_at) VALUES ($1, $2, 0, '', 0, $3) ON CONFLICT (stream) DO NOTHING")
+    sqlx::query("INSERT INTO streams (stream, agent_id, last_seq, last_hash, entries, updated_at) VALUES ($1, $2, 0, '', 0, $3) ON CONFLICT (agent_id, stream) DO NOTHING")
         .bind(stream).bind(agent).bind(now).execute(&mut **tx).await?;
-    let r = sqlx::query("SELECT last_seq, last_hash, agent_id FROM streams WHERE stream = $1 FOR UPDATE")
+    let r = sqlx::query("SELECT last_seq, last_hash FROM streams WHERE stream = $1 AND agent_id = $2 FOR UPDATE")
         .bind(stream)
+        .bind(agent)
         .fetch_one(&mut **tx)
         .await?;
-    check_owner(stream, r.try_get("agent_id")?, agent)?;
     let s = StreamState { last_seq: r.try_get("last_seq")?, last_hash: r.try_get("last_hash")? };
     Ok(if s.last_seq == 0 && s.last_hash.is_empty() { None } else { Some(s) })
 }
@@ -1307,20 +1293,21 @@ async fn load_stream_pg(
 async fn save_stream_pg(
     tx: &mut sqlx::Transaction<'_, Postgres>,
     stream: &str,
-    _agent: &str,
+    agent: &str,
     s: &StreamState,
     added: u64,
     now: i64,
     _existed: bool,
 ) -> Result<()> {
     sqlx::query(
-        "UPDATE streams SET last_seq = $1, last_hash = $2, entries = entries + $3, updated_at = $4 WHERE stream = $5",
+        "UPDATE streams SET last_seq = $1, last_hash = $2, entries = entries + $3, updated_at = $4 WHERE stream = $5 AND agent_id = $6",
     )
     .bind(s.last_seq)
     .bind(&s.last_hash)
     .bind(i64::try_from(added).unwrap_or(i64::MAX))
     .bind(now)
     .bind(stream)
+    .bind(agent)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -1336,10 +1323,11 @@ async fn insert_ledger_pg(
         return Ok(0);
     }
     let seqs: Vec<i64> = rows.iter().map(|l| l.chain.seq).collect();
+    let agents: Vec<String> = rows.iter().map(|l| l.agent_id.clone()).collect();
     let (ids, lines): (Vec<String>, Vec<String>) = rows.into_iter().map(|l| (l.id, l.line)).unzip();
     let n = sqlx::query(
-        "INSERT INTO ledger_entries (id, stream, seq, received_at, line) \
-         SELECT id, $2, seq, $3, line FROM UNNEST($1::text[], $4::bigint[], $5::text[]) AS u(id, seq, line) \
+        "INSERT INTO ledger_entries (id, stream, seq, received_at, line, agent_id) \
+         SELECT id, $2, seq, $3, line, agent_id FROM UNNEST($1::text[], $4::bigint[], $5::text[], $6::text[]) AS u(id, seq, line, agent_id) \
          ON CONFLICT (id) DO NOTHING",
     )
     .bind(&ids)
@@ -1347,6 +1335,7 @@ async fn insert_ledger_pg(
     .bind(now)
     .bind(&seqs)
     .bind(&lines)
+    .bind(&agents)
     .execute(&mut **tx)
     .await?
     .rows_affected();

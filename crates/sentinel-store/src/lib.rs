@@ -52,9 +52,6 @@ pub enum StoreError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
-    /// The caller may not touch this (another agent's data).
-    #[error("{0}")]
-    Forbidden(String),
     #[error("{0}")]
     Invalid(String),
     #[error("database error: {0}")]

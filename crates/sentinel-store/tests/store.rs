@@ -538,7 +538,8 @@ async fn ingest_totals_saturate_instead_of_refusing_batches() {
                 kind: "BUDGET_EXCEEDED".into(),
                 outcome: "BLOCKED".into(),
                 risk_level: "HIGH".into(),
-                action: "pay".into(),
+                // Two actions: each group's SQL sum stays below i64, their total in Rust does not.
+                action: if n % 2 == 0 { "pay" } else { "wire" }.into(),
                 policy: Some("p".into()),
                 rule: None,
                 estimated_micros: MOST,
@@ -562,7 +563,8 @@ async fn ingest_totals_saturate_instead_of_refusing_batches() {
         let st = s.intervention_stats(&InterventionFilter::default()).await.unwrap();
         assert_eq!((st.total, st.blocked), (1110, 1110));
         assert!(st.cost_prevented_usd >= 9.2e12, "{}", st.cost_prevented_usd);
-        assert!(st.top_blocked_actions[0].cost_prevented_usd >= 9.2e12, "{:?}", st.top_blocked_actions);
+        assert_eq!(st.top_blocked_actions[0].cost_prevented_usd, 555.0 * 9e9, "{:?}", st.top_blocked_actions);
+        assert!(st.top_policies[0].cost_prevented_usd >= 9.2e12, "both actions' policy: {:?}", st.top_policies);
     })
     .await;
 }
