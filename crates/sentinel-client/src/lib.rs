@@ -274,9 +274,20 @@ impl Client {
         self.post("/api/v1/halts", &json!({"agent_id": agent_id, "reason": reason})).await.map(|_| ())
     }
 
-    /// Sends raw lines of one stream (`POST /api/v1/ledger`); returns the server's report.
-    pub async fn upload(&self, stream: &str, ledger: &[String], interventions: &[String]) -> Result<Value> {
-        self.post("/api/v1/ledger", &json!({"stream": stream, "ledger": ledger, "interventions": interventions})).await
+    /// Sends raw lines of one stream (`POST /api/v1/ledger`) as `agent_id`'s (with an admin key;
+    /// an agent key's own agent when `None`, else `default`); returns the server's report.
+    pub async fn upload(
+        &self,
+        stream: &str,
+        agent_id: Option<&str>,
+        ledger: &[String],
+        interventions: &[String],
+    ) -> Result<Value> {
+        let mut body = json!({"stream": stream, "ledger": ledger, "interventions": interventions});
+        if let (Some(agent), Some(o)) = (agent_id, body.as_object_mut()) {
+            o.insert("agent_id".into(), json!(agent));
+        }
+        self.post("/api/v1/ledger", &body).await
     }
 
     /// The effective policies for an agent and run. `None` when unchanged since `etag`.
@@ -511,7 +522,10 @@ impl Syncer {
                 self.state.interventions = ipos;
                 return Ok(accepted);
             }
-            let report = with_retries(self.cfg.max_retries, || self.client.upload(&self.stream, &ledger, &ivs)).await?;
+            let report = with_retries(self.cfg.max_retries, || {
+                self.client.upload(&self.stream, self.cfg.agent_id.as_deref(), &ledger, &ivs)
+            })
+            .await?;
             accepted += report.get("ledger_accepted").and_then(Value::as_u64).unwrap_or(0)
                 + report.get("interventions_accepted").and_then(Value::as_u64).unwrap_or(0);
             if let Some(f) = report.get("findings").and_then(Value::as_array).filter(|f| !f.is_empty()) {

@@ -89,6 +89,7 @@ async fn background_sync_uploads_incrementally_and_survives_a_down_server() {
     write_home(home.path(), 40);
     let mut cfg = SyncConfig::new(&format!("http://{}", s.addr), &s.key, home.path());
     cfg.stream = Some("rust-agent".into());
+    cfg.agent_id = Some("bot".into());
     cfg.batch_size = 7;
     cfg.flush_interval = Duration::from_secs(3600);
     let sync = tokio::task::spawn_blocking(move || BackgroundSync::start(cfg).unwrap()).await.unwrap();
@@ -102,6 +103,9 @@ async fn background_sync_uploads_incrementally_and_survives_a_down_server() {
     let ivs = std::fs::read_to_string(home.path().join("interventions.jsonl")).unwrap().lines().count();
     assert_eq!(n as usize, lines + ivs);
     assert_eq!(s.state.store.ledger_count(Some("rust-agent")).await.unwrap() as usize, lines);
+    // Uploaded as the configured agent's (the key is an admin key), not as `default`'s.
+    let streams = s.state.store.list_streams().await.unwrap();
+    assert!(streams.iter().all(|x| x.agent_id == "bot") && !streams.is_empty(), "{streams:?}");
     // Nothing new: nothing sent. More calls: only those.
     let (sync, n) = tokio::task::spawn_blocking(move || {
         let n = sync.flush_now().unwrap();
