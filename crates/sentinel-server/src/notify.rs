@@ -595,15 +595,17 @@ pub async fn interventions(s: &AppState, items: &[sentinel_store::InterventionIn
 /// An event for tamper findings from one upload.
 pub async fn tamper(s: &AppState, stream: &str, findings: &[sentinel_store::TamperFinding]) {
     let Some(first) = findings.first() else { return };
+    let agent = &first.agent_id;
     let mut ev = Event::new(
         "tamper_detected",
         &first.id,
-        format!("Tamper detected in stream `{stream}`: {} finding(s)", findings.len()),
+        format!("Tamper detected in stream `{stream}` of agent `{agent}`: {} finding(s)", findings.len()),
         "critical",
     );
-    ev.data = json!({"stream": stream, "findings": findings});
+    ev.data = json!({"stream": stream, "agent_id": agent, "findings": findings});
     ev.facts = vec![
         ("Stream", stream.to_string()),
+        ("Agent", agent.to_string()),
         ("Findings", findings.len().to_string()),
         ("First", format!("{} at seq {}: {}", first.kind, first.seq, first.detail)),
     ];

@@ -590,6 +590,29 @@ async fn ledger_ingest_is_idempotent_and_finds_tampering() {
         assert_eq!(named, vec![("bot", ledger.len() as u64), ("other", theirs.len() as u64)], "{st}");
         let (_, r, _) = e.call("POST", "/api/v1/ledger", Some(&bot), Some(batch(&ledger, &[]))).await;
         assert_eq!((r["ledger_accepted"].as_u64(), r["findings"].as_array().map(Vec::len)), (Some(0), Some(0)), "{r}");
+        // An admin key uploading without `agent_id` (as `default`) lines that name their agent:
+        // resent, they are duplicates, not collisions with their own agent. When the uploader's
+        // agent changes (the SDK is given `agent_id`), its next lines continue the chain it sent
+        // under the old one instead of showing a gap; a chain that does not link up still does.
+        let h5 = tempfile::tempdir().unwrap();
+        let (mine, _) = sdk_home(h5.path(), 8);
+        for _ in 0..2 {
+            let body = json!({"stream": "admin-home", "ledger": &mine[..4]});
+            let (s, r, _) = e.call("POST", "/api/v1/ledger", Some(&e.admin), Some(body)).await;
+            assert_eq!((s, r["findings"].as_array().map(Vec::len)), (StatusCode::OK, Some(0)), "{r}");
+        }
+        let body = json!({"stream": "admin-home", "agent_id": "bot", "ledger": &mine[4..]});
+        let (_, r, _) = e.call("POST", "/api/v1/ledger", Some(&e.admin), Some(body)).await;
+        assert_eq!((r["ledger_accepted"].as_u64(), r["findings"].as_array().map(Vec::len)), (Some(4), Some(0)), "{r}");
+        let body = json!({"stream": "admin-home", "agent_id": "other", "ledger": &theirs[1..]});
+        let (_, r, _) = e.call("POST", "/api/v1/ledger", Some(&e.admin), Some(body)).await;
+        assert!(r["findings"].as_array().unwrap().iter().any(|f| f["kind"] == "gap"), "{r}");
+        // Findings say whose chain of the stream name it is.
+        let (_, all, _) = e.call("GET", "/api/v1/findings", Some(&e.admin), None).await;
+        let gaps: Vec<&Value> =
+            all["findings"].as_array().unwrap().iter().filter(|f| f["stream"] == "admin-home").collect();
+        assert!(!gaps.is_empty() && gaps.iter().all(|f| f["agent_id"] == "other"), "{all}");
+
         // Another agent's entry id, in a stream of one's own: an `id_collision`, whatever the bytes
         // (they are not compared with the other agent's line, so nothing of it is learnt).
         let borrowed = edit(&theirs[0], &id_of(&theirs[0]), &id_of(&ledger[0]));

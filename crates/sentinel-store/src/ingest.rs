@@ -56,6 +56,8 @@ pub struct InterventionIn {
 pub struct TamperFinding {
     pub id: String,
     pub stream: String,
+    /// The agent whose chain of `stream` it is (each sender keeps its own).
+    pub agent_id: String,
     pub seq: i64,
     pub entry_id: Option<String>,
     /// `hash_mismatch` (the line was edited), `chain_break` (lines removed, reordered or edited
@@ -140,6 +142,7 @@ fn check_chain<'a>(
             findings.push(TamperFinding {
                 id: crate::new_id(),
                 stream: stream.into(),
+                agent_id: String::new(),
                 seq: c.seq,
                 entry_id: Some(id.into()),
                 kind: kind.into(),
@@ -176,6 +179,7 @@ fn fork(stream: &str, id: &str, seq: i64, now: i64) -> TamperFinding {
     TamperFinding {
         id: crate::new_id(),
         stream: stream.into(),
+        agent_id: String::new(),
         seq,
         entry_id: Some(id.into()),
         kind: "fork".into(),
@@ -192,6 +196,7 @@ fn rewrite(stream: &str, id: &str, seq: i64, now: i64) -> TamperFinding {
     TamperFinding {
         id: crate::new_id(),
         stream: stream.into(),
+        agent_id: String::new(),
         seq,
         entry_id: Some(id.into()),
         kind: "rewrite".into(),
@@ -206,6 +211,7 @@ fn collision(stream: &str, id: &str, seq: i64, now: i64) -> TamperFinding {
     TamperFinding {
         id: crate::new_id(),
         stream: stream.into(),
+        agent_id: String::new(),
         seq,
         entry_id: Some(id.into()),
         kind: "id_collision".into(),
@@ -488,11 +494,14 @@ impl Store {
              WHERE agent_id = ?3 RETURNING failure_streak",
         );
         macro_rules! body {
-            ($tx:ident, $load:ident, $save:ident, $insert_l:ident, $insert_i:ident, $exists:ident, $finding_sql:literal, $tally:ident) => {{
+            ($tx:ident, $load:ident, $continued:ident, $save:ident, $insert_l:ident, $insert_i:ident, $exists:ident, $finding_sql:literal, $tally:ident) => {{
                 let mut tally = Tally::default();
                 let mut findings = Vec::new();
                 let mut st = $load(&mut $tx, stream, agent_id, now).await?;
                 let had = st.is_some();
+                if st.is_none() {
+                    st = $continued(&mut $tx, stream, agent_id, ledger.first().map(|l| &l.chain)).await?;
+                }
                 let fresh =
                     check_chain(stream, &mut st, ledger.iter().map(|l| (l.id.as_str(), &l.chain)), now, &mut findings);
                 let old: Vec<&str> =
@@ -504,7 +513,7 @@ impl Store {
                         Some(before) => findings.extend(against_stored(
                             before,
                             &l.line,
-                            agent_id,
+                            &l.agent_id,
                             (stream, &l.id, l.chain.seq, now),
                         )),
                     }
@@ -537,6 +546,10 @@ impl Store {
                 }
                 let mut ist = $load(&mut $tx, &istream, agent_id, now).await?;
                 let ihad = ist.is_some();
+                if ist.is_none() {
+                    let first = interventions.iter().find_map(|i| i.chain.as_ref());
+                    ist = $continued(&mut $tx, &istream, agent_id, first).await?;
+                }
                 let chained: Vec<(&str, &ChainPos)> =
                     interventions.iter().filter_map(|i| Some((i.id.as_str(), i.chain.as_ref()?))).collect();
                 let ifresh = check_chain(&istream, &mut ist, chained.into_iter(), now, &mut findings);
@@ -576,10 +589,14 @@ impl Store {
                 if let Some(s) = &ist {
                     $save(&mut $tx, &istream, agent_id, s, iins, now, ihad).await?;
                 }
+                for f in &mut findings {
+                    f.agent_id = agent_id.to_string();
+                }
                 for f in &findings {
                     sqlx::query($finding_sql)
                         .bind(&f.id)
                         .bind(&f.stream)
+                        .bind(&f.agent_id)
                         .bind(f.seq)
                         .bind(&f.entry_id)
                         .bind(&f.kind)
@@ -615,11 +632,12 @@ impl Store {
                 body!(
                     tx,
                     load_stream_sqlite,
+                    continued_sqlite,
                     save_stream_sqlite,
                     insert_ledger_sqlite,
                     insert_interventions_sqlite,
                     existing_sqlite,
-                    "INSERT INTO tamper_findings (id, stream, seq, entry_id, kind, detail, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    "INSERT INTO tamper_findings (id, stream, agent_id, seq, entry_id, kind, detail, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                     apply_tally_sqlite
                 );
             }
@@ -628,11 +646,12 @@ impl Store {
                 body!(
                     tx,
                     load_stream_pg,
+                    continued_pg,
                     save_stream_pg,
                     insert_ledger_pg,
                     insert_interventions_pg,
                     existing_pg,
-                    "INSERT INTO tamper_findings (id, stream, seq, entry_id, kind, detail, at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    "INSERT INTO tamper_findings (id, stream, agent_id, seq, entry_id, kind, detail, at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
                     apply_tally_pg
                 );
             }
@@ -730,13 +749,13 @@ impl Store {
     }
 
     pub async fn tamper_findings(&self, stream: Option<&str>) -> Result<Vec<TamperFinding>> {
-        let base = "SELECT id, stream, seq, entry_id, kind, detail, at FROM tamper_findings";
+        let base = "SELECT id, stream, agent_id, seq, entry_id, kind, detail, at FROM tamper_findings";
         macro_rules! rows {
             ($p:expr, $ph:literal) => {{
                 let rows = match stream {
                     Some(s) => {
                         sqlx::query(concat!(
-                            "SELECT id, stream, seq, entry_id, kind, detail, at FROM tamper_findings WHERE stream = ",
+                            "SELECT id, stream, agent_id, seq, entry_id, kind, detail, at FROM tamper_findings WHERE stream = ",
                             $ph,
                             " OR stream = ",
                             $ph,
@@ -753,6 +772,7 @@ impl Store {
                         Ok(TamperFinding {
                             id: r.try_get("id")?,
                             stream: r.try_get("stream")?,
+                            agent_id: r.try_get("agent_id")?,
                             seq: r.try_get("seq")?,
                             entry_id: r.try_get("entry_id")?,
                             kind: r.try_get("kind")?,
@@ -1146,6 +1166,30 @@ async fn existing_sqlite(tx: &mut sqlx::Transaction<'_, Sqlite>, table: &'static
     Ok(found)
 }
 
+/// A stream name's chain that another agent's uploads continue, hash-linked: an uploader whose
+/// agent changed (an SDK given its `agent_id`, a key bound to an agent) resumes at the line after
+/// the last one it sent, under a chain that has none. Starting from the other chain's head, the
+/// continuation is checked as any batch is, instead of reporting the lines before it as a gap.
+const CONTINUED_SQL: &str = "SELECT last_seq, last_hash FROM streams WHERE stream = ?1 AND agent_id <> ?2 \
+     AND last_seq = ?3 AND last_hash = ?4 LIMIT 1";
+
+async fn continued_sqlite(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    stream: &str,
+    agent: &str,
+    first: Option<&ChainPos>,
+) -> Result<Option<StreamState>> {
+    let Some(first) = first.filter(|c| c.seq > 1) else { return Ok(None) };
+    let row = sqlx::query(CONTINUED_SQL)
+        .bind(stream)
+        .bind(agent)
+        .bind(first.seq - 1)
+        .bind(&first.prev)
+        .fetch_optional(&mut **tx)
+        .await?;
+    row.map(|r| Ok(StreamState { last_seq: r.try_get("last_seq")?, last_hash: r.try_get("last_hash")? })).transpose()
+}
+
 async fn load_stream_sqlite(
     tx: &mut sqlx::Transaction<'_, Sqlite>,
     stream: &str,
@@ -1270,6 +1314,23 @@ async fn existing_pg(tx: &mut sqlx::Transaction<'_, Postgres>, table: &'static s
     let rows: Vec<(String, String, String)> =
         sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(ids).fetch_all(&mut **tx).await?;
     Ok(rows.into_iter().map(|(id, bytes, owner)| (id, (bytes, owner))).collect())
+}
+
+async fn continued_pg(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    stream: &str,
+    agent: &str,
+    first: Option<&ChainPos>,
+) -> Result<Option<StreamState>> {
+    let Some(first) = first.filter(|c| c.seq > 1) else { return Ok(None) };
+    let row = sqlx::query(sqlx::AssertSqlSafe(crate::sql(true, CONTINUED_SQL)))
+        .bind(stream)
+        .bind(agent)
+        .bind(first.seq - 1)
+        .bind(&first.prev)
+        .fetch_optional(&mut **tx)
+        .await?;
+    row.map(|r| Ok(StreamState { last_seq: r.try_get("last_seq")?, last_hash: r.try_get("last_hash")? })).transpose()
 }
 
 async fn load_stream_pg(
