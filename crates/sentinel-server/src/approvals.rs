@@ -350,6 +350,7 @@ pub fn record(s: &AppState, a: &ApprovalRow) {
         id,
         chain: None,
         at,
+        clock_ahead: false,
         agent_id: a.agent_id.clone(),
         run_id: a.run_id.clone(),
         session_id: a.session_id.clone(),

@@ -1002,6 +1002,7 @@ fn intervention_of(id: &str, req: &ActionRequest<'_>, d: &Decision, now_ms: i64)
         id: id.into(),
         chain: None,
         at: now_ms,
+        clock_ahead: false,
         agent_id: req.agent_id.into(),
         run_id: req.run_id.into(),
         session_id: req.session_id.into(),

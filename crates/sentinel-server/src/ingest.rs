@@ -147,7 +147,7 @@ pub async fn ingest_ledger(
         ledger.push(LedgerIn { id, chain, agent_id, run_id, cost_micros, failed, line });
     }
     let mut interventions = Vec::with_capacity(b.interventions.len());
-    let (now, mut clock_ahead) = (sentinel_store::now_ms(), 0u64);
+    let now = sentinel_store::now_ms();
     for (i, line) in b.interventions.iter().enumerate() {
         let line = line.trim_end_matches(['\n', '\r']);
         let chain = chain_of("interventions", i, line)?;
@@ -161,16 +161,12 @@ pub async fn ingest_ledger(
         caller.must_own(&format!("`interventions[{i}].agent_id`"), &agent_id)?;
         let at = millis_of(&r.timestamp)
             .ok_or_else(|| ApiError::field(&format!("interventions[{i}].timestamp"), "must be an RFC 3339 time"))?;
-        let (at, ahead) = listed_at(at, now);
-        if ahead {
-            clock_ahead += 1;
-            tracing::warn!(stream = %b.stream, id = %r.id, timestamp = %r.timestamp,
-                "an uploaded intervention is dated ahead of the server's clock; listed at its arrival");
-        }
+        let (at, clock_ahead) = listed_at(at, now);
         interventions.push(InterventionIn {
             id: r.id.clone(),
             chain: Some(chain),
             at,
+            clock_ahead,
             agent_id,
             run_id: r.run_id.clone(),
             session_id: r.session_id.clone(),
@@ -191,9 +187,12 @@ pub async fn ingest_ledger(
         .filter(|i| i.outcome == "BLOCKED" || i.risk_level.eq_ignore_ascii_case("CRITICAL"))
         .cloned()
         .collect();
-    let mut report = s.store.ingest(&b.stream, &agent, ledger, interventions).await?;
-    report.clock_ahead = clock_ahead;
-    metrics::counter!("sentinel_ingest_clock_ahead_total").increment(clock_ahead);
+    let report = s.store.ingest(&b.stream, &agent, ledger, interventions).await?;
+    if report.clock_ahead > 0 {
+        metrics::counter!("sentinel_ingest_clock_ahead_total").increment(report.clock_ahead);
+        tracing::warn!(stream = %b.stream, count = report.clock_ahead,
+            "uploaded interventions are dated ahead of the server's clock; listed at their arrival");
+    }
     if !notable.is_empty() || !report.findings.is_empty() || !report.failing_agents.is_empty() {
         let (s2, stream, findings, failing) =
             (s.clone(), b.stream.clone(), report.findings.clone(), report.failing_agents.clone());

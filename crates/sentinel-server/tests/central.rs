@@ -709,6 +709,10 @@ async fn uploads_dated_ahead_of_the_clock_are_listed_at_arrival() {
                 "{r}"
             );
         }
+        // Resent, it is a duplicate and not counted again.
+        let body = json!({"stream": "s1", "interventions": [&lines[0]]});
+        let (_, r, _) = e.call("POST", "/api/v1/ledger", Some(&bot), Some(body)).await;
+        assert_eq!((&r["interventions_duplicates"], &r["clock_ahead"]), (&json!(1), &json!(0)), "{r}");
         let after = sentinel_store::now_ms();
         let (_, page, _) = e.call("GET", "/api/v1/interventions", Some(&e.admin), None).await;
         let items = page["items"].as_array().unwrap();

@@ -37,6 +37,8 @@ pub struct InterventionIn {
     pub id: String,
     pub chain: Option<ChainPos>,
     pub at: i64,
+    /// `at` is the arrival time, since the time the record claims is too far ahead of the clock.
+    pub clock_ahead: bool,
     pub agent_id: String,
     pub run_id: String,
     pub session_id: String,
@@ -78,8 +80,9 @@ pub struct IngestReport {
     pub interventions_accepted: u64,
     pub interventions_duplicates: u64,
     pub findings: Vec<TamperFinding>,
-    /// Interventions dated more than the allowed clock skew ahead of the server's clock: each is
-    /// listed at the time it arrived instead (its stored line keeps the time it claims).
+    /// Interventions stored by this call that were dated too far ahead of the server's clock
+    /// ([`InterventionIn::clock_ahead`]): each is listed at the time it arrived instead (its
+    /// stored line keeps the time it claims). A resent one is not counted again.
     pub clock_ahead: u64,
     /// Agents whose run of consecutive failed calls reached [`FAILURE_STREAK`] with this batch.
     #[serde(skip)]
@@ -583,6 +586,7 @@ impl Store {
                 for i in &icounted {
                     tally.intervention(&i.agent_id, &i.run_id, i.outcome == "BLOCKED", now);
                 }
+                report.clock_ahead = icounted.iter().filter(|i| i.clock_ahead).count() as u64;
                 let iins = $insert_i(&mut $tx, &inew, "sdk").await?;
                 report.interventions_accepted = iins;
                 report.interventions_duplicates = n_interventions - iins;

@@ -532,6 +532,7 @@ async fn ingest_totals_saturate_instead_of_refusing_batches() {
                 id: format!("iv-{n}"),
                 chain: Some(ChainPos { seq: n, prev: hash(n - 1), hash: hash(n), hash_ok: true }),
                 at: now,
+                clock_ahead: false,
                 agent_id: "big".into(),
                 run_id: "r".into(),
                 session_id: String::new(),
