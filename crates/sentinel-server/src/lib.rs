@@ -1458,7 +1458,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
 /// Written out instead of `axum::serve`, which installs no timer, so that hyper's own header-read
 /// timeout is inert there. That timeout is not used either: it arms a timer for every request,
 /// 1,428 instructions each over bare hyper (`examples/conn_cost.rs`), where [`Activity`] costs
-/// 457 (a clock read, an `Arc` clone and drop, four atomic operations) and a task per
+/// 418 (a clock read, an `Arc` clone and drop, three atomic operations) and a task per
 /// connection that wakes once per `idle`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
@@ -1544,13 +1544,13 @@ pub async fn serve(
     }
 }
 
-/// What one connection is doing: how many of its requests are running, and when it last was
-/// busy (milliseconds since the first connection); and the signals between it and its watch.
+/// What one connection is doing: how many of its requests are running, and when it opened and
+/// when its last request ended (milliseconds since the first connection; [`Activity::NEVER`]
+/// until one has); and the signals between it and its watch.
 struct Activity {
     running: std::sync::atomic::AtomicU32,
+    opened_ms: u64,
     last_ms: std::sync::atomic::AtomicU64,
-    /// Whether any request was read on it.
-    started: std::sync::atomic::AtomicBool,
     /// The watch asks the connection to close gracefully.
     close: tokio::sync::Notify,
     /// The connection's task ended (or was aborted).
@@ -1571,11 +1571,14 @@ impl Activity {
         u64::try_from(Self::epoch().elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
+    /// `last_ms` of a connection on which no request has ended yet.
+    const NEVER: u64 = u64::MAX;
+
     fn new() -> Self {
         Activity {
             running: 0.into(),
-            last_ms: Self::now_ms().into(),
-            started: false.into(),
+            opened_ms: Self::now_ms(),
+            last_ms: Self::NEVER.into(),
             close: tokio::sync::Notify::new(),
             ended: tokio::sync::Notify::new(),
         }
@@ -1601,7 +1604,9 @@ impl Activity {
             // `running` first: a request that ended before it was read has its end in `last_ms`.
             let running = self.running.load(Acquire) > 0;
             let now = Self::now_ms();
-            let quiet = now.saturating_sub(self.last_ms.load(Relaxed));
+            let last = self.last_ms.load(Relaxed);
+            let answered = last != Self::NEVER;
+            let quiet = now.saturating_sub(if answered { last } else { self.opened_ms });
             let wait = match asked_at {
                 None if stopping || (!running && idle_ms.is_some_and(|l| quiet >= l)) => {
                     self.close.notify_one();
@@ -1615,8 +1620,7 @@ impl Activity {
                     // written) or received nothing; one with a head begun but never finished is
                     // cut after the grace. One whose client does not read its answer is cut a
                     // whole idle period after it (at shutdown the drain's limit does that).
-                    let patience =
-                        if self.started.load(Relaxed) { if stopping { None } else { idle_ms } } else { Some(grace_ms) };
+                    let patience = if answered { if stopping { None } else { idle_ms } } else { Some(grace_ms) };
                     if !running && patience.is_some_and(|p| quiet >= p && now.saturating_sub(at) >= grace_ms) {
                         conn.abort();
                         tracing::debug!(stopping, "cut a connection that did not close when asked");
@@ -1656,7 +1660,6 @@ struct Running(Arc<Activity>);
 impl Running {
     fn start(a: &Arc<Activity>) -> Self {
         a.running.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        a.started.store(true, std::sync::atomic::Ordering::Relaxed);
         Running(Arc::clone(a))
     }
 }

@@ -121,13 +121,65 @@ struct StreamState {
     last_hash: String,
 }
 
+/// Where one batch's findings for one stream (a ledger's, or its interventions') go: the stream,
+/// whose chain of it it is, and when.
+struct Findings<'a> {
+    stream: &'a str,
+    agent: &'a str,
+    now: i64,
+    out: &'a mut Vec<TamperFinding>,
+}
+
+impl Findings<'_> {
+    fn push(&mut self, kind: &str, id: &str, seq: i64, detail: String) {
+        self.out.push(TamperFinding {
+            id: crate::new_id(),
+            stream: self.stream.into(),
+            agent_id: self.agent.into(),
+            seq,
+            entry_id: Some(id.into()),
+            kind: kind.into(),
+            detail,
+            at: self.now,
+        });
+    }
+
+    fn fork(&mut self, id: &str, seq: i64) {
+        self.push("fork", id, seq, format!(
+            "a different line `{id}` arrived for position {seq}, which was already received: the log was rewritten or recreated; it was not stored"
+        ));
+    }
+
+    /// An entry id that was received before arrived again with other bytes. What was stored first
+    /// is kept.
+    fn rewrite(&mut self, id: &str, seq: i64) {
+        self.push("rewrite", id, seq, format!(
+            "line `{id}` (position {seq}) was received before with other bytes: it was edited after it was sent; the line received first was kept"
+        ));
+    }
+
+    /// A line whose id was stored before: the same line again (no finding), the same agent's line
+    /// with other bytes (`rewrite`), or another agent's (`id_collision`, bytes not compared).
+    fn against_stored(&mut self, stored: &(String, String), bytes: &str, owner: &str, id: &str, seq: i64) {
+        let (first, whose) = stored;
+        if whose != owner {
+            self.push(
+                "id_collision",
+                id,
+                seq,
+                format!("line `{id}` (position {seq}) has the id of another agent's line: it was not stored"),
+            );
+        } else if first != bytes {
+            self.rewrite(id, seq);
+        }
+    }
+}
+
 /// Walks lines in order against a stream's state: which are new, and what is broken.
 fn check_chain<'a>(
-    stream: &str,
     state: &mut Option<StreamState>,
     items: impl Iterator<Item = (&'a str, &'a ChainPos)>,
-    now: i64,
-    findings: &mut Vec<TamperFinding>,
+    found: &mut Findings<'_>,
 ) -> Vec<bool> {
     let mut fresh = Vec::new();
     for (id, c) in items {
@@ -141,29 +193,26 @@ fn check_chain<'a>(
             fresh.push(false);
             continue;
         }
-        let mut find = |kind: &str, detail: String| {
-            findings.push(TamperFinding {
-                id: crate::new_id(),
-                stream: stream.into(),
-                agent_id: String::new(),
-                seq: c.seq,
-                entry_id: Some(id.into()),
-                kind: kind.into(),
-                detail,
-                at: now,
-            });
-        };
         if !c.hash_ok {
-            find("hash_mismatch", format!("line {} does not match its own hash: it was edited", c.seq));
+            found.push(
+                "hash_mismatch",
+                id,
+                c.seq,
+                format!("line {} does not match its own hash: it was edited", c.seq),
+            );
         }
         if c.seq > expected_seq {
-            find(
+            found.push(
                 "gap",
+                id,
+                c.seq,
                 format!("lines {expected_seq}..{} never arrived; the stream continues at {}", c.seq - 1, c.seq),
             );
         } else if c.prev != expected_prev {
-            find(
+            found.push(
                 "chain_break",
+                id,
+                c.seq,
                 format!(
                     "line {} links to {}…, but the line before it hashes to {}…: lines were removed, reordered or edited",
                     c.seq,
@@ -178,89 +227,47 @@ fn check_chain<'a>(
     fresh
 }
 
-fn fork(stream: &str, id: &str, seq: i64, now: i64) -> TamperFinding {
-    TamperFinding {
-        id: crate::new_id(),
-        stream: stream.into(),
-        agent_id: String::new(),
-        seq,
-        entry_id: Some(id.into()),
-        kind: "fork".into(),
-        detail: format!(
-            "a different line `{id}` arrived for position {seq}, which was already received: the log was rewritten or recreated; it was not stored"
-        ),
-        at: now,
+/// A batch's line as the id checks read it: id, bytes, position, whose.
+type LineKey<'a> = (&'a str, &'a str, i64, &'a str);
+
+fn ledger_key(l: &LedgerIn) -> LineKey<'_> {
+    (l.id.as_str(), l.line.as_str(), l.chain.seq, l.agent_id.as_str())
+}
+
+fn intervention_key(i: &InterventionIn) -> LineKey<'_> {
+    (i.id.as_str(), i.body.as_str(), i.chain.as_ref().map_or(0, |c| c.seq), i.agent_id.as_str())
+}
+
+/// Lines at positions already received: a fork when their id was never stored, else judged
+/// [`Findings::against_stored`]. None of them is stored.
+fn judge_old<'a, T>(lines: &[&'a T], key: fn(&'a T) -> LineKey<'a>, known: &Stored, found: &mut Findings<'_>) {
+    for &l in lines {
+        let (id, bytes, seq, owner) = key(l);
+        match known.get(id) {
+            None => found.fork(id, seq),
+            Some(before) => found.against_stored(before, bytes, owner, id, seq),
+        }
     }
 }
 
-/// An entry id that was received before arrived again with other bytes (`elsewhere`: first from
-/// another stream). What was stored first is kept.
-fn rewrite(stream: &str, id: &str, seq: i64, now: i64) -> TamperFinding {
-    TamperFinding {
-        id: crate::new_id(),
-        stream: stream.into(),
-        agent_id: String::new(),
-        seq,
-        entry_id: Some(id.into()),
-        kind: "rewrite".into(),
-        detail: format!(
-            "line `{id}` (position {seq}) was received before with other bytes: it was edited after it was sent; the line received first was kept"
-        ),
-        at: now,
-    }
-}
-
-fn collision(stream: &str, id: &str, seq: i64, now: i64) -> TamperFinding {
-    TamperFinding {
-        id: crate::new_id(),
-        stream: stream.into(),
-        agent_id: String::new(),
-        seq,
-        entry_id: Some(id.into()),
-        kind: "id_collision".into(),
-        detail: format!("line `{id}` (position {seq}) has the id of another agent's line: it was not stored"),
-        at: now,
-    }
-}
-
-/// A line whose id was stored before: the same line again (no finding), the same agent's line
-/// with other bytes (`rewrite`), or another agent's (`id_collision`, bytes not compared).
-fn against_stored(
-    stored: &(String, String),
-    bytes: &str,
-    owner: &str,
-    (stream, id, seq, now): (&str, &str, i64, i64),
-) -> Option<TamperFinding> {
-    let (first, whose) = stored;
-    if whose != owner {
-        Some(collision(stream, id, seq, now))
-    } else if first != bytes {
-        Some(rewrite(stream, id, seq, now))
-    } else {
-        None
-    }
-}
-
-/// Of a batch's new lines (`id`, bytes, position, whose), those that will be stored: not received
-/// before (else see [`against_stored`]), and the first of the batch's lines with their id (a later
-/// one is a duplicate, or a `rewrite` finding when its bytes differ).
-fn first_copies<'a: 'o, 'o, T>(
+/// Of a batch's new lines, those that will be stored: not received before (else judged
+/// [`Findings::against_stored`]), and the first of the batch's lines with their id (a later one is
+/// a duplicate, or a `rewrite` finding when its bytes differ).
+fn first_copies<'a, T>(
     lines: &[&'a T],
-    key: impl Fn(&'a T) -> (&'a str, &'a str, i64, &'o str),
+    key: fn(&'a T) -> LineKey<'a>,
     stored: &Stored,
-    stream: &str,
-    now: i64,
-    findings: &mut Vec<TamperFinding>,
+    found: &mut Findings<'_>,
 ) -> Vec<&'a T> {
     let mut seen: HashMap<&'a str, &'a str> = HashMap::with_capacity(lines.len());
     let mut out = Vec::with_capacity(lines.len());
     for &l in lines {
         let (id, bytes, seq, owner) = key(l);
         if let Some(before) = stored.get(id) {
-            findings.extend(against_stored(before, bytes, owner, (stream, id, seq, now)));
+            found.against_stored(before, bytes, owner, id, seq);
         } else if let Some(first) = seen.get(id) {
             if *first != bytes {
-                findings.push(rewrite(stream, id, seq, now));
+                found.rewrite(id, seq);
             }
         } else {
             seen.insert(id, bytes);
@@ -496,31 +503,39 @@ impl Store {
             "UPDATE agents SET failure_streak = CASE WHEN ?1 = 1 THEN ?2 ELSE failure_streak + ?2 END \
              WHERE agent_id = ?3 RETURNING failure_streak",
         );
+        let continued_sql = crate::sql(self.is_pg(), CONTINUED_SQL);
+        // A new chain that links to the head of another agent's chain of the stream name starts
+        // from that head (see [`CONTINUED_SQL`]).
+        macro_rules! continued {
+            ($tx:ident, $stream:expr, $first:expr) => {
+                match $first.filter(|c: &&ChainPos| c.seq > 1) {
+                    None => None,
+                    Some(c) => sqlx::query_as::<_, (i64, String)>(sqlx::AssertSqlSafe(continued_sql.clone()))
+                        .bind($stream)
+                        .bind(agent_id)
+                        .bind(c.seq - 1)
+                        .bind(&c.prev)
+                        .fetch_optional(&mut *$tx)
+                        .await?
+                        .map(|(last_seq, last_hash)| StreamState { last_seq, last_hash }),
+                }
+            };
+        }
         macro_rules! body {
-            ($tx:ident, $load:ident, $continued:ident, $save:ident, $insert_l:ident, $insert_i:ident, $exists:ident, $finding_sql:literal, $tally:ident) => {{
+            ($tx:ident, $load:ident, $save:ident, $insert_l:ident, $insert_i:ident, $exists:ident, $finding_sql:literal, $tally:ident) => {{
                 let mut tally = Tally::default();
                 let mut findings = Vec::new();
                 let mut st = $load(&mut $tx, stream, agent_id, now).await?;
                 let had = st.is_some();
                 if st.is_none() {
-                    st = $continued(&mut $tx, stream, agent_id, ledger.first().map(|l| &l.chain)).await?;
+                    st = continued!($tx, stream, ledger.first().map(|l| &l.chain));
                 }
-                let fresh =
-                    check_chain(stream, &mut st, ledger.iter().map(|l| (l.id.as_str(), &l.chain)), now, &mut findings);
-                let old: Vec<&str> =
-                    ledger.iter().zip(&fresh).filter(|(_, f)| !**f).map(|(l, _)| l.id.as_str()).collect();
-                let known = $exists(&mut $tx, "ledger_entries", &old).await?;
-                for (l, _) in ledger.iter().zip(&fresh).filter(|(_, f)| !**f) {
-                    match known.get(&l.id) {
-                        None => findings.push(fork(stream, &l.id, l.chain.seq, now)),
-                        Some(before) => findings.extend(against_stored(
-                            before,
-                            &l.line,
-                            &l.agent_id,
-                            (stream, &l.id, l.chain.seq, now),
-                        )),
-                    }
-                }
+                let mut found = Findings { stream, agent: agent_id, now, out: &mut findings };
+                let fresh = check_chain(&mut st, ledger.iter().map(|l| (l.id.as_str(), &l.chain)), &mut found);
+                let old: Vec<&LedgerIn> = ledger.iter().zip(&fresh).filter(|(_, f)| !**f).map(|(l, _)| l).collect();
+                let old_ids: Vec<&str> = old.iter().map(|l| l.id.as_str()).collect();
+                let known = $exists(&mut $tx, "ledger_entries", &old_ids).await?;
+                judge_old(&old, ledger_key, &known, &mut found);
                 let new: Vec<LedgerIn> = ledger.into_iter().zip(fresh).filter(|(_, f)| *f).map(|(l, _)| l).collect();
                 // New in this stream, but an entry id received before (in another stream): not
                 // stored again, so not counted again either. (Asked before the insert: its
@@ -529,14 +544,7 @@ impl Store {
                 let ids: Vec<&str> = new.iter().map(|l| l.id.as_str()).collect();
                 let stored = $exists(&mut $tx, "ledger_entries", &ids).await?;
                 let refs: Vec<&LedgerIn> = new.iter().collect();
-                let counted = first_copies(
-                    &refs,
-                    |l| (l.id.as_str(), l.line.as_str(), l.chain.seq, l.agent_id.as_str()),
-                    &stored,
-                    stream,
-                    now,
-                    &mut findings,
-                );
+                let counted = first_copies(&refs, ledger_key, &stored, &mut found);
                 for l in &counted {
                     tally.call(&l.agent_id, &l.run_id, l.cost_micros, now);
                 }
@@ -550,12 +558,12 @@ impl Store {
                 let mut ist = $load(&mut $tx, &istream, agent_id, now).await?;
                 let ihad = ist.is_some();
                 if ist.is_none() {
-                    let first = interventions.iter().find_map(|i| i.chain.as_ref());
-                    ist = $continued(&mut $tx, &istream, agent_id, first).await?;
+                    ist = continued!($tx, &istream, interventions.iter().find_map(|i| i.chain.as_ref()));
                 }
+                let mut found = Findings { stream: &istream, agent: agent_id, now, out: &mut findings };
                 let chained: Vec<(&str, &ChainPos)> =
                     interventions.iter().filter_map(|i| Some((i.id.as_str(), i.chain.as_ref()?))).collect();
-                let ifresh = check_chain(&istream, &mut ist, chained.into_iter(), now, &mut findings);
+                let ifresh = check_chain(&mut ist, chained.into_iter(), &mut found);
                 let mut fi = ifresh.into_iter();
                 let mut inew = Vec::new();
                 let mut iold = Vec::new();
@@ -564,25 +572,10 @@ impl Store {
                 }
                 let iold_ids: Vec<&str> = iold.iter().map(|i| i.id.as_str()).collect();
                 let iknown = $exists(&mut $tx, "interventions", &iold_ids).await?;
-                for i in &iold {
-                    let seq = i.chain.as_ref().map_or(0, |c| c.seq);
-                    match iknown.get(&i.id) {
-                        None => findings.push(fork(&istream, &i.id, seq, now)),
-                        Some(before) => {
-                            findings.extend(against_stored(before, &i.body, &i.agent_id, (&istream, &i.id, seq, now)))
-                        }
-                    }
-                }
+                judge_old(&iold, intervention_key, &iknown, &mut found);
                 let inew_ids: Vec<&str> = inew.iter().map(|i| i.id.as_str()).collect();
                 let istored = $exists(&mut $tx, "interventions", &inew_ids).await?;
-                let icounted = first_copies(
-                    &inew,
-                    |i| (i.id.as_str(), i.body.as_str(), i.chain.as_ref().map_or(0, |c| c.seq), i.agent_id.as_str()),
-                    &istored,
-                    &istream,
-                    now,
-                    &mut findings,
-                );
+                let icounted = first_copies(&inew, intervention_key, &istored, &mut found);
                 for i in &icounted {
                     tally.intervention(&i.agent_id, &i.run_id, i.outcome == "BLOCKED", now);
                 }
@@ -592,9 +585,6 @@ impl Store {
                 report.interventions_duplicates = n_interventions - iins;
                 if let Some(s) = &ist {
                     $save(&mut $tx, &istream, agent_id, s, iins, now, ihad).await?;
-                }
-                for f in &mut findings {
-                    f.agent_id = agent_id.to_string();
                 }
                 for f in &findings {
                     sqlx::query($finding_sql)
@@ -636,7 +626,6 @@ impl Store {
                 body!(
                     tx,
                     load_stream_sqlite,
-                    continued_sqlite,
                     save_stream_sqlite,
                     insert_ledger_sqlite,
                     insert_interventions_sqlite,
@@ -650,7 +639,6 @@ impl Store {
                 body!(
                     tx,
                     load_stream_pg,
-                    continued_pg,
                     save_stream_pg,
                     insert_ledger_pg,
                     insert_interventions_pg,
@@ -1177,23 +1165,6 @@ async fn existing_sqlite(tx: &mut sqlx::Transaction<'_, Sqlite>, table: &'static
 const CONTINUED_SQL: &str = "SELECT last_seq, last_hash FROM streams WHERE stream = ?1 AND agent_id <> ?2 \
      AND last_seq = ?3 AND last_hash = ?4 LIMIT 1";
 
-async fn continued_sqlite(
-    tx: &mut sqlx::Transaction<'_, Sqlite>,
-    stream: &str,
-    agent: &str,
-    first: Option<&ChainPos>,
-) -> Result<Option<StreamState>> {
-    let Some(first) = first.filter(|c| c.seq > 1) else { return Ok(None) };
-    let row = sqlx::query(CONTINUED_SQL)
-        .bind(stream)
-        .bind(agent)
-        .bind(first.seq - 1)
-        .bind(&first.prev)
-        .fetch_optional(&mut **tx)
-        .await?;
-    row.map(|r| Ok(StreamState { last_seq: r.try_get("last_seq")?, last_hash: r.try_get("last_hash")? })).transpose()
-}
-
 async fn load_stream_sqlite(
     tx: &mut sqlx::Transaction<'_, Sqlite>,
     stream: &str,
@@ -1318,23 +1289,6 @@ async fn existing_pg(tx: &mut sqlx::Transaction<'_, Postgres>, table: &'static s
     let rows: Vec<(String, String, String)> =
         sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(ids).fetch_all(&mut **tx).await?;
     Ok(rows.into_iter().map(|(id, bytes, owner)| (id, (bytes, owner))).collect())
-}
-
-async fn continued_pg(
-    tx: &mut sqlx::Transaction<'_, Postgres>,
-    stream: &str,
-    agent: &str,
-    first: Option<&ChainPos>,
-) -> Result<Option<StreamState>> {
-    let Some(first) = first.filter(|c| c.seq > 1) else { return Ok(None) };
-    let row = sqlx::query(sqlx::AssertSqlSafe(crate::sql(true, CONTINUED_SQL)))
-        .bind(stream)
-        .bind(agent)
-        .bind(first.seq - 1)
-        .bind(&first.prev)
-        .fetch_optional(&mut **tx)
-        .await?;
-    row.map(|r| Ok(StreamState { last_seq: r.try_get("last_seq")?, last_hash: r.try_get("last_hash")? })).transpose()
 }
 
 async fn load_stream_pg(
@@ -1487,15 +1441,27 @@ mod tests {
         let mut f = Vec::new();
         let a = pos(1, GENESIS, "a");
         let b = pos(2, "a", "b");
-        let fresh = check_chain("s", &mut st, [("1", &a), ("2", &b)].into_iter(), 0, &mut f);
+        let fresh = check_chain(
+            &mut st,
+            [("1", &a), ("2", &b)].into_iter(),
+            &mut Findings { stream: "s", agent: "a", now: 0, out: &mut f },
+        );
         assert_eq!(fresh, vec![true, true]);
         assert!(f.is_empty());
         // A retry of the same lines is all duplicates.
-        let fresh = check_chain("s", &mut st, [("1", &a), ("2", &b)].into_iter(), 0, &mut f);
+        let fresh = check_chain(
+            &mut st,
+            [("1", &a), ("2", &b)].into_iter(),
+            &mut Findings { stream: "s", agent: "a", now: 0, out: &mut f },
+        );
         assert_eq!(fresh, vec![false, false]);
         let c = pos(3, "x", "c");
         let e = pos(5, "d", "e");
-        let fresh = check_chain("s", &mut st, [("3", &c), ("5", &e)].into_iter(), 0, &mut f);
+        let fresh = check_chain(
+            &mut st,
+            [("3", &c), ("5", &e)].into_iter(),
+            &mut Findings { stream: "s", agent: "a", now: 0, out: &mut f },
+        );
         assert_eq!(fresh, vec![true, true]);
         assert_eq!(f.iter().map(|x| x.kind.as_str()).collect::<Vec<_>>(), vec!["chain_break", "gap"]);
     }
